@@ -1,0 +1,34 @@
+"""labkit: the techniques that make large language models faster, implemented from scratch.
+
+Start with ``labkit.doctor()``, then ``model, tokenizer = labkit.load_model("tiny")``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .device import doctor, get_device, seed_everything
+from .evaluation import evaluate
+from .tokenizer import CharTokenizer
+
+__version__ = "0.1.0"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+def available_models() -> list[str]:
+    """Names of the checkpoints shipped in ``data/`` (``<name>.safetensors``)."""
+    return sorted(p.stem for p in DATA_DIR.glob("*.safetensors"))
+
+
+def load_model(name: str = "tiny", device=None):
+    """Load a shipped checkpoint by name; returns ``(model, tokenizer)`` with the model in eval mode."""
+    from .model import load_checkpoint
+
+    names = available_models()
+    if name not in names:
+        raise ValueError(f"unknown model {name!r}; allowed: {names}")
+    model = load_checkpoint(DATA_DIR / f"{name}.safetensors", device=get_device(device) if device else None)
+    return model, CharTokenizer()
+
+
+__all__ = ["available_models", "doctor", "evaluate", "get_device", "load_model", "seed_everything", "CharTokenizer"]
