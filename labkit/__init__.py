@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import bench, check, data, model, plots, widgets  # noqa: F401  (labkit.data.tasks() etc.)
 from .device import doctor, get_device, seed_everything
 from .evaluation import evaluate
 from .tokenizer import CharTokenizer

@@ -1,0 +1,269 @@
+"""Measuring honestly: warm-up, synchronisation, medians and side-by-side ratios.
+
+Three rules every number in the kit follows:
+1. Warm up first (the first calls pay for allocation, caches and lazy initialisation).
+2. On a GPU, synchronise before reading the clock (kernel launches return at once) --
+   here CUDA events bracket each call.
+3. Report the median of repeats and the spread, and compare variants *in the same run*
+   as a ratio to a baseline: machines drift, ratios measured together do not.
+
+``python -m labkit.bench SUITE [--json PATH]`` runs a named suite; labs register theirs
+with ``@register_suite("name")``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .device import get_device, synchronize
+
+
+@dataclass
+class Measurement:
+    """What ``measure`` found: seconds per call (median and spread) and peak memory."""
+
+    median_s: float
+    min_s: float
+    max_s: float
+    iqr_s: float  # interquartile range: the spread that ignores one-off outliers
+    repeat: int
+    peak_memory_bytes: int | None  # CUDA max allocated, or the process's peak RSS on CPU
+    device: str
+    times_s: list[float] = field(repr=False, default_factory=list)
+
+    @property
+    def spread(self) -> float:
+        """IQR relative to the median (0.05 = the middle half of runs lie within 5%)."""
+        return self.iqr_s / self.median_s if self.median_s > 0 else 0.0
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (a high-water mark: it never goes down)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def current_rss_bytes() -> int | None:
+    """The process's resident set size now (Linux), or None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def measure(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, device=None) -> Measurement:
+    """Time ``fn()``: ``warmup`` untimed calls, then ``repeat`` timed ones.
+
+    On CUDA each call is bracketed by events (GPU time, no host noise); elsewhere by
+    ``time.perf_counter`` after a synchronise.
+    """
+    if not callable(fn):
+        raise ValueError("fn must be a callable taking no arguments (wrap it in a lambda)")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
+    device = torch.device(device) if device is not None else get_device()
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+        peak = peak_rss_bytes()
+    quartiles = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return Measurement(
+        median_s=statistics.median(times),
+        min_s=min(times),
+        max_s=max(times),
+        iqr_s=quartiles[2] - quartiles[0],
+        repeat=repeat,
+        peak_memory_bytes=peak,
+        device=device_label(device),
+        times_s=times,
+    )
+
+
+def device_label(device=None) -> str:
+    """A short name for the hardware a number was measured on."""
+    device = torch.device(device) if device is not None else get_device()
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple MPS"
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def compare(
+    variants: dict[str, Callable[[], object]],
+    baseline: str | None = None,
+    warmup: int = 3,
+    repeat: int = 10,
+    suite: str = "adhoc",
+    device=None,
+    show: bool = True,
+) -> list[dict]:
+    """Time several callables side by side; print a table of medians and ratios to the baseline.
+
+    Returns rows ``{suite, name, baseline, variant, baseline_s, variant_s, speedup, device,
+    spread, peak_memory_bytes}``; ``speedup`` > 1 means the variant is faster.
+    """
+    if not variants:
+        raise ValueError("variants must name at least one callable")
+    baseline = baseline or next(iter(variants))
+    if baseline not in variants:
+        raise ValueError(f"baseline {baseline!r} is not among the variants {list(variants)}")
+    results = {name: measure(fn, warmup, repeat, device) for name, fn in variants.items()}
+    base = results[baseline]
+    rows = [
+        {
+            "suite": suite,
+            "name": name,
+            "baseline": baseline,
+            "variant": name,
+            "baseline_s": base.median_s,
+            "variant_s": m.median_s,
+            "speedup": base.median_s / m.median_s if m.median_s > 0 else float("inf"),
+            "device": m.device,
+            "spread": m.spread,
+            "peak_memory_bytes": m.peak_memory_bytes,
+        }
+        for name, m in results.items()
+    ]
+    if show:
+        print_table(rows)
+    return rows
+
+
+def format_seconds(s: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if s >= scale:
+            return f"{s / scale:.3g} {unit}"
+    return f"{s / 1e-9:.3g} ns"
+
+
+def print_table(rows: list[dict]) -> None:
+    """Print rows of ``compare`` as an aligned table."""
+    if not rows:
+        return
+    width = max(len(r["variant"]) for r in rows)
+    print(f"{'variant':<{width}}  {'median':>10}  {'spread':>7}  {'vs ' + rows[0]['baseline']:>12}")
+    for r in rows:
+        print(f"{r['variant']:<{width}}  {format_seconds(r['variant_s']):>10}  {r['spread']:>6.1%}  {r['speedup']:>11.2f}x")
+    print(f"(median of repeats on {rows[0]['device']}; speedup > 1 means faster than {rows[0]['baseline']})")
+
+
+# ---------------------------------------------------------------------------------------
+# Suites: labs register a function returning rows; the command line runs them by name.
+# ---------------------------------------------------------------------------------------
+SUITES: dict[str, Callable[..., list[dict]]] = {}
+SUITE_MODULES = ["labkit.bench"]  # modules that register suites; labs append theirs here
+
+
+def register_suite(name: str):
+    """Decorator: ``@register_suite("quant")`` on a function ``(quick: bool) -> rows``."""
+
+    def wrap(fn):
+        SUITES[name] = fn
+        return fn
+
+    return wrap
+
+
+def load_suites() -> dict:
+    for module in SUITE_MODULES:
+        importlib.import_module(module)
+    return SUITES
+
+
+@register_suite("labgpt")
+def labgpt_suite(quick: bool = False) -> list[dict]:
+    """LabGPT `tiny`: attention backends in a forward pass, and decoding with vs without the KV cache."""
+    from .model import LabGPT, get_config
+
+    device = get_device()
+    torch.manual_seed(0)
+    model = LabGPT(get_config("tiny")).to(device).eval()
+    T = 128 if quick else 256
+    idx = torch.randint(0, model.config.vocab_size, (4, T), device=device)
+    rows = []
+    with torch.no_grad():
+
+        def forward(name):
+            def run():
+                model.set_attention(name)
+                return model(idx)
+
+            return run
+
+        rows += compare({"manual attention": forward("manual"), "sdpa attention": forward("sdpa")}, suite="labgpt")
+        prompt = idx[:1, :16]
+        n_new = 32 if quick else 128
+        rows += compare(
+            {
+                "decode, no cache": lambda: model.generate(prompt, n_new, temperature=0, use_cache=False),
+                "decode, KV cache": lambda: model.generate(prompt, n_new, temperature=0, use_cache=True),
+            },
+            warmup=1,
+            repeat=3 if quick else 5,
+            suite="labgpt",
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run a benchmark suite; print a table, optionally write JSON.")
+    parser.add_argument("suite", nargs="?", help="suite name (see --list)")
+    parser.add_argument("--json", dest="json_path", help="write the rows to this JSON file")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    parser.add_argument("--list", action="store_true", help="list the suites")
+    args = parser.parse_args(argv)
+    suites = load_suites()
+    if args.list or not args.suite:
+        for name, fn in sorted(suites.items()):
+            print(f"{name:<12} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}")
+        return 0
+    if args.suite not in suites:
+        parser.error(f"unknown suite {args.suite!r}; allowed: {sorted(suites)}")
+    rows = suites[args.suite](quick=args.quick)
+    keys = ("suite", "name", "baseline", "variant", "baseline_s", "variant_s", "speedup", "device")
+    rows = [{k: r[k] for k in keys} for r in rows]
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"wrote {len(rows)} rows to {args.json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    # run the imported module's main, so suites that labs register land in one registry
+    from labkit.bench import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,55 @@
+import json
+import time
+
+import pytest
+
+from labkit import bench
+
+
+def test_measure_reports_median_and_spread():
+    calls = []
+    m = bench.measure(lambda: calls.append(time.sleep(0.002)), warmup=2, repeat=5, device="cpu")
+    assert len(calls) == 7 and m.repeat == 5 and len(m.times_s) == 5
+    assert m.min_s <= m.median_s <= m.max_s and m.median_s >= 0.002
+    assert m.iqr_s >= 0 and m.peak_memory_bytes > 0 and m.device.startswith("cpu")
+
+
+def test_bad_arguments_are_value_errors():
+    with pytest.raises(ValueError, match="repeat"):
+        bench.measure(lambda: None, repeat=0)
+    with pytest.raises(ValueError, match="warmup"):
+        bench.measure(lambda: None, warmup=-1)
+    with pytest.raises(ValueError, match="callable"):
+        bench.measure(3)
+    with pytest.raises(ValueError, match="baseline"):
+        bench.compare({"a": lambda: None}, baseline="b")
+
+
+def test_compare_prints_a_table_with_ratios(capsys):
+    rows = bench.compare(
+        {"slow": lambda: time.sleep(0.004), "fast": lambda: None}, warmup=1, repeat=3, suite="t", device="cpu"
+    )
+    out = capsys.readouterr().out
+    assert "vs slow" in out and "1.00x" in out
+    assert [r["variant"] for r in rows] == ["slow", "fast"]
+    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 1.0
+    for key in ("suite", "name", "baseline", "variant", "baseline_s", "variant_s", "speedup", "device"):
+        assert key in rows[1]
+
+
+def test_command_line_writes_json_rows(tmp_path, capsys):
+    @bench.register_suite("unit-test")
+    def suite(quick=False):
+        """A suite for the test."""
+        return bench.compare({"a": lambda: None, "b": lambda: None}, repeat=2, warmup=0, suite="unit-test", device="cpu")
+
+    out = tmp_path / "rows.json"
+    assert bench.main(["unit-test", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2
+    assert set(rows[0]) == {"suite", "name", "baseline", "variant", "baseline_s", "variant_s", "speedup", "device"}
+    assert rows[0]["suite"] == "unit-test"
+    bench.main(["--list"])
+    assert "labgpt" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["no-such-suite"])

@@ -1,0 +1,24 @@
+import torch
+
+from labkit import check
+from labkit.solutions import welcome
+
+
+def test_checkers_accept_the_reference_solutions(capsys):
+    assert check.count_parameters(welcome.count_parameters)
+    assert check.kv_cache_bytes(welcome.kv_cache_bytes)
+    assert check.greedy_decode(welcome.greedy_decode)
+    assert capsys.readouterr().out.count("PASS") == 3
+
+
+def test_checkers_reject_wrong_answers_with_feedback(capsys):
+    assert not check.count_parameters(lambda cfg: welcome.count_parameters(cfg) - cfg.n_embd)
+    assert not check.kv_cache_bytes(lambda cfg, b, t, nb: cfg.n_layer * b * t * cfg.n_embd * nb)  # forgot values
+    assert not check.greedy_decode(lambda model, idx, n: torch.cat([idx, idx[:, -1:].repeat(1, n)], dim=1))
+    out = capsys.readouterr().out
+    assert out.count("NOT YET") == 3 and "hint" in out
+
+
+def test_a_crashing_answer_is_reported_not_raised(capsys):
+    assert not check.count_parameters(lambda cfg: 1 / 0)
+    assert "ZeroDivisionError" in capsys.readouterr().out
