@@ -28,8 +28,24 @@ def load_model(name: str = "tiny", device=None):
     names = available_models()
     if name not in names:
         raise ValueError(f"unknown model {name!r}; allowed: {names}")
-    model = load_checkpoint(DATA_DIR / f"{name}.safetensors", device=get_device(device) if device else None)
-    return model, CharTokenizer()
+    loaded = load_checkpoint(DATA_DIR / f"{name}.safetensors", device=get_device(device) if device else None)
+    return loaded, CharTokenizer()
 
 
-__all__ = ["available_models", "doctor", "evaluate", "get_device", "load_model", "seed_everything", "CharTokenizer"]
+def show_source(obj) -> None:
+    """Print the source of a labkit function or class: the notebooks read the real code."""
+    import inspect
+
+    print(inspect.getsource(obj).rstrip())
+
+
+__all__ = [
+    "show_source",
+    "available_models",
+    "doctor",
+    "evaluate",
+    "get_device",
+    "load_model",
+    "seed_everything",
+    "CharTokenizer",
+]

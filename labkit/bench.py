@@ -22,8 +22,8 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -176,7 +176,9 @@ def print_table(rows: list[dict]) -> None:
     width = max(len(r["variant"]) for r in rows)
     print(f"{'variant':<{width}}  {'median':>10}  {'spread':>7}  {'vs ' + rows[0]['baseline']:>12}")
     for r in rows:
-        print(f"{r['variant']:<{width}}  {format_seconds(r['variant_s']):>10}  {r['spread']:>6.1%}  {r['speedup']:>11.2f}x")
+        print(
+            f"{r['variant']:<{width}}  {format_seconds(r['variant_s']):>10}  {r['spread']:>6.1%}  {r['speedup']:>11.2f}x"
+        )
     print(f"(median of repeats on {rows[0]['device']}; speedup > 1 means faster than {rows[0]['baseline']})")
 
 

@@ -8,7 +8,7 @@ Reference solutions live in ``labkit/solutions/`` -- look after you have tried.
 from __future__ import annotations
 
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -23,7 +23,7 @@ def _report(name: str, failures: list[str], cases: int, hint: str) -> bool:
     for f in failures[:3]:
         print(f"  - {f}")
     print(f"  hint: {hint}")
-    print(f"  (a reference solution: labkit/solutions/, once you have tried)")
+    print("  (a reference solution: labkit/solutions/, once you have tried)")
     return False
 
 
@@ -73,9 +73,16 @@ def kv_cache_bytes(fn: Callable[[GPTConfig, int, int, int], int]) -> bool:
             if err:
                 failures.append(err)
             elif got != expected:
-                failures.append(f"n_layer={cfg.n_layer}, C={cfg.n_embd}, batch={batch}, seq_len={seq_len}, "
-                                f"{nbytes} bytes/element: you returned {got}, expected {expected}")
-    return _report("kv_cache_bytes", failures, cases, "keys AND values, for every layer: 2 * n_layer * batch * seq_len * n_embd * bytes")
+                failures.append(
+                    f"n_layer={cfg.n_layer}, C={cfg.n_embd}, batch={batch}, seq_len={seq_len}, "
+                    f"{nbytes} bytes/element: you returned {got}, expected {expected}"
+                )
+    return _report(
+        "kv_cache_bytes",
+        failures,
+        cases,
+        "keys AND values, for every layer: 2 * n_layer * batch * seq_len * n_embd * bytes",
+    )
 
 
 def greedy_decode(fn: Callable[[LabGPT, torch.Tensor, int], torch.Tensor]) -> bool:
@@ -92,7 +99,9 @@ def greedy_decode(fn: Callable[[LabGPT, torch.Tensor, int], torch.Tensor]) -> bo
         if err:
             failures.append(err)
         elif not isinstance(got, torch.Tensor) or got.shape != expected.shape:
-            failures.append(f"expected a tensor of shape {tuple(expected.shape)}, got {getattr(got, 'shape', type(got))}")
+            failures.append(
+                f"expected a tensor of shape {tuple(expected.shape)}, got {getattr(got, 'shape', type(got))}"
+            )
         elif not torch.equal(got, expected):
             first = (got != expected).nonzero()[0].tolist()
             failures.append(f"batch={batch}, prompt={length}, new={n_new}: first difference at (row, position) {first}")

@@ -23,7 +23,7 @@ import csv
 import json
 import random
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -35,7 +35,10 @@ STRING_OPS = ("upper", "reverse", "spell")
 SEPARATOR = {"vague": "->", "specific": "=>", "contextual": "=>"}
 
 HEADERS = {
-    ("specific", "translate"): ["Translate each English word into French.", "Give the French word for each English word."],
+    ("specific", "translate"): [
+        "Translate each English word into French.",
+        "Give the French word for each English word.",
+    ],
     ("contextual", "translate"): [
         "At the market in Lyon, a tourist learns the French words.",
         "Mia keeps a notebook of French words for her trip to Paris.",
@@ -61,10 +64,22 @@ HEADERS = {
     ("contextual", "mul"): ["Ben learns his times tables.", "Math homework on products."],
     ("specific", "upper"): ["Write each word in capital letters.", "Convert each word to uppercase."],
     ("specific", "reverse"): ["Write each word backwards.", "Reverse the letters of each word."],
-    ("specific", "spell"): ["Spell each word with dashes between the letters.", "Spell out each word letter by letter."],
-    ("contextual", "upper"): ["In the shouting game, Max yells every word loudly.", "On the big sign, every word is in capitals."],
-    ("contextual", "reverse"): ["In the mirror game, Zoe reads every word from the end.", "Leo writes secret words backwards."],
-    ("contextual", "spell"): ["At the spelling bee, Nora spells every word.", "Sam spells each word for his little sister."],
+    ("specific", "spell"): [
+        "Spell each word with dashes between the letters.",
+        "Spell out each word letter by letter.",
+    ],
+    ("contextual", "upper"): [
+        "In the shouting game, Max yells every word loudly.",
+        "On the big sign, every word is in capitals.",
+    ],
+    ("contextual", "reverse"): [
+        "In the mirror game, Zoe reads every word from the end.",
+        "Leo writes secret words backwards.",
+    ],
+    ("contextual", "spell"): [
+        "At the spelling bee, Nora spells every word.",
+        "Sam spells each word for his little sister.",
+    ],
 }
 OP_SYMBOL = {"add": "+", "sub": "-", "mul": "*"}
 SENTIMENT_LABELS = {"positive": ("positive", "negative"), "good": ("good", "bad")}  # vague training uses both
@@ -92,7 +107,7 @@ def _read_tsv(name: str) -> list[tuple[str, str]]:
     return [(a, b) for a, b in rows[1:]]
 
 
-@lru_cache(maxsize=None)
+@cache
 def words() -> dict:
     """The word lists and facts shipped in ``data/``."""
     en_fr = _read_tsv("en_fr.tsv")

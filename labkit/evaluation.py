@@ -105,7 +105,9 @@ def confidence_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def accuracy_grid(model, tokenizer, tasks=None, formats=None, shots=(0, 1, 4, 8), n: int = 200, seed: int = 1234) -> dict:
+def accuracy_grid(
+    model, tokenizer, tasks=None, formats=None, shots=(0, 1, 4, 8), n: int = 200, seed: int = 1234
+) -> dict:
     """{task: {fmt: {shots: accuracy}}} over the task suite (the model card's table)."""
     grid: dict = {}
     for task in tasks or data.tasks():

@@ -65,7 +65,11 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str,
         if t.dtype not in DTYPE_NAMES:
             raise ValueError(f"tensor {name!r} has dtype {t.dtype}; allowed: {sorted(DTYPE_NAMES.values(), key=str)}")
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)  # pad so the data starts 8-byte aligned
@@ -104,7 +108,9 @@ def read_safetensors_header(path) -> tuple[dict, dict[str, str], int]:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path.name}: header is not valid JSON ({err}); the file is corrupt or not safetensors") from None
+        raise ValueError(
+            f"{path.name}: header is not valid JSON ({err}); the file is corrupt or not safetensors"
+        ) from None
     if not isinstance(header, dict):
         raise ValueError(f"{path.name}: header must be a JSON object")
     metadata = header.pop("__metadata__", None) or {}

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -232,7 +232,7 @@ class LabGPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def set_attention(self, name: str) -> "LabGPT":
+    def set_attention(self, name: str) -> LabGPT:
         """Switch every layer to the attention backend ``name``."""
         if name not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention {name!r}; allowed: {sorted(ATTENTION_BACKENDS)}")

@@ -15,7 +15,7 @@ its output says which values it used. Set ``LABKIT_STATIC=1`` to force that mode
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import matplotlib.pyplot as plt
 
@@ -56,7 +56,9 @@ def _widget(name: str, spec):
     lo, hi, step = spec[:3]
     value = _default(spec)
     if all(isinstance(v, int) for v in (lo, hi, step)):
-        return w.IntSlider(min=lo, max=hi, step=step, value=value, description=name, continuous_update=False, style=style)
+        return w.IntSlider(
+            min=lo, max=hi, step=step, value=value, description=name, continuous_update=False, style=style
+        )
     return w.FloatSlider(min=lo, max=hi, step=step, value=value, description=name, continuous_update=False, style=style)
 
 

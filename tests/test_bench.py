@@ -41,7 +41,9 @@ def test_command_line_writes_json_rows(tmp_path, capsys):
     @bench.register_suite("unit-test")
     def suite(quick=False):
         """A suite for the test."""
-        return bench.compare({"a": lambda: None, "b": lambda: None}, repeat=2, warmup=0, suite="unit-test", device="cpu")
+        return bench.compare(
+            {"a": lambda: None, "b": lambda: None}, repeat=2, warmup=0, suite="unit-test", device="cpu"
+        )
 
     out = tmp_path / "rows.json"
     assert bench.main(["unit-test", "--json", str(out)]) == 0

@@ -6,7 +6,6 @@ import torch
 import labkit
 from labkit.model import (
     KVCache,
-    LabGPT,
     get_config,
     load_checkpoint,
     replace_linears,

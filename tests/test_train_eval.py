@@ -9,7 +9,9 @@ from labkit.train import TrainConfig, train
 
 
 def test_training_lowers_the_loss():
-    model, history = train(TrainConfig(config="nano", steps=40, batch_size=8, warmup=5, corpus_chars=100_000, log_every=39), progress=False)
+    model, history = train(
+        TrainConfig(config="nano", steps=40, batch_size=8, warmup=5, corpus_chars=100_000, log_every=39), progress=False
+    )
     assert history["loss"][-1] < history["loss"][0] - 1.0
     assert history["tokens_seen"] == 40 * 8 * 128 and history["val_perplexity"] < 60  # a random model scores ~128
 
@@ -21,7 +23,9 @@ def test_distillation_loss_equals_the_hand_written_formula():
     alpha, T = 0.3, 2.5
     hard = F.cross_entropy(s.view(-1, 11), y.view(-1))
     soft = F.kl_div(F.log_softmax(s / T, -1).view(-1, 11), F.softmax(t / T, -1).view(-1, 11), reduction="batchmean")
-    torch.testing.assert_close(distillation_loss(s, t, y, alpha, T), alpha * hard + (1 - alpha) * T * T * soft, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        distillation_loss(s, t, y, alpha, T), alpha * hard + (1 - alpha) * T * T * soft, atol=1e-6, rtol=1e-6
+    )
 
 
 def test_forced_scoring_equals_real_greedy_generation():
@@ -37,7 +41,9 @@ def test_shipped_teacher_meets_the_foundation_bars():
     model, tok = labkit.load_model("tiny")
     specific = {t: evaluate(model, tok, t, "specific", 0, n=100) for t in data.tasks()}
     assert sum(a >= 0.9 for a in specific.values()) >= 3, specific
-    gain = [evaluate(model, tok, t, "vague", 4, n=100) - evaluate(model, tok, t, "vague", 0, n=100) for t in data.tasks()]
+    gain = [
+        evaluate(model, tok, t, "vague", 4, n=100) - evaluate(model, tok, t, "vague", 0, n=100) for t in data.tasks()
+    ]
     assert sum(gain) / len(gain) >= 0.20, gain
 
 

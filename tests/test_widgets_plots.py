@@ -31,5 +31,8 @@ def test_pareto_front_and_tradeoff_plot():
     assert [p["name"] for p in plots.pareto_front(points, "latency_ms", "quality")] == ["int8", "fp32"]
     ax = plots.tradeoff(points)
     assert len(ax.texts) == 3
-    rows = [{"variant": "a", "speedup": 1.0, "baseline": "a", "device": "cpu"}, {"variant": "b", "speedup": 2.0, "baseline": "a", "device": "cpu"}]
+    rows = [
+        {"variant": "a", "speedup": 1.0, "baseline": "a", "device": "cpu"},
+        {"variant": "b", "speedup": 2.0, "baseline": "a", "device": "cpu"},
+    ]
     assert len(plots.speedup_bars(rows).patches) == 2

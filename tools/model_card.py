@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 import labkit
-from labkit import data
 from labkit.bench import device_label, measure
 from labkit.evaluation import accuracy_grid, perplexity
 from labkit.memory import load_safetensors

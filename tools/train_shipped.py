@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from labkit.model import LabGPT, get_config
-from labkit.train import TrainConfig, main as train_main
-from labkit.train import Batches, make_optimizer
 from labkit import data
-from labkit.tokenizer import CharTokenizer
 from labkit.device import get_device, synchronize
+from labkit.model import LabGPT, get_config
+from labkit.tokenizer import CharTokenizer
+from labkit.train import Batches, TrainConfig, make_optimizer
+from labkit.train import main as train_main
 
 
 def seconds_per_step(config: str, batch_size: int, teacher: LabGPT | None = None, steps: int = 12) -> float:
@@ -67,15 +67,31 @@ def main() -> None:
     # 55% of the budget to the teacher; the two students share the rest (same steps each)
     teacher_steps = max(10, int(0.55 * args.budget / t_teacher) // 100 * 100)
     student_steps = max(10, int(0.45 * args.budget / (t_student + t_distill)) // 100 * 100)
-    plan = {"s_per_step": {"tiny": t_teacher, "student": t_student, "distill": t_distill},
-            "teacher_steps": teacher_steps, "student_steps": student_steps}
+    plan = {
+        "s_per_step": {"tiny": t_teacher, "student": t_student, "distill": t_distill},
+        "teacher_steps": teacher_steps,
+        "student_steps": student_steps,
+    }
     print(json.dumps(plan, indent=1), flush=True)
     common = ["--batch-size", str(args.batch_size), "--corpus-chars", str(args.corpus_chars), "--seed", "0"]
     runs = [
         ["--config", "tiny", "--steps", str(teacher_steps), *common, "--out", str(out / "tiny.safetensors")],
         ["--config", "student", "--steps", str(student_steps), *common, "--out", str(out / "student.safetensors")],
-        ["--config", "student", "--steps", str(student_steps), *common, "--teacher", str(out / "tiny.safetensors"),
-         "--alpha", "0.5", "--temperature", "2.0", "--out", str(out / "student-distilled.safetensors")],
+        [
+            "--config",
+            "student",
+            "--steps",
+            str(student_steps),
+            *common,
+            "--teacher",
+            str(out / "tiny.safetensors"),
+            "--alpha",
+            "0.5",
+            "--temperature",
+            "2.0",
+            "--out",
+            str(out / "student-distilled.safetensors"),
+        ],
     ]
     for argv in runs:
         name = Path(argv[-1]).stem
@@ -96,8 +112,10 @@ def quick_check(out: Path, n: int = 100) -> None:
         model = load_checkpoint(out / f"{name}.safetensors", device=get_device())
         rows = {}
         for task in data.tasks():
-            rows[task] = [round(evaluate(model, tok, task, fmt, k, n=n), 2)
-                          for fmt, k in (("specific", 0), ("contextual", 0), ("vague", 0), ("vague", 4))]
+            rows[task] = [
+                round(evaluate(model, tok, task, fmt, k, n=n), 2)
+                for fmt, k in (("specific", 0), ("contextual", 0), ("vague", 0), ("vague", 4))
+            ]
         print(name, "specific0 contextual0 vague0 vague4", json.dumps(rows), flush=True)
 
 

@@ -8,10 +8,14 @@ def count_parameters(config) -> int:
     ln = 2 * C if bias else C
     per_layer = (
         2 * ln  # ln_1, ln_2
-        + C * 3 * C + (3 * C if bias else 0)  # fused q, k, v projection
-        + C * C + (C if bias else 0)  # attention output projection
-        + C * 4 * C + (4 * C if bias else 0)  # MLP up
-        + 4 * C * C + (C if bias else 0)  # MLP down
+        + C * 3 * C
+        + (3 * C if bias else 0)  # fused q, k, v projection
+        + C * C
+        + (C if bias else 0)  # attention output projection
+        + C * 4 * C
+        + (4 * C if bias else 0)  # MLP up
+        + 4 * C * C
+        + (C if bias else 0)  # MLP down
     )
     return config.vocab_size * C + config.block_size * C + config.n_layer * per_layer + ln
 
