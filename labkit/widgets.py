@@ -62,27 +62,26 @@ def _widget(name: str, spec):
     return w.FloatSlider(min=lo, max=hi, step=step, value=value, description=name, continuous_update=False, style=style)
 
 
-def _run(experiment: Callable, figsize, values: dict):
+def _run(experiment: Callable, figsize, values: dict) -> None:
     fig = plt.figure(figsize=figsize)
     text = experiment(fig, **values)
     if text:
         print(text)
     plt.show()
-    return fig
 
 
-def explore(experiment: Callable, figsize=(7, 3.5), **params):
+def explore(experiment: Callable, figsize=(7, 3.5), **params) -> None:
     """Show sliders for ``params`` and redraw ``experiment`` whenever one moves."""
     if not params:
         raise ValueError("explore needs at least one parameter, e.g. seq_len=(16, 512, 16)")
     defaults = {name: _default(spec) for name, spec in params.items()}
     if static_mode():
         print("static run with defaults: " + ", ".join(f"{k}={v}" for k, v in defaults.items()))
-        return _run(experiment, figsize, defaults)
+        _run(experiment, figsize, defaults)
+        return
     import ipywidgets as w
     from IPython.display import display
 
     controls = {name: _widget(name, spec) for name, spec in params.items()}
     output = w.interactive_output(lambda **values: _run(experiment, figsize, values), controls)
     display(w.VBox([w.HBox(list(controls.values())), output]))
-    return controls

@@ -25,6 +25,20 @@ def test_kv_cache_decoding_matches_full_forward(nano):
     assert cache.pos == 40
 
 
+def test_kv_cache_matches_full_forward_on_the_trained_teacher():
+    model, tok = labkit.load_model("tiny")
+    idx = tok.tensor("Translate each English word into French.\ncheese => fromage\nbread =>")
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache()
+        steps = [model(idx[:, :20], cache=cache)] + [
+            model(idx[:, t : t + 1], cache=cache) for t in range(20, idx.size(1))
+        ]
+    # trained logits reach ~25; float32 rounding (sums in another order) is relative to that scale
+    error = (torch.cat(steps, dim=1) - full).abs().max() / full.abs().max()
+    assert error < 1e-5
+
+
 @pytest.mark.parametrize("attention", ["manual", "sdpa"])
 def test_generate_with_and_without_cache_agree(nano, attention):
     nano.set_attention(attention)
