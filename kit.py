@@ -62,7 +62,10 @@ def env() -> dict:
 
 def lab() -> None:
     setup()
-    run(PYTHON, "-m", "jupyter", "lab", "--notebook-dir", ROOT / "notebooks", env=env(), cwd=ROOT)
+    args = ["--notebook-dir", ROOT / "notebooks"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        args.append("--allow-root")  # containers and cloud machines often run as root
+    run(PYTHON, "-m", "jupyter", "lab", *args, env=env(), cwd=ROOT)
 
 
 def test(extra: list[str]) -> None:

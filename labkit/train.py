@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import data
 from .device import get_device, seed_everything
 from .distill import distillation_loss
-from .evaluation import perplexity
+from .evaluation import evaluate, perplexity
 from .model import LabGPT, get_config, load_checkpoint, save_checkpoint
 from .tokenizer import CharTokenizer
 
@@ -145,6 +145,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> tuple[LabGPT, dict]:
     history["tokens_seen"] = cfg.steps * cfg.batch_size * model.config.block_size
     model.eval()
     history["val_perplexity"] = perplexity(model, tokenizer, validation_text())
+    # task accuracy with specific zero-shot prompts (the model card has the full table)
+    history["task_accuracy"] = {task: evaluate(model, tokenizer, task, "specific", 0, n=50) for task in data.tasks()}
     return model, history
 
 
@@ -204,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine_name(),
         "torch": torch.__version__,
         "val_perplexity": f"{history['val_perplexity']:.4f}",
+        "task_accuracy_specific_0shot": json.dumps(history["task_accuracy"]),
     }
     save_checkpoint(model.to("cpu").float(), args.out, metadata)
     if args.history:

@@ -13,6 +13,7 @@ def test_training_lowers_the_loss():
         TrainConfig(config="nano", steps=40, batch_size=8, warmup=5, corpus_chars=100_000, log_every=39), progress=False
     )
     assert history["loss"][-1] < history["loss"][0] - 1.0
+    assert set(history["task_accuracy"]) == set(data.tasks())
     assert history["tokens_seen"] == 40 * 8 * 128 and history["val_perplexity"] < 60  # a random model scores ~128
 
 
