@@ -5,15 +5,38 @@ Start with ``labkit.doctor()``, then ``model, tokenizer = labkit.load_model("tin
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
-from . import bench, check, data, model, plots, widgets  # noqa: F401  (labkit.data.tasks() etc.)
+from . import data  # noqa: F401  (labkit.data.tasks())
 from .device import doctor, get_device, seed_everything
 from .evaluation import evaluate
 from .tokenizer import CharTokenizer
 
 __version__ = "0.1.0"
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+_SUBMODULES = {
+    "bench",
+    "check",
+    "distill",
+    "evaluation",
+    "hardware",
+    "kernels",
+    "memory",
+    "model",
+    "plots",
+    "train",
+    "widgets",
+}
+
+
+def __getattr__(name: str):
+    """Import submodules on first use (``labkit.bench.measure``), keeping ``import labkit`` light."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'labkit' has no attribute {name!r}")
 
 
 def available_models() -> list[str]:

@@ -1,0 +1,52 @@
+"""Triton GPU kernels, each beside its PyTorch reference.
+
+Triton is imported lazily (only when a kernel is first built), so a CPU-only install imports
+and runs everything. Which path a call takes:
+
+- CUDA tensors and Triton installed: the Triton kernel, compiled for the GPU;
+- CPU tensors with ``TRITON_INTERPRET=1`` set: the same Triton kernel, run by Triton's
+  interpreter on the CPU (slow, but it executes the kernel's own code: tests and teaching);
+- otherwise: the PyTorch reference, which is also the test oracle.
+
+``backend="triton"`` or ``backend="reference"`` forces a path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def choose_backend(backend: str | None, *tensors: torch.Tensor) -> str:
+    """Resolve ``backend`` ("auto", "triton", "reference") for these tensors."""
+    backend = backend or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    on_cuda = all(t.is_cuda for t in tensors)
+    can_run = triton_installed() and (on_cuda or (interpreting() and not any(t.is_cuda for t in tensors)))
+    if backend == "auto":
+        return "triton" if can_run else "reference"
+    if backend == "triton" and not can_run:
+        raise ValueError(
+            "backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before the first "
+            "kernel call, and the triton package installed"
+        )
+    return backend
+
+
+from .matmul import matmul, matmul_reference, matmul_triton  # noqa: E402
+
+__all__ = ["choose_backend", "interpreting", "matmul", "matmul_reference", "matmul_triton", "triton_installed"]

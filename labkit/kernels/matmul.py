@@ -1,0 +1,178 @@
+"""A tiled matrix multiplication in Triton: C = A @ B, fp16/bf16 in, fp32 accumulate.
+
+Each program computes one BLOCK_M x BLOCK_N tile of C by walking along K in steps of
+BLOCK_K: load a tile of A and a tile of B, multiply-accumulate them on the tensor cores
+(``tl.dot``), advance. Two ideas make it fast:
+
+- **Grouped ordering.** Programs that run at the same time should share inputs. Launched
+  row by row, neighbouring programs share a tile-row of A but each needs a different
+  column of B, so B streams through L2 again and again. Grouping GROUP_M tile-rows and
+  walking down columns inside a group reuses both A and B from L2.
+- **Autotuned block sizes.** The best tile shape, pipeline depth (``num_stages``) and warp
+  count depend on the GPU and the matrix shape; ``triton.autotune`` times a few configs
+  on the first call for each shape and keeps the fastest.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import choose_backend, interpreting
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _kernels():
+    """Build the kernel on first use, so that importing labkit never imports Triton."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def matmul_kernel(
+        a_ptr, b_ptr, c_ptr, M, N, K,
+        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):  # fmt: skip
+        # which tile of C is ours: grouped ordering (see the module docstring)
+        pid = tl.program_id(axis=0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        # pointers to the first K-tile of A (BLOCK_M x BLOCK_K) and B (BLOCK_K x BLOCK_N);
+        # rows/columns past the edge wrap around (% M, % N): they are computed, never stored
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # fp32 accumulator
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_left = K - k * BLOCK_K  # mask the ragged last K-tile with zeros
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            if UPCAST:  # only under the CPU interpreter, whose bf16 tl.dot is wrong (triton 3.9)
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+
+        c = acc.to(c_ptr.dtype.element_ty)
+        offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        c_ptrs = c_ptr + offs_cm[:, None] * stride_cm + offs_cn[None, :] * stride_cn
+        tl.store(c_ptrs, c, mask=(offs_cm[:, None] < M) & (offs_cn[None, :] < N))
+
+    def config(bm, bn, bk, stages, warps, group=8):
+        return triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}, num_stages=stages, num_warps=warps
+        )
+
+    # candidates that suit Ampere and Hopper tensor cores; autotune keeps the fastest per shape
+    configs = [
+        config(128, 256, 64, 3, 8),
+        config(256, 128, 64, 3, 8),
+        config(128, 256, 64, 4, 8),
+        config(128, 128, 64, 4, 4),
+        config(128, 128, 32, 4, 4),
+        config(64, 256, 32, 4, 4),
+        config(128, 64, 32, 4, 4),
+        config(64, 128, 32, 4, 4),
+        config(64, 64, 32, 5, 2),
+    ]
+    autotuned = triton.autotune(configs=configs, key=["M", "N", "K"])(matmul_kernel)
+    return triton, matmul_kernel, autotuned
+
+
+def _check(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"matmul expects 2-D matrices, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(
+            f"inner dimensions differ: a is {tuple(a.shape)}, b is {tuple(b.shape)} (need a.shape[1] == b.shape[0])"
+        )
+    if a.dtype != b.dtype or a.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtypes must match and be one of {SUPPORTED_DTYPES}, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"a is on {a.device}, b on {b.device}: put both on one device")
+
+
+def matmul_triton(a: torch.Tensor, b: torch.Tensor, block: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Launch the Triton kernel. ``block=(BLOCK_M, BLOCK_N, BLOCK_K)`` skips autotuning."""
+    _check(a, b)
+    triton, kernel, autotuned = _kernels()
+    M, K = a.shape
+    N = b.shape[1]
+    c = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    if interpreting() and block is None:
+        block = (32, 32, 32)  # the interpreter is slow: no autotuning, small tiles
+    args = (a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    upcast = interpreting() and not a.is_cuda
+    if block is not None:
+        bm, bn, bk = block
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, UPCAST=upcast)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        autotuned[grid](*args, UPCAST=upcast)
+    return c
+
+
+def matmul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The oracle and the CPU path: multiply in fp32, round the result to the input dtype."""
+    _check(a, b)
+    return (a.float() @ b.float()).to(a.dtype)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """C = A @ B for fp16/bf16 matrices (M, K) @ (K, N), accumulating in fp32.
+
+    Runs the Triton kernel on CUDA (or under TRITON_INTERPRET=1), the PyTorch reference
+    elsewhere; ``backend`` forces one ("triton", "reference").
+    """
+    _check(a, b)
+    if choose_backend(backend, a, b) == "triton":
+        return matmul_triton(a, b)
+    return matmul_reference(a, b)
+
+
+def tflops(m: int, n: int, k: int, seconds: float) -> float:
+    return 2 * m * n * k / seconds / 1e12
+
+
+def _register():
+    from ..bench import compare, device_label, register_suite
+    from ..device import get_device
+
+    @register_suite("kernels")
+    def kernels_suite(quick: bool = False) -> list[dict]:
+        """Triton matmul vs cuBLAS (torch.matmul), bf16, square sizes; on CPU the reference path."""
+        device = get_device()
+        on_gpu = device.type == "cuda"
+        sizes = ([1024, 2048] if quick else [1024, 2048, 4096, 8192]) if on_gpu else [256, 512]
+        dtype = torch.bfloat16
+        rows = []
+        for n in sizes:
+            g = torch.Generator(device=device).manual_seed(0)
+            a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+            b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+            variants = {"torch.matmul": lambda: torch.matmul(a, b), "labkit.kernels.matmul": lambda: matmul(a, b)}
+            print(f"{n}x{n}x{n} {dtype} on {device_label(device)}" + ("" if on_gpu else " (reference path)"))
+            for row in compare(variants, warmup=3, repeat=10 if on_gpu else 3, suite="kernels"):
+                row["name"] = f"{row['variant']} {n}^3 bf16"
+                row["tflops"] = tflops(n, n, n, row["variant_s"])
+                rows.append(row)
+        return rows
+
+
+_register()

@@ -1,0 +1,55 @@
+"""Every kernel against its PyTorch reference: under the Triton interpreter on CPU, and on CUDA when present."""
+
+import pytest
+import torch
+
+from labkit import kernels
+from labkit.kernels import matmul, matmul_reference, matmul_triton
+
+pytest.importorskip("triton")
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not kernels.interpreting(), reason="needs TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+]
+# one ulp of the output dtype, relative (the kernel sums in fp32 in another order, then rounds once)
+TOLERANCES = {torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(32, 32, 32), (70, 50, 40), (1, 64, 33), (65, 17, 96)])
+def test_matmul_matches_reference(device, dtype, shape):
+    m, k, n = shape
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    a = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(k, n, generator=g).to(device=device, dtype=dtype)
+    torch.testing.assert_close(matmul(a, b, backend="triton"), matmul_reference(a, b), **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matmul_strided_inputs_and_explicit_blocks(device):
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(48, 80, generator=g).to(device=device, dtype=torch.float16).t()  # (80, 48), column-major
+    b = torch.randn(48, 24, generator=g).to(device=device, dtype=torch.float16)
+    out = matmul_triton(a, b, block=(16, 16, 16))
+    torch.testing.assert_close(out, matmul_reference(a, b), **TOLERANCES[torch.float16])
+
+
+def test_reference_path_is_the_oracle_and_equals_torch():
+    a, b = torch.randn(20, 30).half(), torch.randn(30, 10).half()
+    expected = (a.float() @ b.float()).half()
+    assert torch.equal(matmul(a, b, backend="reference"), expected)
+
+
+def test_bad_shapes_and_dtypes_are_value_errors():
+    with pytest.raises(ValueError, match=r"\(3, 4\).*\(5, 2\)"):
+        matmul(torch.zeros(3, 4).half(), torch.zeros(5, 2).half())
+    with pytest.raises(ValueError, match="float32"):
+        matmul(torch.zeros(3, 4), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="float16 and torch.bfloat16|torch.float16 and"):
+        matmul(torch.zeros(3, 4).half(), torch.zeros(4, 2).bfloat16())
+    with pytest.raises(ValueError, match="2-D"):
+        matmul(torch.zeros(2, 3, 4).half(), torch.zeros(4, 2).half())
+    with pytest.raises(ValueError, match="backend"):
+        matmul(torch.zeros(3, 4).half(), torch.zeros(4, 2).half(), backend="cuda-magic")
