@@ -72,6 +72,30 @@ def time_matmul(sizes=(4096, 8192), dtypes=(torch.bfloat16, torch.float16)) -> l
     return rows
 
 
+def sweep_configs(n: int = 4096) -> list[dict]:
+    """Each fixed config at n^3 bf16 vs cuBLAS: what the autotuner chooses between."""
+    from labkit.kernels.matmul import matmul_triton
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g)
+    base = measure(lambda: torch.matmul(a, b), warmup=3, repeat=20, device="cuda").median_s
+    rows = []
+    for bm, bn, bk, stages, warps in (
+        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 4, 8),
+        (128, 128, 64, 3, 8), (128, 128, 64, 4, 4), (128, 256, 128, 2, 8), (256, 128, 128, 2, 8),
+    ):  # fmt: skip
+        try:
+            fn = lambda: matmul_triton(a, b, block=(bm, bn, bk), num_stages=stages, num_warps=warps)
+            t = measure(fn, warmup=3, repeat=20, device="cuda").median_s
+        except Exception as err:  # out of shared memory, etc.
+            print(f"config {bm}x{bn}x{bk} s{stages} w{warps}: {type(err).__name__}", flush=True)
+            continue
+        rows.append({"config": [bm, bn, bk, stages, warps], "seconds": t, "vs_cublas": base / t})
+        print(f"config {bm}x{bn}x{bk} s{stages} w{warps}: {100 * base / t:.1f}% of cuBLAS", flush=True)
+    return rows
+
+
 def int8_layouts(n: int = 8192) -> list[dict]:
     """torch._int_mm with B row-major vs column-major: same math, different memory layout."""
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -118,6 +142,7 @@ def main() -> None:
     }
     print(json.dumps(info), flush=True)
     result = {"info": info, "matmul_checks": check_matmul(), "matmul_timing": time_matmul()}
+    result["config_sweep_4096_bf16"] = sweep_configs()
     result["int8_layouts"] = int8_layouts()
     result["peaks"] = peaks()
     Path(args.out, "gpu_results.json").write_text(json.dumps(result, indent=1))

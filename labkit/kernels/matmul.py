@@ -35,7 +35,7 @@ def _kernels():
         a_ptr, b_ptr, c_ptr, M, N, K,
         stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        UPCAST: tl.constexpr,
+        UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
     ):  # fmt: skip
         # which tile of C is ours: grouped ordering (see the module docstring)
         pid = tl.program_id(axis=0)
@@ -58,9 +58,13 @@ def _kernels():
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # fp32 accumulator
         for k in range(0, tl.cdiv(K, BLOCK_K)):
-            k_left = K - k * BLOCK_K  # mask the ragged last K-tile with zeros
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            if EVEN_K:  # K is a multiple of BLOCK_K: no mask, fewer instructions in the hot loop
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:  # mask the ragged last K-tile with zeros
+                k_left = K - k * BLOCK_K
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
             if UPCAST:  # only under the CPU interpreter, whose bf16 tl.dot is wrong (triton 3.9)
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc)
@@ -83,6 +87,12 @@ def _kernels():
         config(128, 256, 64, 3, 8),
         config(256, 128, 64, 3, 8),
         config(128, 256, 64, 4, 8),
+        config(256, 128, 64, 4, 8),
+        config(128, 128, 64, 3, 8),
+        config(128, 256, 128, 2, 8),
+        config(256, 128, 128, 2, 8),
+        config(128, 256, 64, 3, 8, group=4),
+        config(128, 256, 64, 3, 8, group=16),
         config(128, 128, 64, 4, 4),
         config(128, 128, 32, 4, 4),
         config(64, 256, 32, 4, 4),
@@ -90,7 +100,8 @@ def _kernels():
         config(64, 128, 32, 4, 4),
         config(64, 64, 32, 5, 2),
     ]
-    autotuned = triton.autotune(configs=configs, key=["M", "N", "K"])(matmul_kernel)
+    even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+    autotuned = triton.autotune(configs=configs, key=["M", "N", "K"])(even_k(matmul_kernel))
     return triton, matmul_kernel, autotuned
 
 
@@ -107,7 +118,9 @@ def _check(a: torch.Tensor, b: torch.Tensor) -> None:
         raise ValueError(f"a is on {a.device}, b on {b.device}: put both on one device")
 
 
-def matmul_triton(a: torch.Tensor, b: torch.Tensor, block: tuple[int, int, int] | None = None) -> torch.Tensor:
+def matmul_triton(
+    a: torch.Tensor, b: torch.Tensor, block: tuple[int, int, int] | None = None, num_stages: int = 3, num_warps: int = 4
+) -> torch.Tensor:
     """Launch the Triton kernel. ``block=(BLOCK_M, BLOCK_N, BLOCK_K)`` skips autotuning."""
     _check(a, b)
     triton, kernel, autotuned = _kernels()
@@ -121,7 +134,10 @@ def matmul_triton(a: torch.Tensor, b: torch.Tensor, block: tuple[int, int, int] 
     if block is not None:
         bm, bn, bk = block
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, UPCAST=upcast)
+        kernel[grid](
+            *args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, UPCAST=upcast, EVEN_K=K % bk == 0,
+            num_stages=num_stages, num_warps=num_warps,
+        )  # fmt: skip
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
         autotuned[grid](*args, UPCAST=upcast)
