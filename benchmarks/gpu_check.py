@@ -44,6 +44,12 @@ def time_matmul(sizes=(4096, 8192), dtypes=(torch.bfloat16, torch.float16)) -> l
             a = torch.randn(n, n, device="cuda", dtype=dtype, generator=g)
             b = torch.randn(n, n, device="cuda", dtype=dtype, generator=g)
             matmul(a, b)  # autotune outside the timing
+            from labkit.kernels.matmul import autotune_log
+
+            key = next(k for k in autotune_log if k[0] == n and k[3] == dtype)
+            print(f"  autotune {n}^3 {dtype}: " + ", ".join(
+                f"{c.block_m}x{c.block_n}x{c.block_k}/s{c.num_stages}w{c.num_warps}: {t and t * 1e3:.3f} ms"
+                for c, t in autotune_log[key]), flush=True)  # fmt: skip
             # interleave the two so clock and thermal drift hit both alike
             base_times, ours_times = [], []
             for _ in range(3):
@@ -74,7 +80,7 @@ def time_matmul(sizes=(4096, 8192), dtypes=(torch.bfloat16, torch.float16)) -> l
 
 def sweep_configs(n: int = 4096) -> list[dict]:
     """Each fixed config at n^3 bf16 vs cuBLAS: what the autotuner chooses between."""
-    from labkit.kernels.matmul import matmul_triton
+    from labkit.kernels.matmul import TileConfig, matmul_triton
 
     g = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -86,7 +92,7 @@ def sweep_configs(n: int = 4096) -> list[dict]:
         (128, 128, 64, 3, 8), (128, 128, 64, 4, 4), (128, 256, 128, 2, 8), (256, 128, 128, 2, 8),
     ):  # fmt: skip
         try:
-            fn = lambda: matmul_triton(a, b, block=(bm, bn, bk), num_stages=stages, num_warps=warps)
+            fn = lambda: matmul_triton(a, b, TileConfig(bm, bn, bk, stages, warps))
             t = measure(fn, warmup=3, repeat=20, device="cuda").median_s
         except Exception as err:  # out of shared memory, etc.
             print(f"config {bm}x{bn}x{bk} s{stages} w{warps}: {type(err).__name__}", flush=True)

@@ -5,6 +5,7 @@ import torch
 
 from labkit import kernels
 from labkit.kernels import matmul, matmul_reference, matmul_triton
+from labkit.kernels.matmul import TileConfig, autotune, autotune_log
 
 pytest.importorskip("triton")
 
@@ -32,7 +33,7 @@ def test_matmul_strided_inputs_and_explicit_blocks(device):
     g = torch.Generator().manual_seed(1)
     a = torch.randn(48, 80, generator=g).to(device=device, dtype=torch.float16).t()  # (80, 48), column-major
     b = torch.randn(48, 24, generator=g).to(device=device, dtype=torch.float16)
-    out = matmul_triton(a, b, block=(16, 16, 16))
+    out = matmul_triton(a, b, TileConfig(16, 16, 16, 1, 1))
     torch.testing.assert_close(out, matmul_reference(a, b), **TOLERANCES[torch.float16])
 
 
@@ -53,3 +54,16 @@ def test_bad_shapes_and_dtypes_are_value_errors():
         matmul(torch.zeros(2, 3, 4).half(), torch.zeros(4, 2).half())
     with pytest.raises(ValueError, match="backend"):
         matmul(torch.zeros(3, 4).half(), torch.zeros(4, 2).half(), backend="cuda-magic")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autotune_times_every_config_and_keeps_the_fastest(device):
+    a = torch.randn(40, 32).to(device=device, dtype=torch.float16)
+    b = torch.randn(32, 24).to(device=device, dtype=torch.float16)
+    c = torch.empty(40, 24, device=device, dtype=torch.float16)
+    candidates = [TileConfig(16, 16, 16, 1, 1), TileConfig(32, 32, 32, 1, 1)]
+    best = autotune(a, b, c, candidates)
+    timings = autotune_log[next(k for k in autotune_log if k[:3] == (40, 24, 32))]
+    assert [cfg for cfg, _ in timings] == candidates
+    assert best == min(((t, cfg) for cfg, t in timings if t is not None), key=lambda x: x[0])[1]
+    torch.testing.assert_close(c, matmul_reference(a, b), **TOLERANCES[torch.float16])
