@@ -107,3 +107,53 @@ def greedy_decode(fn: Callable[[LabGPT, torch.Tensor, int], torch.Tensor]) -> bo
             failures.append(f"batch={batch}, prompt={length}, new={n_new}: first difference at (row, position) {first}")
     hint = "loop n_new times: logits = model(idx); take logits[:, -1].argmax(-1, keepdim=True); torch.cat it onto idx"
     return _report("greedy_decode", failures, cases, hint)
+
+
+def attention_flops(fn: Callable[[int, int, int, int], int]) -> bool:
+    """Exercise: FLOPs of non-causal attention softmax(Q K^T / sqrt(d)) V, matmuls only.
+
+    The oracle is PyTorch's own FlopCounterMode counting the two matmuls of a real call.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    failures, cases = [], 0
+    for batch, heads, seq_len, head_dim in ((1, 1, 4, 8), (2, 3, 16, 32), (1, 12, 128, 64)):
+        cases += 1
+        q, k, v = (torch.randn(batch, heads, seq_len, head_dim) for _ in range(3))
+        with FlopCounterMode(display=False) as counter:
+            torch.softmax(q @ k.transpose(-2, -1) / head_dim**0.5, dim=-1) @ v
+        expected = counter.get_total_flops()
+        got, err = _call(fn, batch, heads, seq_len, head_dim)
+        if err:
+            failures.append(err)
+        elif got != expected:
+            failures.append(
+                f"batch={batch}, heads={heads}, seq_len={seq_len}, head_dim={head_dim}: you returned {got}, PyTorch counts {expected}"
+            )
+    hint = "two matmuls: Q K^T is (T x d) @ (d x T) per head, then P V is (T x T) @ (T x d); each costs 2*m*n*k"
+    return _report("attention_flops", failures, cases, hint)
+
+
+def memory_bound(fn: Callable[[int, int, int, int, float, float], bool]) -> bool:
+    """Exercise: is an (m, k) @ (k, n) matmul memory-bound on a device with this peak and bandwidth?"""
+    from .hardware import bound, matmul_bytes, matmul_flops
+
+    shapes = [(1, 4096, 4096, 2), (16, 4096, 4096, 2), (4096, 4096, 4096, 2), (512, 512, 512, 4), (8, 8192, 8192, 1)]
+    devices = [(989e12, 4.8e12), (0.845e12, 120e9), (19.5e12, 2.0e12)]
+    failures, cases = [], 0
+    for m, n, k, nbytes in shapes:
+        for peak, bandwidth in devices:
+            cases += 1
+            expected = bound(matmul_flops(m, n, k), matmul_bytes(m, n, k, nbytes), peak, bandwidth) == "memory"
+            got, err = _call(fn, m, n, k, nbytes, peak, bandwidth)
+            if err:
+                failures.append(err)
+            elif bool(got) != expected:
+                failures.append(
+                    f"m={m}, n={n}, k={k}, {nbytes} bytes/element, peak {peak:.3g} FLOP/s, {bandwidth:.3g} B/s: "
+                    f"you said {'memory' if got else 'compute'}-bound, it is {'memory' if expected else 'compute'}-bound"
+                )
+    hint = (
+        "intensity = 2mnk / ((mk + kn + mn) * bytes); memory-bound when intensity < peak / bandwidth (the ridge point)"
+    )
+    return _report("memory_bound", failures, cases, hint)

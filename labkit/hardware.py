@@ -221,6 +221,63 @@ def roofline_plot(peaks: dict, points: list[dict] | None = None, ax=None, title:
 
 
 # ---------------------------------------------------------------------------------------
+# Number formats: range, precision, and what each does to a matmul.
+# ---------------------------------------------------------------------------------------
+NUMBER_FORMATS = ("fp32", "tf32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "int8")
+_TORCH_FLOAT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+if hasattr(torch, "float8_e4m3fn"):
+    _TORCH_FLOAT.update({"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2})
+
+
+def format_properties() -> list[dict]:
+    """Bits, largest value, smallest normal value and epsilon (spacing just above 1) of each format."""
+    rows = []
+    for fmt in NUMBER_FORMATS:
+        if fmt == "int8":
+            info = torch.iinfo(torch.int8)
+            rows.append({"format": fmt, "bits": 8, "max": float(info.max), "smallest_normal": 1.0, "epsilon": 1.0})
+        elif fmt == "tf32":  # fp32's 8-bit exponent, fp16's 10-bit mantissa, stored in 32 bits
+            f = torch.finfo(torch.float32)
+            rows.append({"format": fmt, "bits": 19, "max": f.max, "smallest_normal": f.tiny, "epsilon": 2.0**-10})
+        elif fmt in _TORCH_FLOAT:
+            f = torch.finfo(_TORCH_FLOAT[fmt])
+            rows.append({"format": fmt, "bits": f.bits, "max": f.max, "smallest_normal": f.tiny, "epsilon": f.eps})
+    return rows
+
+
+def round_to_format(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """fp32 values rounded to the nearest value ``fmt`` can hold (int8: symmetric per-tensor scale)."""
+    if fmt not in NUMBER_FORMATS:
+        raise ValueError(f"fmt must be one of {NUMBER_FORMATS}, got {fmt!r}")
+    x = x.float()
+    if fmt == "tf32":
+        # keep 10 of fp32's 23 mantissa bits, rounding to nearest even: add half of the dropped
+        # part (plus the last kept bit, for ties), then clear the 13 dropped bits
+        bits = x.view(torch.int32)
+        bits = bits + (0xFFF + ((bits >> 13) & 1))
+        return (bits & ~0x1FFF).view(torch.float32)
+    if fmt == "int8":
+        scale = x.abs().max().clamp_min(1e-12) / 127
+        return (x / scale).round().clamp(-127, 127) * scale
+    if fmt not in _TORCH_FLOAT:
+        raise ValueError(f"{fmt} needs torch >= 2.1 (float8 dtypes)")
+    return x.to(_TORCH_FLOAT[fmt]).float()
+
+
+def matmul_error(fmt: str, n: int = 256, seed: int = 0) -> float:
+    """Relative error ||Q(A) Q(B) - A B|| / ||A B|| with inputs rounded to ``fmt``, products summed exactly.
+
+    This isolates the error of *storing* the operands in a format (what tensor cores read);
+    the accumulation is done in float64, like an fp32 accumulator over a short sum.
+    """
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    exact = a.double() @ b.double()
+    approx = round_to_format(a, fmt).double() @ round_to_format(b, fmt).double()
+    return ((approx - exact).norm() / exact.norm()).item()
+
+
+# ---------------------------------------------------------------------------------------
 # Datasheets and what-ifs.
 # ---------------------------------------------------------------------------------------
 def datasheet() -> list[dict]:

@@ -22,3 +22,13 @@ def test_checkers_reject_wrong_answers_with_feedback(capsys):
 def test_a_crashing_answer_is_reported_not_raised(capsys):
     assert not check.count_parameters(lambda cfg: 1 / 0)
     assert "ZeroDivisionError" in capsys.readouterr().out
+
+
+def test_hardware_checkers(capsys):
+    from labkit.solutions import hardware
+
+    assert check.attention_flops(hardware.attention_flops)
+    assert check.memory_bound(hardware.memory_bound)
+    assert not check.attention_flops(lambda b, h, t, d: 2 * b * h * t * t * d)  # forgot P V
+    assert not check.memory_bound(lambda *args: True)  # "everything is memory-bound"
+    assert capsys.readouterr().out.count("NOT YET") == 2

@@ -75,3 +75,20 @@ def test_datasheet_has_every_device_with_sources():
     flops = hardware.forward_flops(config, 1, 2048)
     times = hardware.what_if(flops, hardware.weight_bytes(config, 2))
     assert times and all(t["seconds"] > 0 for t in times)
+
+
+def test_number_formats():
+    props = {r["format"]: r for r in hardware.format_properties()}
+    assert props["fp16"]["max"] == 65504.0 and props["bf16"]["epsilon"] == 2.0**-7
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
+    tf32 = hardware.round_to_format(x, "tf32")
+    assert torch.all((tf32.view(torch.int32) & 0x1FFF) == 0)  # 13 low mantissa bits cleared
+    assert ((tf32 - x).abs() / x.abs()).max() <= 2.0**-11  # round to nearest: half a tf32 ulp
+    assert torch.equal(hardware.round_to_format(x, "bf16"), x.bfloat16().float())
+    q = hardware.round_to_format(x, "int8")
+    assert len(torch.unique(q)) <= 255
+    errors = {f: hardware.matmul_error(f, n=64) for f in hardware.NUMBER_FORMATS}
+    assert errors["fp32"] == 0.0
+    assert errors["tf32"] < errors["bf16"] < errors["fp8_e4m3"] < errors["fp8_e5m2"]
+    with pytest.raises(ValueError, match="fmt"):
+        hardware.round_to_format(x, "fp4")
