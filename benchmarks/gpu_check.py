@@ -44,7 +44,7 @@ def time_matmul(sizes=(4096, 8192), dtypes=(torch.bfloat16, torch.float16)) -> l
             a = torch.randn(n, n, device="cuda", dtype=dtype, generator=g)
             b = torch.randn(n, n, device="cuda", dtype=dtype, generator=g)
             matmul(a, b)  # autotune outside the timing
-            from labkit.kernels.matmul import autotune_log
+            from labkit.kernels.matmul_kernel import autotune_log
 
             key = next(k for k in autotune_log if k[0] == n and k[3] == dtype)
             print(f"  autotune {n}^3 {dtype}: " + ", ".join(
@@ -80,7 +80,7 @@ def time_matmul(sizes=(4096, 8192), dtypes=(torch.bfloat16, torch.float16)) -> l
 
 def sweep_configs(n: int = 4096) -> list[dict]:
     """Each fixed config at n^3 bf16 vs cuBLAS: what the autotuner chooses between."""
-    from labkit.kernels.matmul import TileConfig, matmul_triton
+    from labkit.kernels.matmul_kernel import TileConfig, matmul_triton
 
     g = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g)

@@ -92,3 +92,9 @@ def test_number_formats():
     assert errors["tf32"] < errors["bf16"] < errors["fp8_e4m3"] < errors["fp8_e5m2"]
     with pytest.raises(ValueError, match="fmt"):
         hardware.round_to_format(x, "fp4")
+
+
+def test_forward_bytes_are_weights_plus_activations():
+    config = get_config("tiny")
+    one, two = hardware.forward_bytes(config, 1, 100), hardware.forward_bytes(config, 2, 100)
+    assert two - one == one - hardware.weight_bytes(config)  # activations scale with tokens

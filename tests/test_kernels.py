@@ -5,7 +5,7 @@ import torch
 
 from labkit import kernels
 from labkit.kernels import matmul, matmul_reference, matmul_triton
-from labkit.kernels.matmul import TileConfig, autotune, autotune_log
+from labkit.kernels.matmul_kernel import TileConfig, autotune, autotune_log
 
 pytest.importorskip("triton")
 

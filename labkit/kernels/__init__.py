@@ -47,6 +47,6 @@ def choose_backend(backend: str | None, *tensors: torch.Tensor) -> str:
     return backend
 
 
-from .matmul import matmul, matmul_reference, matmul_triton  # noqa: E402
+from .matmul_kernel import matmul, matmul_reference, matmul_triton  # noqa: E402
 
 __all__ = ["choose_backend", "interpreting", "matmul", "matmul_reference", "matmul_triton", "triton_installed"]
