@@ -20,6 +20,7 @@ import mmap as mmap_module
 import os
 import struct
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -170,3 +171,291 @@ def load_safetensors(path, mmap: bool = True, with_metadata: bool = False):
                 flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=data_start + begin)
                 tensors[name] = flat.view(shape)
     return (tensors, metadata) if with_metadata else tensors
+
+
+# ---------------------------------------------------------------------------------------
+# Loading big files: mmap vs eager, measured in a fresh process.
+# ---------------------------------------------------------------------------------------
+def make_weight_file(path, total_mb: int = 256, n_tensors: int = 16, seed: int = 0) -> dict[str, int]:
+    """Write a safetensors file of ``n_tensors`` float32 matrices, about ``total_mb`` MB in all."""
+    if total_mb < 1 or n_tensors < 1:
+        raise ValueError(f"total_mb and n_tensors must be >= 1, got {total_mb} and {n_tensors}")
+    per_tensor = total_mb * 2**20 // 4 // n_tensors  # float32 elements per tensor
+    side = int(per_tensor**0.5)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {f"layer{i:02d}.weight": torch.randn(side, side, generator=g) for i in range(n_tensors)}
+    save_safetensors(tensors, path, {"made_by": "labkit.memory.make_weight_file"})
+    return {name: t.numel() * 4 for name, t in tensors.items()}
+
+
+_PROFILE_SCRIPT = r"""
+import json, sys, time
+from labkit.bench import current_rss_bytes
+from labkit.memory import load_safetensors
+path, mmap, touch = sys.argv[1], sys.argv[2] == "1", json.loads(sys.argv[3])
+rss0 = current_rss_bytes()
+t0 = time.perf_counter()
+tensors = load_safetensors(path, mmap=mmap)
+t_load = time.perf_counter() - t0
+rss_loaded = current_rss_bytes()
+names = sorted(tensors)
+trace = []
+for i in range(touch):
+    float(tensors[names[i]].sum())  # touching reads every byte of the tensor
+    trace.append({"touched": i + 1, "seconds": time.perf_counter() - t0, "rss": current_rss_bytes() - rss0})
+print(json.dumps({"load_s": t_load, "rss_after_load": rss_loaded - rss0, "trace": trace, "n_tensors": len(names)}))
+"""
+
+
+def load_profile(path, mmap: bool, touch: int = 1) -> dict:
+    """Load ``path`` in a fresh Python process and report time and RSS growth as tensors are touched.
+
+    A fresh process, so that nothing this notebook already holds muddies the numbers. Returns
+    ``{load_s, rss_after_load, trace: [{touched, seconds, rss}], n_tensors}`` (RSS in bytes,
+    relative to the process before loading; Linux only).
+    """
+    import subprocess
+    import sys
+
+    if touch < 0:
+        raise ValueError(f"touch must be >= 0, got {touch}")
+    out = subprocess.run(
+        [sys.executable, "-c", _PROFILE_SCRIPT, str(path), "1" if mmap else "0", json.dumps(touch)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------
+# Activation checkpointing: keep a segment's inputs, recompute its insides in backward.
+# ---------------------------------------------------------------------------------------
+class CheckpointFunction(torch.autograd.Function):
+    """Forward without saving activations; backward re-runs the forward with grad enabled.
+
+    Memory: only the segment's inputs are kept, instead of every intermediate tensor. Cost:
+    one more forward of the segment during backward (about +33% compute for a whole model).
+    The RNG state is saved and restored so that dropout masks are the same both times.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, *args):
+        ctx.fn = fn
+        ctx.rng_state = torch.get_rng_state()
+        ctx.cuda_rng_state = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        ctx.is_tensor = [isinstance(a, torch.Tensor) for a in args]
+        ctx.save_for_backward(*[a for a in args if isinstance(a, torch.Tensor)])
+        ctx.non_tensors = [None if t else a for a, t in zip(args, ctx.is_tensor)]
+        with torch.no_grad():
+            return fn(*args)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        saved = iter(ctx.saved_tensors)
+        inputs = []
+        for is_tensor, value in zip(ctx.is_tensor, ctx.non_tensors):
+            if is_tensor:
+                t = next(saved)
+                inputs.append(t.detach().requires_grad_(t.requires_grad))
+            else:
+                inputs.append(value)
+        devices = [torch.device("cuda", i) for i in range(len(ctx.cuda_rng_state))] if ctx.cuda_rng_state else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(ctx.rng_state)
+            if ctx.cuda_rng_state:
+                torch.cuda.set_rng_state_all(ctx.cuda_rng_state)
+            with torch.enable_grad():
+                outputs = ctx.fn(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad and g is not None]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])  # fills parameter .grad too
+        grads = tuple(x.grad if isinstance(x, torch.Tensor) and x.requires_grad else None for x in inputs)
+        return (None, *grads)
+
+
+def checkpoint(fn, *args):
+    """``fn(*args)`` that keeps only ``args`` for backward and recomputes the rest (like torch.utils.checkpoint)."""
+    if not callable(fn):
+        raise ValueError("fn must be callable")
+    return CheckpointFunction.apply(fn, *args)
+
+
+def checkpoint_sequential(blocks, segments: int, x: torch.Tensor) -> torch.Tensor:
+    """Run ``blocks`` (a list of modules) on ``x`` in ``segments`` checkpointed chunks.
+
+    With n blocks and s segments, memory holds s segment inputs plus one segment's
+    activations during its recompute: about s + n/s blocks' worth, smallest at s = sqrt(n).
+    """
+    blocks = list(blocks)
+    if not isinstance(segments, int) or not 1 <= segments <= len(blocks):
+        raise ValueError(f"segments must be an int in 1..{len(blocks)} (the number of blocks), got {segments!r}")
+    bounds = [round(i * len(blocks) / segments) for i in range(segments + 1)]
+
+    def run(chunk):
+        def fn(h):
+            for block in chunk:
+                h = block(h)
+            return h
+
+        return fn
+
+    for start, end in zip(bounds, bounds[1:]):
+        x = checkpoint(run(blocks[start:end]), x)
+    return x
+
+
+def peak_activation_bytes(step, exclude=()) -> int:
+    """Peak bytes of tensors held for backward while ``step()`` runs forward and backward.
+
+    Counted exactly with ``torch.autograd.graph.saved_tensors_hooks``: each saved tensor's
+    storage is added when autograd saves it and removed when autograd lets it go, so the
+    peak includes a checkpointed segment's activations while it is recomputed. Tensors
+    sharing a storage with ``exclude`` (pass the model's parameters) are not activations and
+    are not counted. Unlike process RSS, the count is the same on every machine.
+    """
+    skip = {p.untyped_storage().data_ptr() for p in exclude}
+    refs: dict[int, int] = {}
+    state = {"live": 0, "peak": 0}
+
+    def release(key: int, nbytes: int) -> None:
+        refs[key] -= 1
+        if refs[key] == 0:
+            del refs[key]
+            state["live"] -= nbytes
+
+    def pack(t):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in skip or t.device.type == "meta":
+            return t
+        if key not in refs:
+            refs[key] = 0
+            state["live"] += storage.nbytes()
+            state["peak"] = max(state["peak"], state["live"])
+        refs[key] += 1
+        weakref.finalize(t, release, key, storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return state["peak"]
+
+
+# ---------------------------------------------------------------------------------------
+# Gradient accumulation: g_acc = sum of the micro-batches' gradients.
+# ---------------------------------------------------------------------------------------
+def accumulate_gradients(
+    model: torch.nn.Module, loss_fn, inputs: torch.Tensor, targets: torch.Tensor, micro_batches: int
+):
+    """Backward over ``inputs`` in ``micro_batches`` pieces, leaving the full batch's gradient in ``.grad``.
+
+    ``loss_fn`` returns a *mean* over its examples, so each piece's loss is weighted by its
+    share of the batch (size_i / B): the sum of the weighted gradients is then exactly the
+    gradient of the mean over the whole batch. Returns the full batch's mean loss.
+    """
+    batch = inputs.shape[0]
+    if not isinstance(micro_batches, int) or not 1 <= micro_batches <= batch:
+        raise ValueError(f"micro_batches must be an int in 1..{batch} (the batch size), got {micro_batches!r}")
+    total = 0.0
+    for x, y in zip(inputs.tensor_split(micro_batches), targets.tensor_split(micro_batches)):
+        loss = loss_fn(model(x), y) * (x.shape[0] / batch)
+        loss.backward()  # .grad accumulates: g_acc += g_i
+        total += loss.item()
+    return total
+
+
+def _ddp_accumulation_worker(rank: int, world_size: int, port: int, micro_batches: int, no_sync: bool, queue) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+        ddp = DistributedDataParallel(model)
+        calls = [0]
+
+        def counting_hook(state, bucket):
+            calls[0] += 1  # one all-reduce per gradient bucket
+            return allreduce_hook(state, bucket)
+
+        ddp.register_comm_hook(None, counting_hook)
+        x, y = _ddp_data(rank)
+        pieces = list(zip(x.tensor_split(micro_batches), y.tensor_split(micro_batches)))
+        for i, (xb, yb) in enumerate(pieces):
+            last = i == len(pieces) - 1
+            context = ddp.no_sync() if no_sync and not last else _null_context()
+            with context:  # inside no_sync, gradients only accumulate locally
+                (torch.nn.functional.mse_loss(ddp(xb), yb) * xb.shape[0] / x.shape[0]).backward()
+        queue.put((rank, calls[0], [p.grad.tolist() for p in model.parameters()]))  # plain lists: no shared memory
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_data(rank: int):
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(32, 16, generator=g), torch.randn(32, 4, generator=g)
+
+
+class _null_context:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def ddp_accumulation(world_size: int = 2, micro_batches: int = 4, no_sync: bool = True, timeout: float = 120.0) -> dict:
+    """Gradient accumulation under DistributedDataParallel on ``world_size`` CPU processes (gloo).
+
+    With ``no_sync``, micro-batches before the last accumulate locally and only the last
+    backward all-reduces; without it, every micro-batch pays an all-reduce. Returns the
+    all-reduce count per rank and whether the result equals one process's full-batch gradient.
+    """
+    import queue as queue_module
+    import socket
+
+    import torch.multiprocessing as mp
+
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if not isinstance(micro_batches, int) or not 1 <= micro_batches <= 32:
+        raise ValueError(f"micro_batches must be an int in 1..32 (the per-rank batch), got {micro_batches!r}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_ddp_accumulation_worker, args=(r, world_size, port, micro_batches, no_sync, results))
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        gathered = sorted(results.get(timeout=timeout) for _ in procs)
+    except queue_module.Empty:
+        raise RuntimeError(f"ddp_accumulation: no result within {timeout} s") from None
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    # the oracle: one process, all ranks' data as one batch, mean loss
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    data = [_ddp_data(r) for r in range(world_size)]
+    x, y = torch.cat([d[0] for d in data]), torch.cat([d[1] for d in data])
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    expected = [p.grad for p in model.parameters()]
+    equal = all(
+        torch.allclose(torch.tensor(g), e, atol=1e-6, rtol=1e-5)
+        for _, _, grads in gathered
+        for g, e in zip(grads, expected)
+    )
+    return {"allreduce_calls": [calls for _, calls, _ in gathered], "equals_full_batch": equal}

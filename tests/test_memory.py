@@ -70,3 +70,113 @@ def test_tensors_are_views_of_one_buffer_not_copies(tmp_path, mmap):
     # both tensors point into the same mapped (or read) buffer, at their file offsets
     assert loaded["w"].data_ptr() - loaded["v"].data_ptr() == gap
     assert loaded["w"][999] == 999
+
+
+# --- activation checkpointing ------------------------------------------------------------
+from labkit.memory import (  # noqa: E402
+    accumulate_gradients,
+    checkpoint,
+    checkpoint_sequential,
+    ddp_accumulation,
+    load_profile,
+    make_weight_file,
+    peak_activation_bytes,
+)
+from labkit.model import LabGPT, get_config  # noqa: E402
+
+
+def _grads_after(model, idx, mode, segments=2):
+    torch.manual_seed(1)  # dropout masks: the recompute must draw the same ones
+    model.zero_grad()
+    T = idx.shape[1]
+    x = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(T))
+    blocks = list(model.transformer.h)
+    if mode == "plain":
+        for block in blocks:
+            x = block(x)
+    elif mode == "labkit":
+        x = checkpoint_sequential(blocks, segments, x)
+    else:
+        import torch.utils.checkpoint as reference
+
+        for block in blocks:
+            x = reference.checkpoint(block, x, use_reentrant=False)
+    model.lm_head(model.transformer.ln_f(x)).logsumexp(-1).mean().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("segments", [1, 2, 4])
+def test_checkpoint_gradients_equal_plain_backprop_and_torch(segments):
+    torch.manual_seed(0)
+    model = LabGPT(get_config("nano", n_layer=4, dropout=0.1)).train()
+    idx = torch.randint(0, 100, (3, 40), generator=torch.Generator().manual_seed(2))
+    plain = _grads_after(model, idx, "plain")
+    ours = _grads_after(model, idx, "labkit", segments)
+    theirs = _grads_after(model, idx, "torch")
+    for a, b, c in zip(plain, ours, theirs):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(b, c, atol=1e-6, rtol=1e-6)
+
+
+def test_checkpoint_handles_non_tensor_arguments_and_input_gradients():
+    x = torch.randn(5, requires_grad=True)
+    y = checkpoint(lambda t, k: (t * k).sin(), x, 3.0)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, 3.0 * (3.0 * x.detach()).cos(), atol=1e-6, rtol=1e-6)
+
+
+def test_checkpointing_lowers_peak_activation_memory():
+    torch.manual_seed(0)
+    model = LabGPT(get_config("nano", n_layer=8)).train()
+    idx = torch.randint(0, 100, (4, 64))
+
+    def peak(segments):
+        def step():
+            _grads_after(model, idx, "plain" if segments == 0 else "labkit", segments)
+
+        return peak_activation_bytes(step, exclude=model.parameters())
+
+    plain, two, eight = peak(0), peak(2), peak(8)
+    assert eight < two < plain
+    assert two < 0.7 * plain
+    with pytest.raises(ValueError, match="segments"):
+        checkpoint_sequential(list(model.transformer.h), 0, torch.zeros(1, 4, 32))
+    with pytest.raises(ValueError, match="segments"):
+        checkpoint_sequential(list(model.transformer.h), 9, torch.zeros(1, 4, 32))
+
+
+# --- gradient accumulation ---------------------------------------------------------------
+@pytest.mark.parametrize("micro_batches", [1, 3, 7])
+def test_accumulated_gradients_equal_the_full_batch(micro_batches):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+    x, y = torch.randn(20, 8), torch.randint(0, 3, (20,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    full = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    accumulate_gradients(model, torch.nn.functional.cross_entropy, x, y, micro_batches)  # 20 / 7: unequal pieces
+    for a, b in zip(full, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="micro_batches"):
+        accumulate_gradients(model, torch.nn.functional.cross_entropy, x, y, 0)
+
+
+def test_ddp_accumulation_all_reduces_once_with_no_sync():
+    result = ddp_accumulation(world_size=2, micro_batches=4, no_sync=True)
+    assert result == {"allreduce_calls": [1, 1], "equals_full_batch": True}
+    with pytest.raises(ValueError, match="world_size"):
+        ddp_accumulation(world_size=0)
+
+
+# --- mmap vs eager --------------------------------------------------------------------------
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="RSS read from /proc")
+def test_mmap_load_is_lazy_and_eager_load_is_not(tmp_path):
+    path = tmp_path / "w.safetensors"
+    sizes = make_weight_file(path, total_mb=48, n_tensors=8)
+    mapped = load_profile(path, mmap=True, touch=2)
+    eager = load_profile(path, mmap=False, touch=0)
+    total = sum(sizes.values())
+    assert eager["rss_after_load"] > 0.9 * total  # the whole file is in memory at once
+    assert mapped["rss_after_load"] < 0.1 * total  # nothing read yet
+    touched = mapped["trace"][-1]["rss"]
+    assert 1.5 * total / 8 < touched < 0.5 * total  # two tensors' worth, not the file
