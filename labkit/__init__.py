@@ -24,6 +24,7 @@ _SUBMODULES = {
     "evaluation",
     "hardware",
     "kernels",
+    "lowrank",
     "memory",
     "model",
     "plots",

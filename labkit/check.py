@@ -157,3 +157,66 @@ def memory_bound(fn: Callable[[int, int, int, int, float, float], bool]) -> bool
         "intensity = 2mnk / ((mk + kn + mn) * bytes); memory-bound when intensity < peak / bandwidth (the ridge point)"
     )
     return _report("memory_bound", failures, cases, hint)
+
+
+def read_safetensors_header(fn: Callable) -> bool:
+    """Exercise: parse a safetensors header by hand: ``fn(path) -> (header_dict, data_start)``."""
+    import tempfile
+    from pathlib import Path
+
+    from .memory import read_safetensors_header as oracle
+    from .memory import save_safetensors
+
+    failures, cases = [], 0
+    with tempfile.TemporaryDirectory() as tmp:
+        examples = {
+            "one.safetensors": ({"w": torch.zeros(2, 3)}, None),
+            "mixed.safetensors": ({"a": torch.ones(4, dtype=torch.int8), "b": torch.zeros(5).half()}, {"note": "hi"}),
+            "empty.safetensors": ({}, {"only": "metadata"}),
+        }
+        for name, (tensors, meta) in examples.items():
+            cases += 1
+            path = Path(tmp) / name
+            save_safetensors(tensors, path, meta)
+            entries, metadata, start = oracle(path)
+            expected = dict(entries)
+            if metadata:
+                expected["__metadata__"] = metadata
+            got, err = _call(fn, path)
+            if err:
+                failures.append(err)
+                continue
+            if not (isinstance(got, tuple) and len(got) == 2):
+                failures.append(f"{name}: return a pair (header_dict, data_start), got {type(got).__name__}")
+            elif got[1] != start:
+                failures.append(f"{name}: data starts at byte {start} (8 + header length), you said {got[1]}")
+            elif got[0] != expected:
+                failures.append(f"{name}: header {got[0]} differs from {expected}")
+    hint = "read 8 bytes, int.from_bytes(..., 'little') = N; json.loads the next N bytes; data starts at 8 + N"
+    return _report("read_safetensors_header", failures, cases, hint)
+
+
+def accumulate(fn: Callable) -> bool:
+    """Exercise: gradient accumulation whose result equals the full batch's gradient (1e-6)."""
+    failures, cases = [], 0
+    for batch, pieces in ((12, 3), (10, 4), (7, 7)):
+        cases += 1
+        torch.manual_seed(cases)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        x, y = torch.randn(batch, 5), torch.randn(batch, 2)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        expected = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        _, err = _call(fn, model, torch.nn.functional.mse_loss, x, y, pieces)
+        if err:
+            failures.append(err)
+            continue
+        grads = [p.grad for p in model.parameters()]
+        if any(g is None for g in grads):
+            failures.append("some parameters have no .grad: call backward on every micro-batch's loss")
+            continue
+        worst = max((g - e).abs().max().item() for g, e in zip(grads, expected))
+        if worst > 1e-6:
+            failures.append(f"batch {batch} in {pieces} micro-batches: gradients differ by up to {worst:.3g}")
+    hint = "the loss is a mean: weight micro-batch i's loss by len(x_i) / len(x) before backward (unequal pieces!)"
+    return _report("accumulate", failures, cases, hint)

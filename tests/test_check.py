@@ -32,3 +32,18 @@ def test_hardware_checkers(capsys):
     assert not check.attention_flops(lambda b, h, t, d: 2 * b * h * t * t * d)  # forgot P V
     assert not check.memory_bound(lambda *args: True)  # "everything is memory-bound"
     assert capsys.readouterr().out.count("NOT YET") == 2
+
+
+def test_memory_checkers(capsys):
+    from labkit.solutions import memory
+
+    assert check.read_safetensors_header(memory.read_safetensors_header)
+    assert check.accumulate(memory.accumulate)
+
+    def divides_by_count(model, loss_fn, x, y, k):  # the classic mistake with unequal pieces
+        for xb, yb in zip(x.tensor_split(k), y.tensor_split(k)):
+            (loss_fn(model(xb), yb) / k).backward()
+
+    assert not check.accumulate(divides_by_count)
+    assert not check.read_safetensors_header(lambda path: ({}, 0))
+    assert capsys.readouterr().out.count("NOT YET") == 2
