@@ -220,3 +220,22 @@ def accumulate(fn: Callable) -> bool:
             failures.append(f"batch {batch} in {pieces} micro-batches: gradients differ by up to {worst:.3g}")
     hint = "the loss is a mean: weight micro-batch i's loss by len(x_i) / len(x) before backward (unequal pieces!)"
     return _report("accumulate", failures, cases, hint)
+
+
+def rank_for_compression(fn: Callable[[int, int, float], int]) -> bool:
+    """Exercise: the largest rank k whose two factors hold at most ``keep`` x the dense matrix's parameters."""
+    from .lowrank import rank_for_compression as oracle
+
+    cases = [(192, 192, 0.5), (768, 192, 0.3), (3072, 768, 0.25), (100, 50, 0.9), (64, 64, 1.0), (1000, 10, 0.5)]
+    failures = []
+    for d_out, d_in, keep in cases:
+        expected = oracle(d_out, d_in, keep)
+        got, err = _call(fn, d_out, d_in, keep)
+        if err:
+            failures.append(err)
+        elif got != expected:
+            failures.append(f"d_out={d_out}, d_in={d_in}, keep={keep}: you returned {got}, the answer is {expected}")
+    hint = (
+        "factors cost k*(d_in + d_out); solve k*(d_in + d_out) <= keep*d_out*d_in, round down, cap at min(d_out, d_in)"
+    )
+    return _report("rank_for_compression", failures, len(cases), hint)

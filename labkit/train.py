@@ -150,6 +150,44 @@ def train(cfg: TrainConfig, progress: bool = True) -> tuple[LabGPT, dict]:
     return model, history
 
 
+def finetune(
+    model: LabGPT,
+    steps: int = 50,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    lr: float = 3e-4,
+    seed: int = 1,
+    corpus_chars: int = 2_000_000,
+    progress: bool = True,
+) -> list[float]:
+    """A short fine-tune of an existing model (compressed, quantized, pruned...) on fresh corpus text.
+
+    AdamW at a constant small learning rate on every parameter that requires grad; the
+    data come from a seed the shipped checkpoints were not trained on. Returns the losses.
+    """
+    if steps < 1 or batch_size < 1 or not 1 <= seq_len <= model.config.block_size:
+        raise ValueError(
+            f"steps and batch_size must be >= 1 and seq_len in 1..{model.config.block_size}; "
+            f"got {steps}, {batch_size}, {seq_len}"
+        )
+    device = next(model.parameters()).device
+    batches = Batches(data.corpus(corpus_chars, seed=seed), CharTokenizer(), seq_len, seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in tqdm(range(steps), desc="fine-tune", disable=not progress, mininterval=1.0):
+        x, y = batches(batch_size, device)
+        loss = model.loss(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
 def validation_text(n_chars: int = 200_000) -> str:
     """Held-out text from the same mixture, with a seed training never uses."""
     return data.corpus(n_chars, seed=VALIDATION_SEED)

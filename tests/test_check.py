@@ -47,3 +47,13 @@ def test_memory_checkers(capsys):
     assert not check.accumulate(divides_by_count)
     assert not check.read_safetensors_header(lambda path: ({}, 0))
     assert capsys.readouterr().out.count("NOT YET") == 2
+
+
+def test_lowrank_checker(capsys):
+    from labkit.solutions import lowrank
+
+    assert check.rank_for_compression(lowrank.rank_for_compression)
+    assert not check.rank_for_compression(
+        lambda d_out, d_in, keep: int(keep * min(d_out, d_in))
+    )  # keeps rank, not params
+    assert "NOT YET" in capsys.readouterr().out

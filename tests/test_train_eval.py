@@ -53,3 +53,15 @@ def test_perplexity_and_interval():
     assert 1.0 < perplexity(model, tok, data.corpus(3000, seed=11)) < 3.0
     lo, hi = confidence_interval(0.9, 100)
     assert lo < 0.9 < hi and 0.8 < lo and hi < 0.96
+
+
+def test_finetune_lowers_the_loss_of_a_damaged_model():
+    from labkit.train import finetune
+
+    model, _ = labkit.load_model("student")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # damage it
+    losses = finetune(model, steps=12, batch_size=4, seq_len=128, lr=1e-3, progress=False)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert not model.training
