@@ -239,3 +239,31 @@ def rank_for_compression(fn: Callable[[int, int, float], int]) -> bool:
         "factors cost k*(d_in + d_out); solve k*(d_in + d_out) <= keep*d_out*d_in, round down, cap at min(d_out, d_in)"
     )
     return _report("rank_for_compression", failures, len(cases), hint)
+
+
+def reversal_prompt(template: Callable[[str, str], str], target: float = 0.9) -> bool:
+    """Exercise: a zero-shot prompt ``template(word, "reverse")`` that makes LabGPT `tiny` reverse words."""
+    from . import data, load_model
+    from .evaluation import answer_correct
+    from .prompting import query_pairs
+
+    model, tokenizer = load_model("tiny")
+    pairs = [(x, y) for x, y, op in query_pairs("string", 300, seed=77) if op == "reverse"][:60]
+    try:
+        exs = [data.Example("string", "custom", 0, template(x, "reverse"), y) for x, y in pairs]
+        prompts_ok = all(isinstance(e.prompt, str) and e.prompt for e in exs)
+    except Exception as err:  # the learner's template may raise anything
+        return _report("reversal_prompt", [f"your template raised {type(err).__name__}: {err}"], 1, "return a string")
+    if not prompts_ok:
+        return _report("reversal_prompt", ["the template must return a non-empty string"], 1, "return a string")
+    accuracy = sum(answer_correct(model, tokenizer, exs)) / len(exs)
+    failures = (
+        []
+        if accuracy >= target
+        else [
+            f"accuracy {100 * accuracy:.0f}% on {len(exs)} words (target {100 * target:.0f}%); "
+            f"for '{pairs[0][0]}' your prompt was {exs[0].prompt!r}"
+        ]
+    )
+    hint = "say what you want, as the training data's specific prompts do: an instruction line, then 'word =>'"
+    return _report("reversal_prompt", failures, 1, hint)

@@ -192,7 +192,9 @@ _PROFILE_SCRIPT = r"""
 import json, sys, time
 from labkit.bench import current_rss_bytes
 from labkit.memory import load_safetensors
+import torch
 path, mmap, touch = sys.argv[1], sys.argv[2] == "1", json.loads(sys.argv[3])
+float(torch.ones(1 << 16).sum())  # the first op starts torch's thread pool: count that before, not after
 rss0 = current_rss_bytes()
 t0 = time.perf_counter()
 tensors = load_safetensors(path, mmap=mmap)

@@ -57,3 +57,11 @@ def test_lowrank_checker(capsys):
         lambda d_out, d_in, keep: int(keep * min(d_out, d_in))
     )  # keeps rank, not params
     assert "NOT YET" in capsys.readouterr().out
+
+
+def test_prompt_checker(capsys):
+    from labkit.solutions import prompting
+
+    assert check.reversal_prompt(prompting.reversal_prompt)
+    assert not check.reversal_prompt(lambda word, op: f"{word} ->")  # the vague prompt is ambiguous
+    assert not check.reversal_prompt(lambda word, op: "")

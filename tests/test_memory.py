@@ -172,7 +172,7 @@ def test_ddp_accumulation_all_reduces_once_with_no_sync():
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="RSS read from /proc")
 def test_mmap_load_is_lazy_and_eager_load_is_not(tmp_path):
     path = tmp_path / "w.safetensors"
-    sizes = make_weight_file(path, total_mb=48, n_tensors=8)
+    sizes = make_weight_file(path, total_mb=96, n_tensors=8)
     mapped = load_profile(path, mmap=True, touch=2)
     eager = load_profile(path, mmap=False, touch=0)
     total = sum(sizes.values())
