@@ -267,3 +267,28 @@ def reversal_prompt(template: Callable[[str, str], str], target: float = 0.9) ->
     )
     hint = "say what you want, as the training data's specific prompts do: an instruction line, then 'word =>'"
     return _report("reversal_prompt", failures, 1, hint)
+
+
+def verbalizer(words: dict, target: float = 0.9) -> bool:
+    """Exercise: label words ``{"pos": ..., "neg": ...}`` that make zero-shot PET classify reviews (pattern ``x ->``)."""
+    from . import data, load_model
+    from .prompting import pet_classify
+
+    if not isinstance(words, dict) or set(words) != {"pos", "neg"}:
+        return _report(
+            "verbalizer", [f"give a dict with keys 'pos' and 'neg', got {words!r}"], 1, "{'pos': ..., 'neg': ...}"
+        )
+    model, tokenizer = load_model("tiny")
+    exs = data.examples("sentiment", "specific", 0, n=100, seed=21)
+    texts = [e.prompt.split("\n")[-1].removesuffix(" =>") for e in exs]
+    gold = ["pos" if e.answer == "positive" else "neg" for e in exs]
+    try:
+        pred = pet_classify(model, tokenizer, texts, lambda x: f"{x} ->", words)
+    except ValueError as err:
+        return _report("verbalizer", [str(err)], 1, "non-empty words made of characters the tokenizer knows")
+    accuracy = sum(p == g for p, g in zip(pred, gold)) / len(gold)
+    failures = (
+        [] if accuracy >= target else [f"zero-shot PET accuracy {100 * accuracy:.0f}% (target {100 * target:.0f}%)"]
+    )
+    hint = "pick the words the model itself used after reviews in training: which labels did the corpus use?"
+    return _report("verbalizer", failures, 1, hint)

@@ -9,6 +9,7 @@ model can say anything).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable
@@ -172,3 +173,176 @@ class PrefixCache:
             cache.v[layer][:, :, : self.length] = self.cache.v[layer][:, :, : self.length]
         cache.pos = self.length
         return self.model(ids, cache=cache)
+
+
+# ---------------------------------------------------------------------------------------
+# Prompt tuning: a learned soft prompt, Prompt(x) = [P; x], on a frozen model.
+# ---------------------------------------------------------------------------------------
+class SoftPrompt(torch.nn.Module):
+    """A frozen LabGPT with ``n_tokens`` learned embedding vectors P prepended to every input.
+
+    Prompt tuning (Lester et al., 2021): the survey's ``Prompt(x) = x + P``, where "+" joins
+    the learned prompt embeddings to the input's token embeddings (``inputs_embeds``). Only P
+    trains: n_tokens x n_embd numbers. P starts as the embeddings of random vocabulary
+    characters (better than noise) or, with ``init_text``, of a real prompt's characters.
+    """
+
+    def __init__(self, model, n_tokens: int | None = None, seed: int = 0, init_text: str | None = None) -> None:
+        super().__init__()
+        if init_text is not None:  # start from the embeddings of a real prompt (one vector per character)
+            n_tokens = len(init_text) if n_tokens is None else n_tokens
+        if not isinstance(n_tokens, int) or not 0 <= n_tokens < model.config.block_size:
+            raise ValueError(f"n_tokens must be an int in 0..{model.config.block_size - 1}, got {n_tokens!r}")
+        model.requires_grad_(False)  # every model weight frozen
+        self.model, self.n_tokens = model, n_tokens
+        wte = model.transformer.wte.weight
+        ids = torch.randint(32, 127, (n_tokens,), generator=torch.Generator().manual_seed(seed))
+        if init_text is not None:
+            ids[: min(n_tokens, len(init_text))] = torch.tensor(CharTokenizer().encode(init_text[:n_tokens]))
+        self.prompt = torch.nn.Parameter(wte.detach()[ids.to(wte.device)].clone())  # (n_tokens, C)
+        # what callers (answer_correct, generate) see: the context left for real tokens
+        self.config = dataclasses.replace(model.config, block_size=model.config.block_size - n_tokens)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.model.transformer.wte(idx)  # (B, T, C)
+        P = self.prompt.unsqueeze(0).expand(idx.size(0), -1, -1)  # (B, n_tokens, C)
+        logits = self.model(inputs_embeds=torch.cat([P, x], dim=1))  # (B, n_tokens + T, vocab)
+        return logits[:, self.n_tokens :]  # predictions at the real tokens' positions
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def answer_batch(tokenizer: CharTokenizer, examples: list, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets to train on answers only: prompt positions and padding get target -1."""
+    seqs = [(tokenizer.encode(e.prompt), tokenizer.encode(" " + e.answer + "\n")) for e in examples]
+    width = max(len(p) + len(a) for p, a in seqs) - 1
+    x = torch.full((len(seqs), width), tokenizer.newline_id, dtype=torch.long)
+    y = torch.full((len(seqs), width), -1, dtype=torch.long)
+    for row, (p, a) in enumerate(seqs):
+        full = p + a
+        x[row, : len(full) - 1] = torch.tensor(full[:-1])
+        y[row, len(p) - 1 : len(full) - 1] = torch.tensor(a)  # predict the answer, nothing else
+    return x.to(device), y.to(device)
+
+
+def train_on_answers(
+    module, examples: list, steps: int = 100, lr: float = 1e-2, batch_size: int = 16, seed: int = 0
+) -> list[float]:
+    """Train ``module``'s trainable parameters (a SoftPrompt, or a whole model) on the examples' answers."""
+    if steps < 1 or batch_size < 1 or not examples:
+        raise ValueError(f"steps and batch_size must be >= 1 and examples non-empty; got {steps}, {batch_size}")
+    tokenizer = CharTokenizer()
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("module has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    device = params[0].device
+    rng = random.Random(seed)
+    losses = []
+    module.train()
+    for _ in range(steps):
+        x, y = answer_batch(tokenizer, rng.sample(examples, min(batch_size, len(examples))), device)
+        logits = module(x)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    module.eval()
+    return losses
+
+
+def new_label_sentiment(n: int, seed: int, labels: tuple[str, str] = ("yay", "nay"), shots: int = 0) -> list:
+    """A format LabGPT never saw: the specific sentiment prompt, answered with new label words.
+
+    The instruction still says "positive or negative"; the answers are ``labels`` instead (a
+    new label vocabulary). ``shots`` demonstrations show the new labels in the prompt.
+    """
+    if len(labels) != 2 or not all(labels):
+        raise ValueError(f"labels must be two non-empty words (positive, negative), got {labels!r}")
+    mapping = {"positive": labels[0], "negative": labels[1]}
+    out = []
+    for e in data.examples("sentiment", "specific", shots, n=n, seed=seed):
+        prompt = e.prompt.replace("=> positive", f"=> {labels[0]}").replace("=> negative", f"=> {labels[1]}")
+        out.append(data.Example("sentiment-new-labels", "specific", shots, prompt, mapping[e.answer]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Pattern-exploiting training: Verbalizer(Pattern(x)).
+# ---------------------------------------------------------------------------------------
+def verbalizer_scores(model, tokenizer: CharTokenizer, texts: list[str], pattern, verbalizer: dict) -> torch.Tensor:
+    """(N, labels) log-probabilities of each label word after ``pattern(text) + " "`` (summed over its characters)."""
+    if not verbalizer or any(not isinstance(w, str) or not w for w in verbalizer.values()):
+        raise ValueError(
+            "verbalizer must map each label to a non-empty word, e.g. {'pos': 'positive', 'neg': 'negative'}"
+        )
+    if not texts:
+        raise ValueError("texts must not be empty")
+    device = next(model.parameters()).device
+    columns = []
+    for word in verbalizer.values():
+        exs = [data.Example("pet", "pattern", 0, pattern(t), word) for t in texts]
+        x, y = answer_batch(tokenizer, exs, device)
+        for row, e in enumerate(exs):  # score the word itself, not the newline after it
+            end = len(tokenizer.encode(e.prompt)) + len(word)
+            y[row, end:] = -1
+        logp = torch.log_softmax(model(x).float(), dim=-1)  # (N, T, vocab)
+        picked = logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (y >= 0)
+        columns.append(picked.sum(dim=1))
+    return torch.stack(columns, dim=1)  # (N, n_labels)
+
+
+@torch.no_grad()
+def pet_classify(model, tokenizer: CharTokenizer, texts: list[str], pattern, verbalizer: dict) -> list:
+    """Classify each text by the label whose verbalizer word the LM finds most likely after the pattern."""
+    labels = list(verbalizer)
+    best = verbalizer_scores(model, tokenizer, texts, pattern, verbalizer).argmax(dim=1)
+    return [labels[i] for i in best.tolist()]
+
+
+def pet_finetune(
+    model, tokenizer, texts, gold, pattern, verbalizer: dict, steps: int = 30, lr: float = 1e-4
+) -> list[float]:
+    """PET training: cross-entropy over the verbalizer words' scores, on a few labelled examples (all weights train)."""
+    labels = list(verbalizer)
+    target = torch.tensor([labels.index(g) for g in gold], device=next(model.parameters()).device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(
+            verbalizer_scores(model, tokenizer, texts, pattern, verbalizer), target
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def last_token_features(model, tokenizer: CharTokenizer, prompts: list[str]) -> torch.Tensor:
+    """(N, C): the final-norm hidden state at each prompt's last token, from the frozen model."""
+    device = next(model.parameters()).device
+    feats = []
+    for p in prompts:
+        _, hidden = model(tokenizer.tensor(p, device=device), return_hidden=True)
+        feats.append(model.transformer.ln_f(hidden[-1])[0, -1])
+    return torch.stack(feats)
+
+
+def train_classifier_head(features: torch.Tensor, gold: list, labels: list, steps: int = 200, lr: float = 1e-2):
+    """A linear classifier (logistic regression) on frozen features: the fine-tuning baseline PET is compared to."""
+    target = torch.tensor([labels.index(g) for g in gold], device=features.device)
+    head = torch.nn.Linear(features.size(1), len(labels)).to(features.device)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-2)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(head(features), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return head

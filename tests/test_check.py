@@ -65,3 +65,11 @@ def test_prompt_checker(capsys):
     assert check.reversal_prompt(prompting.reversal_prompt)
     assert not check.reversal_prompt(lambda word, op: f"{word} ->")  # the vague prompt is ambiguous
     assert not check.reversal_prompt(lambda word, op: "")
+
+
+def test_verbalizer_checker(capsys):
+    from labkit.solutions import prompting
+
+    assert check.verbalizer(prompting.VERBALIZER)
+    assert not check.verbalizer({"pos": "yes", "neg": "no"})
+    assert not check.verbalizer({"positive": "good"})

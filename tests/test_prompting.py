@@ -71,3 +71,49 @@ def test_template_accuracy_of_a_written_prompt():
     assert good >= 0.9 > bad
     with pytest.raises(ValueError, match="template"):
         prompting.template_accuracy(model, tok, "capital", lambda x, op: "", n=3)
+
+
+def test_zero_length_soft_prompt_leaves_the_output_unchanged():
+    model, tok = labkit.load_model("student")
+    idx = tok.tensor("Give the capital city of each country.\nPeru =>")
+    with torch.no_grad():
+        assert torch.equal(prompting.SoftPrompt(model, 0)(idx), model(idx))
+
+
+def test_prompt_tuning_keeps_the_model_bit_identical_and_trains_under_one_percent():
+    model, tok = labkit.load_model("student")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    soft = prompting.SoftPrompt(model, 8)
+    start = soft.prompt.detach().clone()
+    losses = prompting.train_on_answers(soft, prompting.new_label_sentiment(32, seed=1), steps=5, lr=1e-2, batch_size=8)
+    assert len(losses) == 5 and not torch.equal(soft.prompt.detach(), start)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert soft.trainable_parameters() == 8 * model.config.n_embd
+    assert soft.trainable_parameters() < 0.01 * sum(p.numel() for p in model.parameters())
+    assert soft.config.block_size == model.config.block_size - 8
+    with pytest.raises(ValueError, match="n_tokens"):
+        prompting.SoftPrompt(model, -1)
+
+
+def test_soft_prompt_initialised_from_text_acts_like_that_text():
+    model, tok = labkit.load_model("tiny")
+    header = "Give the capital city of each country.\n"
+    soft = prompting.SoftPrompt(model, init_text=header)
+    with torch.no_grad():
+        via_soft = soft(tok.tensor("Peru =>"))
+        via_text = model(tok.tensor(header + "Peru =>"))[:, len(header) :]
+    torch.testing.assert_close(via_soft, via_text, atol=1e-4, rtol=1e-4)
+
+
+def test_pet_classifies_with_a_pattern_and_a_verbalizer():
+    model, tok = labkit.load_model("tiny")
+    exs = data.examples("sentiment", "specific", 0, n=40, seed=5)
+    texts = [e.prompt.split("\n")[-1].removesuffix(" =>") for e in exs]
+    gold = ["pos" if e.answer == "positive" else "neg" for e in exs]
+    verbalizer = {"pos": "positive", "neg": "negative"}
+    pred = prompting.pet_classify(model, tok, texts, lambda x: f"Is each review positive or negative?\n{x} =>", verbalizer)
+    assert sum(p == g for p, g in zip(pred, gold)) >= 38
+    with pytest.raises(ValueError, match="verbalizer"):
+        prompting.pet_classify(model, tok, texts, lambda x: x, {})
+    with pytest.raises(ValueError, match="verbalizer"):
+        prompting.pet_classify(model, tok, texts, lambda x: x, {"pos": ""})

@@ -3,3 +3,6 @@
 
 def reversal_prompt(word: str, operation: str) -> str:
     return f"Write each word backwards.\n{word} =>"
+
+
+VERBALIZER = {"pos": "good", "neg": "bad"}  # the vague reviews' second label scheme in the corpus
