@@ -111,7 +111,9 @@ def test_pet_classifies_with_a_pattern_and_a_verbalizer():
     texts = [e.prompt.split("\n")[-1].removesuffix(" =>") for e in exs]
     gold = ["pos" if e.answer == "positive" else "neg" for e in exs]
     verbalizer = {"pos": "positive", "neg": "negative"}
-    pred = prompting.pet_classify(model, tok, texts, lambda x: f"Is each review positive or negative?\n{x} =>", verbalizer)
+    pred = prompting.pet_classify(
+        model, tok, texts, lambda x: f"Is each review positive or negative?\n{x} =>", verbalizer
+    )
     assert sum(p == g for p, g in zip(pred, gold)) >= 38
     with pytest.raises(ValueError, match="verbalizer"):
         prompting.pet_classify(model, tok, texts, lambda x: x, {})
