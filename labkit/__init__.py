@@ -21,6 +21,7 @@ _SUBMODULES = {
     "bench",
     "check",
     "distill",
+    "early_exit",
     "evaluation",
     "hardware",
     "kernels",
@@ -28,6 +29,7 @@ _SUBMODULES = {
     "memory",
     "model",
     "plots",
+    "prompting",
     "train",
     "widgets",
 }

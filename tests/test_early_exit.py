@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+import labkit
+from labkit import early_exit
+from labkit.model import LabGPT, get_config
+
+PROMPTS = ["Translate each English word into French.\ncheese =>", "One sunny day, Tom", "12 + 7 =>"]
+
+
+def test_threshold_one_reproduces_greedy_decoding_exactly():
+    model, tok = labkit.load_model("student")
+    heads = early_exit.ExitHeads(model)
+    for prompt in PROMPTS:
+        idx = tok.tensor(prompt)
+        tokens, layers = early_exit.generate(model, heads, idx, 25, threshold=1.0)
+        assert torch.equal(tokens, model.generate(idx, 25, temperature=0))
+        assert layers == [model.config.n_layer] * 25
+
+
+def test_exits_never_use_more_layers_than_the_model_has_and_fill_the_cache():
+    torch.manual_seed(0)
+    model = LabGPT(get_config("nano", n_layer=4)).eval()
+    heads = early_exit.ExitHeads(model)
+    idx = torch.randint(0, 100, (1, 6))
+    for threshold in (1e-9, 0.02, 0.5, 1.0):
+        tokens, layers = early_exit.generate(model, heads, idx, 12, threshold=threshold)
+        assert tokens.shape == (1, 18) and all(1 <= n <= 4 for n in layers)
+    _, layers = early_exit.generate(model, heads, idx, 12, threshold=1e-9)
+    assert layers == [1] * 12  # any confidence clears a tiny threshold: exit after the first layer
+
+
+def test_skipped_layers_get_keys_and_values_from_the_exit_state():
+    torch.manual_seed(0)
+    model = LabGPT(get_config("nano", n_layer=3)).eval()
+    cache = model.new_cache(1)
+    hidden = torch.randn(1, 1, model.config.n_embd)
+    early_exit._fill_skipped(model, cache, hidden, first=1, start=5)
+    block = model.transformer.h[2]
+    _, k, _ = block.attn.c_attn(block.ln_1(hidden)).split(model.config.n_embd, dim=2)
+    expected = k.view(1, 1, model.config.n_head, -1).transpose(1, 2)
+    torch.testing.assert_close(cache.k[2][:, :, 5:6], expected)
+    assert torch.count_nonzero(cache.k[0]) == 0  # layer 0 ran for real: not filled here
+
+
+def test_bad_thresholds_and_heads_round_trip(tmp_path):
+    model, tok = labkit.load_model("student")
+    heads = early_exit.ExitHeads(model)
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="threshold"):
+            early_exit.generate(model, heads, tok.tensor("hi"), 3, threshold=bad)
+    with torch.no_grad():
+        heads.maps[0].bias.add_(1.0)
+    early_exit.save_exit_heads(heads, tmp_path / "h.safetensors")
+    loaded = early_exit.load_exit_heads(model, tmp_path / "h.safetensors")
+    assert torch.equal(loaded.maps[0].bias, heads.maps[0].bias)
+    with pytest.raises(ValueError, match="exit-heads"):
+        early_exit.load_exit_heads(model, labkit.DATA_DIR / "student.safetensors")
