@@ -154,3 +154,25 @@ def generate(model, heads: ExitHeads, idx: torch.Tensor, max_new_tokens: int, th
         if stop_token is not None and token.item() == stop_token:
             break
     return torch.cat(out, dim=1), layers_used
+
+
+def evaluate_threshold(model, heads: ExitHeads, tokenizer: CharTokenizer, threshold: float, tasks=None,
+                       n: int = 40, fmt: str = "specific", seed: int = 1234) -> dict:  # fmt: skip
+    """Task accuracy, mean layers per generated token and seconds per token of early-exit decoding."""
+    import time
+
+    correct = total = tokens = layer_sum = 0
+    seconds = 0.0
+    device = next(model.parameters()).device
+    for task in tasks or data.tasks():
+        for ex in data.examples(task, fmt, 0, n=n, seed=seed):
+            idx = tokenizer.tensor(ex.prompt, device=device)
+            t0 = time.perf_counter()
+            out, layers = generate(model, heads, idx, len(ex.answer) + 2, threshold, stop_token=tokenizer.newline_id)
+            seconds += time.perf_counter() - t0
+            correct += tokenizer.decode(out[0, idx.size(1) :]) == f" {ex.answer}\n"
+            total += 1
+            tokens += len(layers)
+            layer_sum += sum(layers)
+    return {"threshold": threshold, "accuracy": correct / total, "mean_layers": layer_sum / tokens,
+            "seconds_per_token": seconds / tokens}  # fmt: skip
