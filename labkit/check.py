@@ -292,3 +292,46 @@ def verbalizer(words: dict, target: float = 0.9) -> bool:
     )
     hint = "pick the words the model itself used after reviews in training: which labels did the corpus use?"
     return _report("verbalizer", failures, 1, hint)
+
+
+def soft_target_loss(fn: Callable) -> bool:
+    """Exercise: the soft term T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over positions."""
+    from .distill import distillation_loss
+
+    failures, cases = [], 0
+    for shape, temperature in (((4, 10), 1.0), ((2, 3, 17), 2.0), ((5, 128), 4.0)):
+        cases += 1
+        g = torch.Generator().manual_seed(cases)
+        s, t = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+        targets = torch.zeros(shape[:-1], dtype=torch.long)
+        expected = distillation_loss(s, t, targets, alpha=0.0, temperature=temperature)
+        got, err = _call(fn, s, t, temperature)
+        if err:
+            failures.append(err)
+        elif not isinstance(got, torch.Tensor) or got.numel() != 1:
+            failures.append(f"return a scalar tensor, got {type(got).__name__} {getattr(got, 'shape', '')}")
+        elif not torch.allclose(got.float(), expected, atol=1e-6, rtol=1e-5):
+            failures.append(
+                f"shape {shape}, T={temperature}: you returned {got.item():.6f}, expected {expected.item():.6f}"
+            )
+    hint = "soften both with /T, KL(teacher || student) summed over the vocabulary, mean over positions, times T**2"
+    return _report("soft_target_loss", failures, cases, hint)
+
+
+def exit_rule(fn: Callable) -> bool:
+    """Exercise: exit when the largest probability reaches the threshold; a threshold of 1 never exits."""
+    cases = [
+        (torch.tensor([0.5, 0.3, 0.2]), 0.5, True),
+        (torch.tensor([0.5, 0.3, 0.2]), 0.6, False),
+        (torch.tensor([1.0, 0.0, 0.0]), 1.0, False),  # a softmax can round to exactly 1.0: tau=1 must still not exit
+        (torch.tensor([0.1, 0.85, 0.05]), 0.8, True),
+        (torch.tensor([0.34, 0.33, 0.33]), 0.3, True),
+    ]
+    failures = []
+    for probs, threshold, expected in cases:
+        got, err = _call(fn, probs, threshold)
+        if err:
+            failures.append(err)
+        elif bool(got) != expected:
+            failures.append(f"probs {probs.tolist()}, threshold {threshold}: you said {bool(got)}, expected {expected}")
+    return _report("exit_rule", failures, len(cases), "exit iff threshold < 1 and max(probs) >= threshold")

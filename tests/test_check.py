@@ -73,3 +73,17 @@ def test_verbalizer_checker(capsys):
     assert check.verbalizer(prompting.VERBALIZER)
     assert not check.verbalizer({"pos": "yes", "neg": "no"})
     assert not check.verbalizer({"positive": "good"})
+
+
+def test_distillation_and_exit_checkers(capsys):
+    import torch.nn.functional as F
+
+    from labkit.solutions import distill
+
+    assert check.soft_target_loss(distill.soft_target_loss)
+    assert check.exit_rule(distill.exit_rule)
+    no_t_squared = lambda s, t, T: F.kl_div(F.log_softmax(s.reshape(-1, s.size(-1)) / T, -1),
+                                             F.softmax(t.reshape(-1, t.size(-1)) / T, -1), reduction="batchmean")  # fmt: skip
+    assert not check.soft_target_loss(no_t_squared)
+    assert not check.exit_rule(lambda probs, threshold: probs.max().item() >= threshold)  # exits at tau=1
+    assert capsys.readouterr().out.count("NOT YET") == 2
