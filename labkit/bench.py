@@ -186,7 +186,13 @@ def print_table(rows: list[dict]) -> None:
 # Suites: labs register a function returning rows; the command line runs them by name.
 # ---------------------------------------------------------------------------------------
 SUITES: dict[str, Callable[..., list[dict]]] = {}
-SUITE_MODULES = ["labkit.bench", "labkit.kernels.matmul_kernel", "labkit.hardware"]  # modules that register suites
+SUITE_MODULES = [  # modules that register suites
+    "labkit.bench",
+    "labkit.kernels.matmul_kernel",
+    "labkit.hardware",
+    "labkit.lowrank",
+    "labkit.prompting",
+]
 
 
 def register_suite(name: str):

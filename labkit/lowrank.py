@@ -465,3 +465,24 @@ def tucker(tensor: torch.Tensor, ranks: Sequence[int], n_iter: int = 0) -> Tucke
     core = _project_all_but(X, factors, skip=None)  # (R_0, ..., R_N-1)
     dtype, device = _output_dtype(tensor), tensor.device
     return TuckerDecomposition(core.to(device, dtype), [f.to(device, dtype) for f in factors])
+
+
+def _register() -> None:
+    from .bench import compare, register_suite
+
+    @register_suite("lowrank")
+    def lowrank_suite(quick: bool = False) -> list[dict]:
+        """An SVD linear of rank d/4 vs the dense d x d linear at batch 256, for several widths d."""
+        rows = []
+        for d in (192, 768) if quick else (192, 384, 768, 1024):
+            torch.manual_seed(0)
+            dense = nn.Linear(d, d)
+            thin = svd_linear(dense, rank=d // 4)
+            x = torch.randn(256, d)
+            with torch.no_grad():
+                variants = {f"dense {d}x{d}": lambda: dense(x), f"rank {d // 4}": lambda: thin(x)}
+                rows += compare(variants, warmup=5, repeat=10 if quick else 20, suite="lowrank")
+        return rows
+
+
+_register()

@@ -346,3 +346,30 @@ def train_classifier_head(features: torch.Tensor, gold: list, labels: list, step
         loss.backward()
         optimizer.step()
     return head
+
+
+def _register() -> None:
+    from .bench import compare, register_suite
+
+    @register_suite("prompting")
+    def prompting_suite(quick: bool = False) -> list[dict]:
+        """20 queries sharing an 8-shot prefix: full prompts every time vs a cached prefix (LabGPT tiny)."""
+        from . import load_model
+
+        model, tokenizer = load_model("tiny")
+        shared = data.examples("capital", "specific", 8, n=1, seed=11)[0].prompt.rsplit("\n", 1)[0] + "\n"
+        queries = [f"{country} =>" for country, _ in data.words()["countries"][: 5 if quick else 20]]
+        cache = PrefixCache(model, tokenizer, shared)
+        with torch.no_grad():
+            return compare(
+                {
+                    "full prompt every time": lambda: [model(tokenizer.tensor(shared + q)) for q in queries],
+                    "cached prefix": lambda: [cache.logits(q) for q in queries],
+                },
+                warmup=1,
+                repeat=3,
+                suite="prompting",
+            )
+
+
+_register()

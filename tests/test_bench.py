@@ -55,3 +55,13 @@ def test_command_line_writes_json_rows(tmp_path, capsys):
     assert "labgpt" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.main(["no-such-suite"])
+
+
+@pytest.mark.parametrize("suite", ["labgpt", "kernels", "hardware", "lowrank", "prompting"])
+def test_every_registered_suite_runs_and_returns_rows(suite, tmp_path, capsys):
+    assert suite in bench.load_suites()
+    out = tmp_path / f"{suite}.json"
+    assert bench.main([suite, "--quick", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert rows and all(r["suite"] == suite and r["variant_s"] > 0 for r in rows)
+    assert any(r["speedup"] == 1.0 for r in rows)  # each table carries its baseline
