@@ -14,6 +14,7 @@ can at worst be rejected, never run code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap as mmap_module
@@ -391,7 +392,7 @@ def _ddp_accumulation_worker(rank: int, world_size: int, port: int, micro_batche
         pieces = list(zip(x.tensor_split(micro_batches), y.tensor_split(micro_batches)))
         for i, (xb, yb) in enumerate(pieces):
             last = i == len(pieces) - 1
-            context = ddp.no_sync() if no_sync and not last else _null_context()
+            context = ddp.no_sync() if no_sync and not last else contextlib.nullcontext()
             with context:  # inside no_sync, gradients only accumulate locally
                 (torch.nn.functional.mse_loss(ddp(xb), yb) * xb.shape[0] / x.shape[0]).backward()
         queue.put((rank, calls[0], [p.grad.tolist() for p in model.parameters()]))  # plain lists: no shared memory
@@ -402,14 +403,6 @@ def _ddp_accumulation_worker(rank: int, world_size: int, port: int, micro_batche
 def _ddp_data(rank: int):
     g = torch.Generator().manual_seed(100 + rank)
     return torch.randn(32, 16, generator=g), torch.randn(32, 4, generator=g)
-
-
-class _null_context:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def ddp_accumulation(world_size: int = 2, micro_batches: int = 4, no_sync: bool = True, timeout: float = 120.0) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,18 +66,14 @@ def _check_fits(model, task: str, fmt: str, shots: int, exs) -> None:
 
 @torch.no_grad()
 def time_to_first_token(model, tokenizer: CharTokenizer, prompts: list[str], repeat: int = 3) -> float:
-    """Median time of the prefill forward pass (batch 1) over ``prompts``: the latency a user waits."""
+    """Median over ``prompts`` of the prefill's median time (batch 1): the latency a user waits."""
+    from .bench import measure
+
     device = next(model.parameters()).device
     times = []
     for prompt in prompts:
         idx = tokenizer.tensor(prompt, device=device)
-        model(idx)  # warm-up for this length
-        for _ in range(repeat):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(idx)[:, -1].argmax(-1).item()  # .item() waits for the result
-            times.append(time.perf_counter() - t0)
+        times.append(measure(lambda: model(idx)[:, -1].argmax(-1), warmup=1, repeat=repeat, device=device).median_s)
     times.sort()
     return times[len(times) // 2]
 
