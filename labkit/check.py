@@ -335,3 +335,83 @@ def exit_rule(fn: Callable) -> bool:
         elif bool(got) != expected:
             failures.append(f"probs {probs.tolist()}, threshold {threshold}: you said {bool(got)}, expected {expected}")
     return _report("exit_rule", failures, len(cases), "exit iff threshold < 1 and max(probs) >= threshold")
+
+
+# -- parallelism (notebooks 02-05) -----------------------------------------------------
+
+
+def _reference_reduce_scatter_step(buffers: list[list[torch.Tensor]], step: int) -> list[list[torch.Tensor]]:
+    n = len(buffers)
+    new = [[c.clone() for c in b] for b in buffers]
+    for r in range(n):  # every rank sends at once: the values sent are the old ones
+        c = (r - step) % n
+        new[(r + 1) % n][c] += buffers[r][c]
+    return new
+
+
+def reduce_scatter_step(fn: Callable) -> bool:
+    """Exercise: one step of a ring reduce-scatter, simulated on lists (``buffers[rank][chunk]``)."""
+    failures, cases = [], 0
+    for n in (2, 3, 4, 5):
+        g = torch.Generator().manual_seed(n)
+        buffers = [[torch.randn(3, generator=g) for _ in range(n)] for _ in range(n)]
+        total = [sum(buffers[r][c] for r in range(n)) for c in range(n)]
+        expected = buffers
+        for step in range(n - 1):
+            cases += 1
+            expected_next = _reference_reduce_scatter_step(expected, step)
+            got, err = _call(fn, [[c.clone() for c in b] for b in expected], step)
+            if err:
+                failures.append(err)
+                break
+            if not (isinstance(got, list) and len(got) == n and all(len(b) == n for b in got)):
+                failures.append(f"n={n}: return the list of {n} ranks' lists of {n} chunks")
+                break
+            wrong = [(r, c) for r in range(n) for c in range(n) if not torch.allclose(got[r][c], expected_next[r][c])]
+            if wrong:
+                failures.append(f"n={n}, step {step}: (rank, chunk) pairs {wrong[:4]} differ from the ring's result")
+                break
+            expected = expected_next
+        else:
+            done = all(torch.allclose(expected[r][(r + 1) % n], total[(r + 1) % n]) for r in range(n))
+            assert done  # the reference itself: after n-1 steps rank r owns the sum of chunk r+1
+    hint = "rank r sends its chunk (r - step) % n to rank (r + 1) % n, which adds it; use the values from before the step"
+    return _report("reduce_scatter_step", failures, cases, hint)
+
+
+def qkv_rows(fn: Callable[[int, int, int, int], torch.Tensor]) -> bool:
+    """Exercise: the rows of the fused (3C x C) qkv weight that tensor-parallel rank ``rank`` holds."""
+    failures, cases = [], 0
+    for C, n_head, tp in ((8, 2, 2), (192, 6, 3), (192, 6, 2), (768, 12, 4), (16, 4, 1)):
+        hs = C // n_head
+        for rank in range(tp):
+            cases += 1
+            heads = range(rank * n_head // tp, (rank + 1) * n_head // tp)
+            mine = torch.cat([torch.arange(h * hs, (h + 1) * hs) for h in heads])
+            expected = torch.cat([mine, C + mine, 2 * C + mine])
+            got, err = _call(fn, C, n_head, tp, rank)
+            if err:
+                failures.append(err)
+            elif not (isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.equal(got.long(), expected)):
+                failures.append(f"C={C}, n_head={n_head}, tp={tp}, rank={rank}: expected {len(expected)} rows "
+                                f"starting {expected[:3].tolist()}..., got {getattr(got, 'shape', got)}")
+    hint = "rank r owns heads r*n_head/tp ... ; each head is hs=C/n_head rows in q (offset 0), k (offset C), v (offset 2C)"
+    return _report("qkv_rows", failures, cases, hint)
+
+
+def min_micro_batches(fn: Callable[[int, float], int]) -> bool:
+    """Exercise: the fewest micro-batches m that keep the bubble (p-1)/(m+p-1) at or below a target."""
+    from fractions import Fraction
+
+    failures, cases = [], 0
+    for p, target in ((1, 0.1), (2, 0.5), (4, 0.25), (4, 0.1), (8, 0.05), (16, 0.2), (64, 0.11), (3, 1.0)):
+        cases += 1
+        m = 1
+        while Fraction(p - 1) > Fraction(target) * (m + p - 1):
+            m += 1
+        got, err = _call(fn, p, target)
+        if err:
+            failures.append(err)
+        elif got != m:
+            failures.append(f"p={p}, target bubble {target}: you said m={got}, the fewest is {m}")
+    return _report("min_micro_batches", failures, cases, "solve (p-1)/(m+p-1) <= b for m, round up, at least 1")

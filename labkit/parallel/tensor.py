@@ -24,6 +24,8 @@ Run as a script: ``python -m labkit.parallel.tensor --world-size 2`` or under ``
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 import torch.distributed as dist
@@ -33,12 +35,14 @@ import torch.nn.functional as F
 from ..model import ATTENTION_BACKENDS
 
 # all-reduce calls and bytes the conjugate functions moved (this process), for the lab's tables
-TRAFFIC = {"all_reduces": 0, "bytes": 0}
+TRAFFIC = {"all_reduces": 0, "bytes": 0, "seconds": 0.0}
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     x = x.contiguous()
+    start = time.perf_counter()
     dist.all_reduce(x, group=group)
+    TRAFFIC["seconds"] += time.perf_counter() - start
     TRAFFIC["all_reduces"] += 1
     TRAFFIC["bytes"] += x.numel() * x.element_size()
     return x
@@ -233,7 +237,7 @@ def logits_and_gradients(rank: int, world_size: int, config: str = "nano", batch
     tp.load_state_dict(full.state_dict())
     tensor_parallel(tp)
     x, y = global_batch(0, batch_size, seq_len, full.config.vocab_size, seed)
-    TRAFFIC.update(all_reduces=0, bytes=0)
+    TRAFFIC.update(all_reduces=0, bytes=0, seconds=0.0)
     logits_tp = tp(x)
     forward_traffic = dict(TRAFFIC)
     logits = full(x)
@@ -273,6 +277,35 @@ def _matching_slice(name: str, g: torch.Tensor, config, n: int, r: int) -> torch
     if name.endswith("mlp.c_proj.weight"):
         return g[:, rows]
     raise ValueError(f"no tensor-parallel slice rule for {name}")
+
+
+def forward_times(rank: int, world_size: int, config: str = "tiny", batch_size: int = 4, seq_len: int = 128,
+                  repeat: int = 5) -> dict:
+    """Median forward time of LabGPT split ``world_size`` ways, and the share spent in all-reduces."""
+    from ..model import LabGPT, get_config
+    from .data import global_batch
+
+    torch.manual_seed(0)
+    model = LabGPT(get_config(config))
+    if world_size > 1:
+        tensor_parallel(model)
+    x, _ = global_batch(0, batch_size, seq_len, model.config.vocab_size)
+    times, comm = [], []
+    with torch.no_grad():
+        for i in range(repeat + 2):
+            TRAFFIC.update(all_reduces=0, bytes=0, seconds=0.0)
+            dist.barrier()
+            start = time.perf_counter()
+            model(x)
+            if i >= 2:  # two warm-up calls
+                times.append(time.perf_counter() - start)
+                comm.append(TRAFFIC["seconds"])
+    return {
+        "forward_s": statistics.median(times),
+        "all_reduce_s": statistics.median(comm),
+        "all_reduce_bytes": TRAFFIC["bytes"],
+        "params_here": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def main(argv=None) -> None:
