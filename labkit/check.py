@@ -415,3 +415,36 @@ def min_micro_batches(fn: Callable[[int, float], int]) -> bool:
         elif got != m:
             failures.append(f"p={p}, target bubble {target}: you said m={got}, the fewest is {m}")
     return _report("min_micro_batches", failures, cases, "solve (p-1)/(m+p-1) <= b for m, round up, at least 1")
+
+
+def layout_that_fits(fn: Callable) -> bool:
+    """Exercise: choose a dp x tp x pp layout whose memory per GPU fits a limit (the planner judges)."""
+    from .parallel import planner
+
+    cases = [
+        ("gpt3-175b", "A100-80GB", 1024, 1024, 80e9),
+        ("gpt3-175b", "A100-80GB", 512, 512, 60e9),
+        ("megatron-1t", "A100-80GB", 3072, 3072, 80e9),
+        ("gpt3-1.3b", "A100-40GB", 64, 512, 20e9),
+        ("gpt3-175b", "H100-SXM", 256, 512, 70e9),
+    ]
+    failures = []
+    for model, gpu, n, batch, limit in cases:
+        got, err = _call(fn, model, gpu, n, batch, limit)
+        if err:
+            failures.append(err)
+            continue
+        try:
+            dp, tp, pp = (got.dp, got.tp, got.pp) if hasattr(got, "dp") else got
+            p = planner.plan(model, gpu, planner.Layout(dp, tp, pp, 1, batch, "full"))
+        except (TypeError, ValueError) as e:
+            failures.append(f"{model} on {n} GPUs: {got!r} is not a valid layout ({e})")
+            continue
+        if dp * tp * pp != n:
+            failures.append(f"{model}: dp*tp*pp = {dp * tp * pp}, but there are {n} GPUs")
+        elif p.total_bytes > limit:
+            failures.append(f"{model} on {n} x {gpu}, limit {limit / 1e9:.0f} GB: ({dp}, {tp}, {pp}) needs "
+                            f"{p.total_bytes / 1e9:.1f} GB per GPU")
+    hint = ("weights+grads+optimizer take 16 bytes per parameter / (tp*pp): raise tp (up to 8, a node) and pp "
+            "until they fit; planner.plan(...).total_bytes tells you; micro-batch 1, full recompute")
+    return _report("layout_that_fits", failures, len(cases), hint)

@@ -25,3 +25,12 @@ def min_micro_batches(p, target):
         return 1
     # (p-1)/(m+p-1) <= b  <=>  m >= (p-1)(1-b)/b ; a small epsilon guards float round-off
     return max(1, math.ceil((p - 1) * (1 - target) / target - 1e-9))
+
+
+def layout_that_fits(model, gpu, num_gpus, global_batch, memory_limit):
+    from labkit.parallel import planner
+
+    fitting = planner.search_layouts(model, gpu, num_gpus, global_batch, micro_batch=1, recompute="full",
+                                     memory_limit=memory_limit)
+    best = fitting[0].layout  # fastest first
+    return best.dp, best.tp, best.pp
