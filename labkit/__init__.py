@@ -28,6 +28,7 @@ _SUBMODULES = {
     "lowrank",
     "memory",
     "model",
+    "parallel",
     "plots",
     "prompting",
     "train",

@@ -192,6 +192,7 @@ SUITE_MODULES = [  # modules that register suites
     "labkit.hardware",
     "labkit.lowrank",
     "labkit.prompting",
+    "labkit.parallel.data",
 ]
 
 

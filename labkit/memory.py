@@ -368,36 +368,29 @@ def accumulate_gradients(
     return total
 
 
-def _ddp_accumulation_worker(rank: int, world_size: int, port: int, micro_batches: int, no_sync: bool, queue) -> None:
-    import os
-
-    import torch.distributed as dist
+def _ddp_accumulation_worker(rank: int, world_size: int, micro_batches: int, no_sync: bool):
+    """Runs in each process that ``labkit.parallel.launch`` starts (the process group is set up)."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
-        ddp = DistributedDataParallel(model)
-        calls = [0]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    ddp = DistributedDataParallel(model)
+    calls = [0]
 
-        def counting_hook(state, bucket):
-            calls[0] += 1  # one all-reduce per gradient bucket
-            return allreduce_hook(state, bucket)
+    def counting_hook(state, bucket):
+        calls[0] += 1  # one all-reduce per gradient bucket
+        return allreduce_hook(state, bucket)
 
-        ddp.register_comm_hook(None, counting_hook)
-        x, y = _ddp_data(rank)
-        pieces = list(zip(x.tensor_split(micro_batches), y.tensor_split(micro_batches)))
-        for i, (xb, yb) in enumerate(pieces):
-            last = i == len(pieces) - 1
-            context = ddp.no_sync() if no_sync and not last else contextlib.nullcontext()
-            with context:  # inside no_sync, gradients only accumulate locally
-                (torch.nn.functional.mse_loss(ddp(xb), yb) * xb.shape[0] / x.shape[0]).backward()
-        queue.put((rank, calls[0], [p.grad.tolist() for p in model.parameters()]))  # plain lists: no shared memory
-    finally:
-        dist.destroy_process_group()
+    ddp.register_comm_hook(None, counting_hook)
+    x, y = _ddp_data(rank)
+    pieces = list(zip(x.tensor_split(micro_batches), y.tensor_split(micro_batches)))
+    for i, (xb, yb) in enumerate(pieces):
+        last = i == len(pieces) - 1
+        context = ddp.no_sync() if no_sync and not last else contextlib.nullcontext()
+        with context:  # inside no_sync, gradients only accumulate locally
+            (torch.nn.functional.mse_loss(ddp(xb), yb) * xb.shape[0] / x.shape[0]).backward()
+    return rank, calls[0], [p.grad.clone() for p in model.parameters()]
 
 
 def _ddp_data(rank: int):
@@ -412,35 +405,13 @@ def ddp_accumulation(world_size: int = 2, micro_batches: int = 4, no_sync: bool 
     backward all-reduces; without it, every micro-batch pays an all-reduce. Returns the
     all-reduce count per rank and whether the result equals one process's full-batch gradient.
     """
-    import queue as queue_module
-    import socket
-
-    import torch.multiprocessing as mp
+    from .parallel.launch import launch
 
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     if not isinstance(micro_batches, int) or not 1 <= micro_batches <= 32:
         raise ValueError(f"micro_batches must be an int in 1..32 (the per-rank batch), got {micro_batches!r}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [
-        ctx.Process(target=_ddp_accumulation_worker, args=(r, world_size, port, micro_batches, no_sync, results))
-        for r in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        gathered = sorted(results.get(timeout=timeout) for _ in procs)
-    except queue_module.Empty:
-        raise RuntimeError(f"ddp_accumulation: no result within {timeout} s") from None
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+    gathered = launch(_ddp_accumulation_worker, world_size, micro_batches, no_sync, timeout=timeout)
     # the oracle: one process, all ranks' data as one batch, mean loss
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
@@ -449,7 +420,7 @@ def ddp_accumulation(world_size: int = 2, micro_batches: int = 4, no_sync: bool 
     torch.nn.functional.mse_loss(model(x), y).backward()
     expected = [p.grad for p in model.parameters()]
     equal = all(
-        torch.allclose(torch.tensor(g), e, atol=1e-6, rtol=1e-5)
+        torch.allclose(g, e, atol=1e-6, rtol=1e-5)
         for _, _, grads in gathered
         for g, e in zip(grads, expected)
     )

@@ -87,3 +87,18 @@ def test_distillation_and_exit_checkers(capsys):
     assert not check.soft_target_loss(no_t_squared)
     assert not check.exit_rule(lambda probs, threshold: probs.max().item() >= threshold)  # exits at tau=1
     assert capsys.readouterr().out.count("NOT YET") == 2
+
+
+def test_parallel_checkers(capsys):
+    from labkit.solutions import parallel
+
+    assert check.reduce_scatter_step(parallel.reduce_scatter_step)
+    assert check.qkv_rows(parallel.qkv_rows)
+    assert check.min_micro_batches(parallel.min_micro_batches)
+    assert check.layout_that_fits(parallel.layout_that_fits)
+    assert not check.reduce_scatter_step(lambda buffers, step: buffers)
+    assert not check.qkv_rows(lambda C, h, tp, r: torch.arange(r * 3 * C // tp, (r + 1) * 3 * C // tp))
+    assert not check.min_micro_batches(lambda p, b: p)
+    assert not check.layout_that_fits(lambda model, gpu, n, batch, limit: (n, 1, 1))
+    out = capsys.readouterr().out
+    assert out.count("PASS") == 4 and out.count("NOT YET") == 4

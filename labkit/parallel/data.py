@@ -349,3 +349,28 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _register() -> None:
+    from ..bench import register_suite
+
+    @register_suite("parallel")
+    def parallel_suite(quick: bool = False) -> list[dict]:
+        """Data-parallel training step of LabGPT tiny on 2 processes: naive, ring, bucketed vs DDP."""
+        from .launch import launch
+
+        repeat = 3 if quick else 7
+        times = launch(step_times, 2, METHODS, "tiny", 8, 64 if quick else 128, 25.0, repeat, 2)[0]
+        device = "cpu (gloo, 2 processes)"  # the workers train on the CPU whatever the machine has
+        rows = []
+        for m in METHODS:
+            rows.append({
+                "suite": "parallel", "name": f"{m} (2 procs)", "baseline": "ddp (2 procs)", "variant": f"{m} (2 procs)",
+                "baseline_s": times["ddp"], "variant_s": times[m], "speedup": times["ddp"] / times[m],
+                "device": device, "spread": None, "peak_memory_bytes": None,
+            })
+            print(f"{m:>9} {times[m] * 1e3:8.1f} ms/step  {times['ddp'] / times[m]:5.2f}x vs DDP")
+        return rows
+
+
+_register()
