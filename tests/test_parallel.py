@@ -59,8 +59,10 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_no_orphans_when_the_parent_is_killed(tmp_path):
-    """The launching process dies hard (SIGKILL: no cleanup runs); its children must follow."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_no_orphans_when_the_parent_is_killed_or_interrupted(tmp_path, sig):
+    """SIGKILL: the launcher dies with no cleanup, the children's watchdogs must end them.
+    SIGINT (Ctrl-C, a notebook's interrupt): the launcher's cleanup must end them."""
     pids = tmp_path / "pids"
     script = tmp_path / "parent.py"
     script.write_text(textwrap.dedent(f"""
@@ -85,7 +87,7 @@ def test_no_orphans_when_the_parent_is_killed(tmp_path):
         time.sleep(0.2)
     time.sleep(0.2)
     children = [int(open(f"{pids}.{r}").read()) for r in range(2)]
-    parent.send_signal(signal.SIGKILL)
+    parent.send_signal(sig)
     parent.wait()
     deadline = time.monotonic() + 10
     while any(_alive(pid) for pid in children) and time.monotonic() < deadline:

@@ -229,9 +229,10 @@ class BucketedDataParallel(nn.Module):
 
 def _model(config: str, seed: int = 0):
     from ..model import LabGPT, get_config
+    from .launch import rank_device
 
     torch.manual_seed(seed)
-    return LabGPT(get_config(config))
+    return LabGPT(get_config(config)).to(rank_device() if dist.is_initialized() else "cpu")
 
 
 def _wrap(method: str, model: nn.Module, bucket_mb: float):
@@ -266,7 +267,9 @@ def gradients_vs_ddp(rank: int, world_size: int, config: str = "nano", batch_siz
     Returns per method the largest absolute difference to DDP, the bytes the ring sent,
     and the number of all-reduce messages.
     """
-    x, y = global_batch(0, batch_size, seq_len, _model(config).config.vocab_size)
+    from .launch import rank_device
+
+    x, y = (t.to(rank_device()) for t in global_batch(0, batch_size, seq_len, _model(config).config.vocab_size))
     xs, ys = shard(x, rank, world_size), shard(y, rank, world_size)
     grads, info = {}, {}
     for method in METHODS:
@@ -305,8 +308,10 @@ def step_times(rank: int, world_size: int, methods=METHODS, config: str = "tiny"
         wrapped = _wrap(m, _model(config), bucket_mb)
         runs[m] = (wrapped, torch.optim.SGD(wrapped.parameters(), lr=1e-3))
     times = {m: [] for m in methods}
+    from .launch import rank_device
+
     for step in range(warmup + repeat):
-        x, y = global_batch(step, batch_size, seq_len, vocab)
+        x, y = (t.to(rank_device()) for t in global_batch(step, batch_size, seq_len, vocab))
         xs, ys = shard(x, rank, world_size), shard(y, rank, world_size)
         for m in methods:
             wrapped, opt = runs[m]
@@ -317,6 +322,8 @@ def step_times(rank: int, world_size: int, methods=METHODS, config: str = "tiny"
             _sync_after_backward(m, _inner(wrapped), {})
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if x.is_cuda:
+                torch.cuda.synchronize()
             if step >= warmup:
                 times[m].append(time.perf_counter() - t0)
     return {m: statistics.median(t) for m, t in times.items()}
@@ -324,7 +331,9 @@ def step_times(rank: int, world_size: int, methods=METHODS, config: str = "tiny"
 
 def all_reduce_bytes(rank: int, world_size: int, numel: int = 1 << 16) -> dict:
     """Bytes one ring all-reduce of ``numel`` floats sends from this rank, and whether it summed right."""
-    t = torch.full((numel,), float(rank + 1))
+    from .launch import rank_device
+
+    t = torch.full((numel,), float(rank + 1), device=rank_device())
     stats: dict = {}
     ring_all_reduce(t, stats=stats)
     expected = world_size * (world_size + 1) / 2
@@ -340,11 +349,20 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     args = parser.parse_args(argv)
-    check = run(gradients_vs_ddp, args.world_size)[0]
+    results = run(_script, args.world_size, args.config, args.batch_size, args.seq_len)
+    if results[0] is None:
+        return  # under torchrun, rank 0 prints
+    check, times = results[0]
     print("largest gradient difference to DDP:", check["max_diff_vs_ddp"])
-    times = run(step_times, args.world_size, METHODS, args.config, args.batch_size, args.seq_len)[0]
     for m, t in times.items():
         print(f"{m:>9}: {t * 1e3:8.1f} ms/step  ({t / times['ddp']:.2f}x DDP)")
+
+
+def _script(rank: int, world_size: int, config: str, batch_size: int, seq_len: int):
+    """Both experiments in one process-group lifetime (torchrun starts each process once)."""
+    check = gradients_vs_ddp(rank, world_size)
+    times = step_times(rank, world_size, METHODS, config, batch_size, seq_len)
+    return (check, times) if rank == 0 else None
 
 
 if __name__ == "__main__":

@@ -77,6 +77,16 @@ def check_world_size(world_size, limit: int = MAX_LOCAL_PROCESSES) -> None:
         )
 
 
+def rank_device():
+    """Where this rank computes: its own GPU when the process group runs on NCCL, else the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def under_torchrun() -> bool:
     """True inside a process that ``torchrun`` started (it sets RANK, WORLD_SIZE and friends)."""
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)

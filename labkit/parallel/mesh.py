@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .data import global_batch, shard
+from .launch import rank_device
 from .pipeline import PipelineStage, run_pipeline, stage_layers, sync_tied_gradients
 from .tensor import check_tensor_parallel_size, tensor_parallel
 
@@ -108,9 +109,10 @@ def train_3d(rank: int, world_size: int, dp: int, tp: int, pp: int, steps: int =
     mesh = ProcessMesh(dp, tp, pp)
     groups = mesh.init_groups()
     me = mesh.coord(rank)
+    device = rank_device()
     torch.manual_seed(seed)
-    oracle = LabGPT(cfg)
-    model = LabGPT(get_config(config))
+    oracle = LabGPT(cfg).to(device)
+    model = LabGPT(get_config(config)).to(device)
     model.load_state_dict(oracle.state_dict())
     tensor_parallel(model, groups["tp"])
     stage = PipelineStage(model, me.pp, pp)
@@ -119,7 +121,7 @@ def train_3d(rank: int, world_size: int, dp: int, tp: int, pp: int, steps: int =
     opt, opt_oracle = _adamw(stage.parameters(), lr), _adamw(oracle.parameters(), lr)
     losses, oracle_losses = [], []
     for step in range(steps):
-        x, y = global_batch(step, batch_size, seq_len, cfg.vocab_size, seed)
+        x, y = (t.to(device) for t in global_batch(step, batch_size, seq_len, cfg.vocab_size, seed))
         loss = oracle.loss(x, y)  # the oracle: one process, the whole batch
         loss.backward()
         opt_oracle.step()
@@ -136,7 +138,7 @@ def train_3d(rank: int, world_size: int, dp: int, tp: int, pp: int, steps: int =
         opt.step()
         opt.zero_grad(set_to_none=True)
         if out["loss"] is not None:
-            step_loss = torch.tensor([out["loss"]])
+            step_loss = torch.tensor([out["loss"]], device=device)
             dist.all_reduce(step_loss, group=groups["dp"])
             losses.append(step_loss.item() / dp)
     return {
@@ -181,7 +183,9 @@ def main(argv=None) -> None:
         from .launch import run
 
         out = run(train_3d, 0, args.dp, args.tp, args.pp, args.steps, args.config)[0]
-        print(out)
+        if out["losses"]:  # the last stage's ranks know the loss
+            print(f"rank at (dp, tp, pp) = {out['coord']}: mesh losses {[round(x, 6) for x in out['losses']]}, "
+                  f"one process {[round(x, 6) for x in out['oracle_losses']]}")
         return
     out = run_mesh(args.dp, args.tp, args.pp, args.steps, args.config)
     for step, (a, b) in enumerate(zip(out["losses"], out["oracle_losses"])):

@@ -253,12 +253,13 @@ def run_pipeline(stage: PipelineStage, kind: str, inputs: list, targets: list, p
     saved = _SavedBytes()
     B, T = inputs[0].shape
     C = stage.h[0].ln_1.normalized_shape[0]
+    device = stage.h[0].ln_1.weight.device
     for op, i in ops:
         if op == "F":
             if stage.first:
                 x = inputs[i]
             else:
-                x = torch.empty(B, T, C)
+                x = torch.empty(B, T, C, device=device)
                 dist.recv(x, prev_rank, tag=i)
                 x.requires_grad_(True)
             start = clock()
@@ -278,7 +279,7 @@ def run_pipeline(stage: PipelineStage, kind: str, inputs: list, targets: list, p
             if stage.last:
                 grad = None
             else:
-                grad = torch.empty(B, T, C)
+                grad = torch.empty(B, T, C, device=device)
                 dist.recv(grad, next_rank, tag=10_000 + i)
             start = clock()
             held_out.pop(i).backward(grad)
@@ -301,15 +302,16 @@ def pipeline_step(rank: int, world_size: int, kind: str = "1f1b", micro_batches:
     """
     from ..model import LabGPT, get_config
     from .data import global_batch
+    from .launch import rank_device
 
     if not isinstance(micro_batches, int) or not 1 <= micro_batches <= batch_size or batch_size % micro_batches:
         raise ValueError(f"micro_batches must divide batch_size={batch_size} (1..{batch_size}), got {micro_batches!r}")
-    p = world_size
+    p, device = world_size, rank_device()
     torch.manual_seed(seed)
-    oracle = LabGPT(get_config(config))
-    model = LabGPT(get_config(config))
+    oracle = LabGPT(get_config(config)).to(device)
+    model = LabGPT(get_config(config)).to(device)
     model.load_state_dict(oracle.state_dict())
-    x, y = global_batch(0, batch_size, seq_len, oracle.config.vocab_size, seed)
+    x, y = (t.to(device) for t in global_batch(0, batch_size, seq_len, oracle.config.vocab_size, seed))
     full_loss = oracle.loss(x, y)
     full_loss.backward()
     stage = PipelineStage(model, rank, p)
@@ -356,12 +358,23 @@ def measured_run(kind: str, p: int, micro_batches: int, config: str = "tiny", ba
     }
 
 
+def _both_schedules(rank: int, world_size: int, micro_batches: int, config: str) -> list:
+    return [(kind, pipeline_step(rank, world_size, kind, micro_batches, config)) for kind in SCHEDULES]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Pipeline parallelism: GPipe and 1F1B on real processes.")
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--micro-batches", type=int, default=4)
     parser.add_argument("--config", default="tiny")
     args = parser.parse_args(argv)
+    from .launch import run, under_torchrun
+
+    if under_torchrun():  # one process per stage, started by torchrun
+        for kind, r in run(_both_schedules, 0, args.micro_batches, args.config)[0]:
+            print(f"{kind}: stage {r['stage']} (layers {r['layers']}): loss diff {r['loss_diff']}, "
+                  f"max gradient diff {r['max_grad_diff']:.1e}, peak activations {r['peak_activation_bytes']} bytes")
+        return
     for kind in SCHEDULES:
         r = measured_run(kind, args.stages, args.micro_batches, args.config)
         print(f"{kind}: measured bubble {r['bubble']:.1%} vs (p-1)/(m+p-1) = {r['formula']:.1%}; "

@@ -230,13 +230,14 @@ def logits_and_gradients(rank: int, world_size: int, config: str = "nano", batch
     """
     from ..model import LabGPT, get_config
     from .data import global_batch
+    from .launch import rank_device
 
     torch.manual_seed(seed)
-    full = LabGPT(get_config(config))
-    tp = LabGPT(get_config(config))
+    full = LabGPT(get_config(config)).to(rank_device())
+    tp = LabGPT(get_config(config)).to(rank_device())
     tp.load_state_dict(full.state_dict())
     tensor_parallel(tp)
-    x, y = global_batch(0, batch_size, seq_len, full.config.vocab_size, seed)
+    x, y = (t.to(rank_device()) for t in global_batch(0, batch_size, seq_len, full.config.vocab_size, seed))
     TRAFFIC.update(all_reduces=0, bytes=0, seconds=0.0)
     logits_tp = tp(x)
     forward_traffic = dict(TRAFFIC)
@@ -284,12 +285,13 @@ def forward_times(rank: int, world_size: int, config: str = "tiny", batch_size: 
     """Median forward time of LabGPT split ``world_size`` ways, and the share spent in all-reduces."""
     from ..model import LabGPT, get_config
     from .data import global_batch
+    from .launch import rank_device
 
     torch.manual_seed(0)
-    model = LabGPT(get_config(config))
+    model = LabGPT(get_config(config)).to(rank_device())
     if world_size > 1:
         tensor_parallel(model)
-    x, _ = global_batch(0, batch_size, seq_len, model.config.vocab_size)
+    x = global_batch(0, batch_size, seq_len, model.config.vocab_size)[0].to(rank_device())
     times, comm = [], []
     with torch.no_grad():
         for i in range(repeat + 2):
@@ -297,6 +299,8 @@ def forward_times(rank: int, world_size: int, config: str = "tiny", batch_size: 
             dist.barrier()
             start = time.perf_counter()
             model(x)
+            if x.is_cuda:
+                torch.cuda.synchronize()
             if i >= 2:  # two warm-up calls
                 times.append(time.perf_counter() - start)
                 comm.append(TRAFFIC["seconds"])

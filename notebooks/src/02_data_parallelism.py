@@ -164,6 +164,22 @@ plt.show()
 # is what the survey means by "scales well": throughput grows with n as long as the
 # all-reduce (fixed `2(n−1)/n` of the gradient per rank) stays smaller than the compute.
 #
+# The scaling measurement itself: the same global batch (8 × 128 tokens of `tiny`) split
+# over 1 to 4 processes with DDP, step time and the ideal `1/n` line.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+scaling = {n: launch.launch(data.step_times, n, ("ddp",), "tiny", 8, 128, 25.0, 3, 1)[0]["ddp"] for n in (1, 2, 4)}
+for n, t in scaling.items():
+    print(f"{n} process(es): {1e3 * t:6.1f} ms/step, speedup {scaling[1] / t:.2f}x (ideal {n}x with {n} processors)")
+fig, ax = plt.subplots(figsize=(5, 3))
+ax.plot(list(scaling), [1e3 * t for t in scaling.values()], "o-", label="measured (DDP, this CPU)")
+ax.plot(list(scaling), [1e3 * scaling[1] / n for n in scaling], "--", label="ideal: 1/n")
+ax.set(xlabel="processes", ylabel="ms per step", title="strong scaling on a 2-core machine", xticks=list(scaling))
+ax.legend()
+plt.show()
+
+# %% [markdown]
 # ## 7. Explore: world size and bucket size
 #
 # Step time of the bucketed method vs DDP as you change the number of processes and the
