@@ -448,3 +448,94 @@ def layout_that_fits(fn: Callable) -> bool:
     hint = ("weights+grads+optimizer take 16 bytes per parameter / (tp*pp): raise tp (up to 8, a node) and pp "
             "until they fit; planner.plan(...).total_bytes tells you; micro-batch 1, full recompute")
     return _report("layout_that_fits", failures, len(cases), hint)
+
+
+# -- pruning (notebook 07) --------------------------------------------------------------
+
+
+def threshold_for_sparsity(fn: Callable[[torch.Tensor, float], float]) -> bool:
+    """Exercise: the magnitude threshold τ at which W · 1(|W| >= τ) zeroes a fraction ``sparsity`` of W."""
+    from .prune import count_to_prune
+
+    failures, cases = [], 0
+    g = torch.Generator().manual_seed(7)
+    tensors = [torch.randn(1000, generator=g), torch.randn(64, 48, generator=g) * 0.02, torch.rand(3, 5, 8, generator=g)]
+    tensors.append(torch.randn(50, 40, generator=g) ** 3)  # heavy tails: most weights tiny, a few large
+    for w in tensors:
+        for sparsity in (0.0, 0.3, 0.5, 0.9):
+            cases += 1
+            expected = count_to_prune(w.numel(), sparsity)
+            got, err = _call(fn, w.clone(), sparsity)
+            if err:
+                failures.append(err)
+                continue
+            try:
+                tau = float(got)
+            except (TypeError, ValueError, RuntimeError):
+                failures.append(f"return a number (or a one-element tensor), got {type(got).__name__}")
+                continue
+            zeroed = int((w.abs() < tau).sum())
+            if zeroed != expected:
+                failures.append(
+                    f"shape {tuple(w.shape)}, sparsity {sparsity}: your threshold {tau:.4g} zeroes {zeroed} of "
+                    f"{w.numel()} weights ({zeroed / w.numel():.1%}); {expected} ({expected / w.numel():.1%}) wanted"
+                )
+    hint = (
+        "sort the magnitudes |w| ascending; with k = round(sparsity * n) weights to zero, tau is the (k+1)-th "
+        "smallest magnitude (index k). Weights are not spread evenly between 0 and max|w|."
+    )
+    return _report("threshold_for_sparsity", failures, cases, hint)
+
+
+def head_importance(fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]) -> bool:
+    """Exercise: score attention heads by the norm of their contribution y_h · W_proj[:, h]ᵀ (ranking judged)."""
+    from . import load_model
+    from .prune import calibration_batch, head_output_norms
+
+    g = torch.Generator().manual_seed(3)
+    cases = []  # (label, y, proj_weight, n_head)
+    y = torch.randn(2, 16, 4 * 8, generator=g) * torch.tensor([1.0, 2.0, 3.0, 4.0]).repeat_interleave(8)
+    w = torch.randn(24, 4 * 8, generator=g) * torch.tensor([4.0, 1.5, 0.7, 0.2]).repeat_interleave(8)
+    cases.append(("loud heads, quiet projections", y, w, 4))  # the head with the largest output matters least
+    cases.append(("random, 6 heads", torch.randn(3, 10, 48, generator=g), torch.randn(20, 48, generator=g), 6))
+    model, _ = load_model("tiny")
+    captured = {}
+    hooks = [
+        model.transformer.h[i].attn.c_proj.register_forward_pre_hook(
+            lambda mod, args, i=i: captured.__setitem__(i, args[0])
+        )
+        for i in (0, 4)
+    ]
+    with torch.no_grad():
+        model(calibration_batch(2, 64))
+    for hook in hooks:
+        hook.remove()
+    for i in (0, 4):
+        cases.append((f"LabGPT tiny layer {i}", captured[i], model.transformer.h[i].attn.c_proj.weight.detach(), 6))
+    failures = []
+    for label, y, w, n_head in cases:
+        expected = head_output_norms(y, w, n_head)
+        got, err = _call(fn, y.clone(), w.clone(), n_head)
+        if err:
+            failures.append(err)
+            continue
+        if not isinstance(got, torch.Tensor) or got.shape != (n_head,):
+            failures.append(f"{label}: return a tensor of shape ({n_head},), got {getattr(got, 'shape', type(got))}")
+            continue
+        got = got.detach().double()
+        wrong = [  # pairs the reference separates by more than 5% that you order the other way (or tie)
+            (a, b) for a in range(n_head) for b in range(n_head) if expected[a] > 1.05 * expected[b] and got[a] <= got[b]
+        ]
+        if wrong:
+            a, b = wrong[0]
+            order = expected.argsort(descending=True).tolist()
+            failures.append(
+                f"{label}: you rank head {b} at least as high as head {a}, but head {a} contributes "
+                f"{expected[a] / expected[b]:.2f}x more; most to least important: {order}, "
+                f"yours: {got.argsort(descending=True).tolist()}"
+            )
+    hint = (
+        "what c_proj makes of head h is y[..., h*hs:(h+1)*hs] @ W[:, h*hs:(h+1)*hs].T; a head with a big "
+        "output whose projection columns are small adds little. Score each head by the norm of that product."
+    )
+    return _report("head_importance", failures, len(cases), hint)
