@@ -1,0 +1,439 @@
+"""Serving an LLM: the KV cache, batching many requests, speculative decoding, energy.
+
+Training makes a model; serving pays for every token it generates, for every user, all
+day. Four ideas decide what that costs:
+
+1. **KV cache** -- keep every layer's keys and values, so token n costs one position
+   instead of re-running n: decoding n tokens is O(n) positions of work, not O(n²).
+2. **Continuous batching** -- decode one step for every request in flight as a batch, and
+   let a finished request's slot be taken by a waiting one *at the next step* (Orca, vLLM).
+   Static batching waits for the whole batch to finish, so one long answer holds every
+   slot of its batch hostage.
+3. **Speculative decoding** -- a small draft model guesses k tokens; the big model checks
+   all k in one forward pass and keeps the longest prefix it agrees with, plus its own
+   next token. Greedy output is *identical* to the big model's; it is faster when the
+   draft is cheap and usually right.
+4. **Energy** -- joules per token, read from the machine's power counters where it has
+   them (RAPL on Linux CPUs, NVML on NVIDIA GPUs), estimated from FLOPs otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .model import ATTENTION_BACKENDS, KVCache, LabGPT
+
+# -- 1. the KV cache ----------------------------------------------------------------
+
+
+def generation_time(model: LabGPT, prompt_len: int, new_tokens: int, use_cache: bool, repeat: int = 3,
+                    batch_size: int = 1) -> float:
+    """Median seconds to greedily generate ``new_tokens`` after a ``prompt_len``-token prompt."""
+    if not 1 <= prompt_len + new_tokens <= model.config.block_size:
+        raise ValueError(f"prompt_len + new_tokens must be in 1..{model.config.block_size} (the context), "
+                         f"got {prompt_len} + {new_tokens}")
+    from .bench import measure
+
+    device = model.transformer.wte.weight.device
+    idx = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=torch.Generator().manual_seed(0))
+    idx = idx.to(device)
+    with torch.no_grad():
+        m = measure(lambda: model.generate(idx, new_tokens, temperature=0, use_cache=use_cache), warmup=1,
+                    repeat=repeat, device=device)
+    return m.median_s
+
+
+def decode_scaling(model: LabGPT, lengths=(32, 64, 128, 256), prompt_len: int = 16, repeat: int = 3) -> list[dict]:
+    """Generation time vs generated length, with and without the cache (the O(n) vs O(n²) plot)."""
+    rows = []
+    for n in lengths:
+        cached = generation_time(model, prompt_len, n, True, repeat)
+        uncached = generation_time(model, prompt_len, n, False, repeat)
+        rows.append({"tokens": n, "cached_s": cached, "uncached_s": uncached, "speedup": uncached / cached})
+    return rows
+
+
+def fit_power(xs, ys) -> float:
+    """The exponent b of y ≈ a·x^b (a least-squares line on log-log axes)."""
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = statistics.fmean(lx), statistics.fmean(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+# -- 2. batching many requests ---------------------------------------------------------
+
+
+@dataclass
+class Request:
+    """One user's request: it arrives at ``arrival`` s, brings ``prompt`` and wants ``max_new_tokens``."""
+
+    rid: int
+    arrival: float
+    prompt: list[int]
+    max_new_tokens: int
+    output: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def latency(self) -> float:
+        return self.finished_at - self.arrival
+
+
+def make_workload(n_requests: int = 48, rate: float = 50.0, prompt_len=(8, 64), short=(4, 16), long=(128, 256),
+                  long_fraction: float = 0.15, vocab_size: int = 128, seed: int = 0) -> list[Request]:
+    """Poisson arrivals at ``rate`` requests/s; prompt lengths uniform in ``prompt_len``; output
+    lengths bimodal (most answers short, ``long_fraction`` of them long): the high variance that
+    real chat traffic has and that static batching handles badly."""
+    if not isinstance(n_requests, int) or n_requests < 1:
+        raise ValueError(f"n_requests must be an int >= 1, got {n_requests!r}")
+    if not rate > 0:
+        raise ValueError(f"rate (offered load, requests per second) must be > 0, got {rate!r}")
+    if not 0 <= long_fraction <= 1:
+        raise ValueError(f"long_fraction must be in [0, 1], got {long_fraction!r}")
+    g = torch.Generator().manual_seed(seed)
+    t, out = 0.0, []
+    for i in range(n_requests):
+        t += -math.log(1.0 - torch.rand((), generator=g).item()) / rate  # exponential gaps: Poisson arrivals
+        p = int(torch.randint(prompt_len[0], prompt_len[1] + 1, (), generator=g))
+        lo, hi = long if torch.rand((), generator=g).item() < long_fraction else short
+        n = int(torch.randint(lo, hi + 1, (), generator=g))
+        out.append(Request(i, t, torch.randint(1, vocab_size, (p,), generator=g).tolist(), n))
+    return out
+
+
+class SlotCache:
+    """A KV cache of ``slots`` rows, each row its own sequence with its own length.
+
+    A continuous-batching server decodes one token for every busy slot in one batched
+    forward; each row attends only to its own filled positions (a per-row mask).
+    """
+
+    def __init__(self, model: LabGPT, slots: int) -> None:
+        cfg = model.config
+        p = model.transformer.wte.weight
+        shape = (slots, cfg.n_head, cfg.block_size, cfg.head_size)
+        self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layer)]
+        self.length = torch.zeros(slots, dtype=torch.long, device=p.device)
+
+    def admit(self, model: LabGPT, slot: int, prompt: list[int]) -> torch.Tensor:
+        """Prefill ``prompt`` into ``slot``; returns the logits of its last position."""
+        idx = torch.tensor([prompt], device=self.length.device)
+        cache = KVCache(model.config, 1, device=idx.device, dtype=self.k[0].dtype)
+        logits = model(idx, cache=cache)[0, -1]
+        T = len(prompt)
+        for layer in range(len(self.k)):
+            self.k[layer][slot, :, :T] = cache.k[layer][0, :, :T]
+            self.v[layer][slot, :, :T] = cache.v[layer][0, :, :T]
+        self.length[slot] = T
+        return logits
+
+
+@torch.no_grad()
+def decode_step(model: LabGPT, cache: SlotCache, slots: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """One token for each of ``slots`` (a batch of rows at different positions); returns (B, vocab) logits.
+
+    The same computation as ``LabGPT.forward`` with a cache, written out so that every row
+    has its own position: its own positional embedding, its own cache slot, its own mask.
+    """
+    t = model.transformer
+    # the position each new token takes (a finished row of a static batch may run on: clamp it)
+    pos = cache.length[slots].clamp(max=model.config.block_size - 1)
+    x = t.wte(tokens) + t.wpe(pos)  # (B, C)
+    x = x.unsqueeze(1)  # (B, 1, C)
+    S = int(pos.max()) + 1
+    visible = torch.arange(S, device=pos.device)[None, :] <= pos[:, None]  # (B, S): each row's own keys
+    mask = visible[:, None, None, :]  # (B, 1, 1, S)
+    first = int(slots[0])
+    contiguous = bool((slots == torch.arange(first, first + len(slots), device=slots.device)).all())
+    rows = slice(first, first + len(slots)) if contiguous else slots  # a slice reads the cache without a copy
+    for layer, block in enumerate(t.h):
+        attn = block.attn
+        h = block.ln_1(x)
+        B, _, C = h.shape
+        q, k, v = attn.c_attn(h).split(attn.n_embd, dim=2)
+        q, k, v = (z.view(B, 1, attn.n_head, C // attn.n_head).transpose(1, 2) for z in (q, k, v))
+        cache.k[layer][slots, :, pos] = k[:, :, 0]
+        cache.v[layer][slots, :, pos] = v[:, :, 0]
+        keys, values = cache.k[layer][rows, :, :S], cache.v[layer][rows, :, :S]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        x = x + attn.c_proj(y.transpose(1, 2).reshape(B, 1, C))
+        x = x + block.mlp(block.ln_2(x))
+    cache.length[slots] = pos + 1
+    return model.lm_head(t.ln_f(x))[:, 0]
+
+
+def _finish_token(req: Request, token: int, now: float) -> bool:
+    if req.first_token_at is None:
+        req.first_token_at = now
+    req.output.append(token)
+    if len(req.output) >= req.max_new_tokens:
+        req.finished_at = now
+        return True
+    return False
+
+
+def serve(model: LabGPT, requests: list[Request], policy: str = "continuous", max_batch: int = 8,
+          clock=time.perf_counter) -> dict:
+    """Serve ``requests`` (greedy decoding) with ``policy`` "static" or "continuous"; returns the
+    finished requests and the throughput and latency figures.
+
+    Time is a virtual clock driven by the real model: each prefill and decode step advances
+    it by the wall time it took, and requests arrive at their ``arrival`` times on it (an
+    idle server jumps to the next arrival). Static batching takes up to ``max_batch``
+    waiting requests, runs them as one fixed batch until the longest is done (finished rows
+    keep their place, as in a padded batch), then takes the next batch. Continuous batching
+    refills a slot as soon as its request finishes.
+    """
+    if policy not in ("static", "continuous"):
+        raise ValueError(f"policy must be 'static' or 'continuous', got {policy!r}")
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+    for r in requests:
+        if len(r.prompt) + r.max_new_tokens > model.config.block_size:
+            raise ValueError(f"request {r.rid}: prompt {len(r.prompt)} + {r.max_new_tokens} new tokens exceeds the "
+                             f"context (block_size {model.config.block_size})")
+    reqs = [Request(r.rid, r.arrival, list(r.prompt), r.max_new_tokens) for r in sorted(requests, key=lambda r: r.arrival)]
+    device = model.transformer.wte.weight.device
+    cache = SlotCache(model, max_batch)
+    slot_req: list[Request | None] = [None] * max_batch
+    next_token = torch.zeros(max_batch, dtype=torch.long, device=device)
+    waiting, now, steps, busy_slot_steps = 0, 0.0, 0, 0
+
+    def admit(slot: int, req: Request) -> None:
+        nonlocal now
+        start = clock()
+        logits = cache.admit(model, slot, req.prompt)
+        now += clock() - start
+        token = int(logits.argmax())
+        slot_req[slot] = None if _finish_token(req, token, now) else req
+        next_token[slot] = token
+
+    members: list[int] = []  # static: the slots of the batch now running
+    with torch.no_grad():
+        while waiting < len(reqs) or any(r is not None for r in slot_req):
+            busy = [s for s, r in enumerate(slot_req) if r is not None]
+            if policy == "continuous" or not busy:
+                if not busy and waiting < len(reqs) and reqs[waiting].arrival > now:
+                    now = reqs[waiting].arrival  # idle: jump to the next arrival
+                if policy == "static":
+                    cache.length.zero_()
+                    members = []
+                for slot in range(max_batch):
+                    if slot_req[slot] is None and waiting < len(reqs) and reqs[waiting].arrival <= now:
+                        admit(slot, reqs[waiting])
+                        members.append(slot)
+                        waiting += 1
+                busy = [s for s, r in enumerate(slot_req) if r is not None]
+            if not busy:
+                continue
+            # a static batch keeps computing its finished rows: its shape is fixed until the longest ends
+            rows = busy if policy == "continuous" else members
+            rows_t = torch.tensor(rows, device=device)
+            start = clock()
+            logits = decode_step(model, cache, rows_t, next_token[rows_t])
+            now += clock() - start
+            steps += 1
+            busy_slot_steps += len(busy)
+            chosen = logits.argmax(-1)
+            for i, slot in enumerate(rows):
+                req = slot_req[slot]
+                if req is None:
+                    continue
+                token = int(chosen[i])
+                next_token[slot] = token
+                if _finish_token(req, token, now):
+                    slot_req[slot] = None
+    tokens = sum(len(r.output) for r in reqs)
+    span = max(r.finished_at for r in reqs) - reqs[0].arrival
+    lat = sorted(r.latency for r in reqs)
+    return {
+        "policy": policy,
+        "requests": reqs,
+        "tokens": tokens,
+        "throughput": tokens / span,
+        "p50_latency": _percentile(lat, 50),
+        "p95_latency": _percentile(lat, 95),
+        "decode_steps": steps,
+        "slot_utilisation": busy_slot_steps / max(1, steps * max_batch),
+    }
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default) of an already sorted list."""
+    if not sorted_values:
+        raise ValueError("no values")
+    pos = (len(sorted_values) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def reference_outputs(model: LabGPT, requests: list[Request]) -> dict[int, list[int]]:
+    """Each request decoded alone with ``model.generate``: what any scheduler must reproduce."""
+    device = model.transformer.wte.weight.device
+    out = {}
+    with torch.no_grad():
+        for r in requests:
+            idx = torch.tensor([r.prompt], device=device)
+            out[r.rid] = model.generate(idx, r.max_new_tokens, temperature=0)[0, len(r.prompt):].tolist()
+    return out
+
+
+# -- 3. speculative decoding -------------------------------------------------------
+
+
+def check_same_vocabulary(target: LabGPT, draft: LabGPT) -> None:
+    if target.config.vocab_size != draft.config.vocab_size:
+        raise ValueError(f"draft vocabulary ({draft.config.vocab_size}) differs from the target's "
+                         f"({target.config.vocab_size}): the draft must propose the target's tokens")
+
+
+@torch.no_grad()
+def speculative_generate(target: LabGPT, draft: LabGPT, idx: torch.Tensor, max_new_tokens: int, k: int = 4,
+                         stats: dict | None = None) -> torch.Tensor:
+    """Greedy decoding of ``target``, accelerated by ``draft`` guessing ``k`` tokens at a time.
+
+    Each round: the draft proposes d_1..d_k greedily (k cheap steps with its own cache); the
+    target runs once on [last token, d_1..d_k] with its cache, giving its own greedy choice
+    after every prefix; the longest prefix where they agree is kept, plus the target's
+    token at the first disagreement (or after d_k if all agree). Both caches are cropped
+    back to the accepted length. Every kept token is the target's own greedy choice, so
+    the output equals ``target.generate(idx, n, temperature=0)`` exactly.
+    If ``stats`` is a dict, it receives the rounds, proposals and accepted proposals.
+    """
+    check_same_vocabulary(target, draft)
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (draft tokens per round) must be an int >= 1, got {k!r}")
+    if idx.dim() != 2 or idx.size(0) != 1:
+        raise ValueError(f"idx must be one sequence, shape (1, T); got {tuple(idx.shape)}")
+    total = idx.size(1) + max_new_tokens
+    limit = min(target.config.block_size, draft.config.block_size)
+    if max_new_tokens < 0 or total + k > limit:
+        raise ValueError(f"prompt ({idx.size(1)}) + max_new_tokens ({max_new_tokens}) + k ({k}) must fit the "
+                         f"context ({limit} tokens)")
+    t_cache, d_cache = target.new_cache(1), draft.new_cache(1)
+    t_next = target(idx, cache=t_cache)[:, -1].argmax(-1, keepdim=True)  # the target's first token
+    draft(idx[:, :-1], cache=d_cache) if idx.size(1) > 1 else None
+    last_in_draft = idx[:, -1:]  # the draft cache holds everything before this token
+    out = [idx, t_next]
+    produced = 1
+    rounds = proposed = accepted = 0
+    while produced < max_new_tokens:
+        kk = min(k, max_new_tokens - produced)
+        # the draft catches up on the tokens it has not seen, then proposes kk tokens
+        catch_up = torch.cat([last_in_draft, t_next], dim=1) if last_in_draft is not None else t_next
+        logits = draft(catch_up, cache=d_cache)[:, -1]
+        guesses = []
+        for i in range(kk):
+            g = logits.argmax(-1, keepdim=True)
+            guesses.append(g)
+            if i + 1 < kk:
+                logits = draft(g, cache=d_cache)[:, -1]
+        guess = torch.cat(guesses, dim=1)  # (1, kk)
+        # the target checks all kk guesses in one forward
+        start = t_cache.pos
+        verdict = target(torch.cat([t_next, guess], dim=1), cache=t_cache).argmax(-1)  # (1, kk+1)
+        agree = (verdict[0, :kk] == guess[0]).long()
+        n_ok = int(agree.cumprod(0).sum())  # length of the agreeing prefix
+        correction = verdict[:, n_ok : n_ok + 1]  # the target's own next token
+        keep = torch.cat([guess[:, :n_ok], correction], dim=1)
+        out.append(keep)
+        produced += keep.size(1)
+        t_cache.crop(start + 1 + n_ok)  # t_next and the accepted guesses stay in the target's cache
+        d_len = d_cache.pos - (kk - 1) + min(n_ok, kk - 1)  # drop the draft's rejected positions
+        d_cache.crop(min(d_cache.pos, max(0, d_len)))
+        if n_ok == kk:
+            last_in_draft = guess[:, -1:]  # the draft never ran its own last guess
+        else:
+            last_in_draft = None
+        t_next = correction
+        rounds += 1
+        proposed += kk
+        accepted += n_ok
+    if stats is not None:
+        stats.update(rounds=rounds, proposed=proposed, accepted=accepted,
+                     acceptance=accepted / proposed if proposed else 0.0)
+    return torch.cat(out, dim=1)[:, : idx.size(1) + max_new_tokens]
+
+
+def expected_speedup(acceptance: float, k: int, cost_ratio: float, verify_cost: float = 1.0) -> float:
+    """Leviathan et al. (2023): tokens per round (1 − α^(k+1)) / (1 − α), over the round's cost
+    k·c + v in units of one target step (c: draft step / target step; v: the verify pass)."""
+    if not 0 <= acceptance <= 1:
+        raise ValueError(f"acceptance must be in [0, 1], got {acceptance!r}")
+    tokens = k + 1 if acceptance == 1 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
+    return tokens / (k * cost_ratio + verify_cost)
+
+
+# -- 4. energy -----------------------------------------------------------------------
+
+RAPL = Path("/sys/class/powercap")
+
+
+def rapl_domains() -> list[Path]:
+    """Package-level RAPL energy counters this process can read (empty when there are none)."""
+    if not RAPL.exists():
+        return []
+    out = []
+    for d in sorted(RAPL.glob("intel-rapl:*")):
+        f = d / "energy_uj"
+        if ":" in d.name and d.name.count(":") == 1 and f.exists() and os.access(f, os.R_OK):
+            out.append(f)
+    return out
+
+
+def power_source() -> str:
+    """Where joules come from on this machine: "nvml", "rapl", or "estimate"."""
+    if torch.cuda.is_available():
+        try:
+            import pynvml  # noqa: F401
+
+            return "nvml"
+        except ImportError:
+            pass
+    return "rapl" if rapl_domains() else "estimate"
+
+
+def measure_energy(fn, repeat: int = 3) -> dict:
+    """Run ``fn`` ``repeat`` times; joules from NVML or RAPL when available, else None."""
+    source = power_source()
+    if source == "nvml":
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        read = lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1e3  # mJ -> J
+    elif source == "rapl":
+        files = rapl_domains()
+        read = lambda: sum(int(f.read_text()) for f in files) / 1e6  # µJ -> J (wraparound ignored: runs are short)
+    else:
+        read = None
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    e0, t0 = (read() if read else None), time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / repeat
+    joules = (read() - e0) / repeat if read else None
+    return {"source": source, "seconds": seconds, "joules": joules}
+
+
+def estimated_joules(flops: float, peak_flops: float, watts: float, utilisation: float) -> float:
+    """Energy when no counter exists: time at ``utilisation`` of ``peak_flops``, times ``watts``."""
+    if not (peak_flops > 0 and watts > 0 and 0 < utilisation <= 1):
+        raise ValueError("peak_flops and watts must be > 0 and utilisation in (0, 1]")
+    return flops / (peak_flops * utilisation) * watts
+
+
+_ = ATTENTION_BACKENDS  # decode_step uses SDPA with a per-row mask, whatever backend the model was built with

@@ -1,0 +1,117 @@
+"""Serving: cached decoding, schedulers, speculative decoding, energy bookkeeping."""
+
+import pytest
+import torch
+
+from labkit import serving
+from labkit.model import LabGPT, get_config
+
+
+def _pair():
+    torch.manual_seed(0)
+    target = LabGPT(get_config("nano")).eval()
+    torch.manual_seed(1)
+    draft = LabGPT(get_config("nano", n_layer=1)).eval()
+    return target, draft
+
+
+def test_cached_and_uncached_decoding_give_identical_tokens(nano):
+    idx = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = nano.generate(idx, 40, temperature=0, use_cache=True)
+        b = nano.generate(idx, 40, temperature=0, use_cache=False)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+@pytest.mark.parametrize("n", [1, 2, 9, 40])
+def test_speculative_greedy_output_equals_the_target_alone(k, n):
+    target, draft = _pair()  # two random models: they disagree often, every branch runs
+    idx = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(k * 100 + n))
+    stats = {}
+    out = serving.speculative_generate(target, draft, idx, n, k, stats)
+    with torch.no_grad():
+        ref = target.generate(idx, n, temperature=0)
+    assert torch.equal(out, ref)
+    if n > 1:
+        assert 0 <= stats["accepted"] <= stats["proposed"]
+
+
+def test_speculative_with_the_target_as_its_own_draft_accepts_everything():
+    target, _ = _pair()
+    idx = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(3))
+    stats = {}
+    out = serving.speculative_generate(target, target, idx, 30, 4, stats)
+    assert torch.equal(out, target.generate(idx, 30, temperature=0))
+    assert stats["acceptance"] == 1.0
+
+
+def test_speculative_bad_input():
+    target, draft = _pair()
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="k"):
+        serving.speculative_generate(target, draft, idx, 5, 0)
+    other = LabGPT(get_config("nano", vocab_size=64))
+    with pytest.raises(ValueError, match="vocabulary"):
+        serving.speculative_generate(target, other, idx, 5, 2)
+    with pytest.raises(ValueError, match="context"):
+        serving.speculative_generate(target, draft, idx, 200, 2)
+
+
+def test_expected_speedup_formula():
+    assert serving.expected_speedup(1.0, 4, 0.0) == pytest.approx(5.0)
+    assert serving.expected_speedup(0.0, 4, 0.25) == pytest.approx(1 / 2)
+    a, k = 0.8, 3
+    assert serving.expected_speedup(a, k, 0.5, 1.0) == pytest.approx((1 + a + a**2 + a**3) / (k * 0.5 + 1))
+
+
+@pytest.mark.parametrize("policy", ["static", "continuous"])
+def test_schedulers_serve_every_request_once_with_its_full_output(nano, policy):
+    reqs = serving.make_workload(10, rate=500.0, prompt_len=(3, 12), short=(1, 4), long=(20, 40), seed=1)
+    ref = serving.reference_outputs(nano, reqs)
+    out = serving.serve(nano, reqs, policy, max_batch=3)
+    served = out["requests"]
+    assert sorted(r.rid for r in served) == list(range(10))
+    for r in served:
+        assert r.output == ref[r.rid]
+        assert len(r.output) == r.max_new_tokens
+        assert r.arrival <= r.first_token_at <= r.finished_at
+    assert out["tokens"] == sum(r.max_new_tokens for r in reqs)
+
+
+def test_continuous_batching_needs_fewer_steps_than_static(nano):
+    reqs = serving.make_workload(12, rate=1e4, prompt_len=(3, 8), short=(1, 3), long=(30, 40), long_fraction=0.25)
+    static = serving.serve(nano, reqs, "static", 4)
+    cont = serving.serve(nano, reqs, "continuous", 4)
+    assert cont["decode_steps"] < static["decode_steps"]
+    assert cont["slot_utilisation"] > static["slot_utilisation"]
+
+
+def test_workload_and_serve_bad_input(nano):
+    with pytest.raises(ValueError, match="rate"):
+        serving.make_workload(4, rate=0)
+    with pytest.raises(ValueError, match="policy"):
+        serving.serve(nano, serving.make_workload(2), "fifo")
+    too_long = [serving.Request(0, 0.0, [1] * 120, 20)]
+    with pytest.raises(ValueError, match="context"):
+        serving.serve(nano, too_long, "continuous")
+
+
+def test_percentile_matches_torch_quantile():
+    values = sorted(torch.rand(37, generator=torch.Generator().manual_seed(0)).tolist())
+    for q in (50, 95, 99):
+        assert serving._percentile(values, q) == pytest.approx(torch.quantile(torch.tensor(values), q / 100).item())
+
+
+def test_energy_reports_its_source():
+    out = serving.measure_energy(lambda: sum(range(1000)), repeat=2)
+    assert out["source"] in ("nvml", "rapl", "estimate") and out["seconds"] > 0
+    assert (out["joules"] is None) == (out["source"] == "estimate")
+    assert serving.estimated_joules(1e12, 1e12, 100.0, 0.5) == pytest.approx(200.0)
+    with pytest.raises(ValueError):
+        serving.estimated_joules(1e12, 0, 100.0, 0.5)
+
+
+def test_power_law_fit():
+    xs = [8, 16, 32, 64]
+    assert serving.fit_power(xs, [3 * x**2 for x in xs]) == pytest.approx(2.0)
