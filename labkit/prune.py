@@ -274,7 +274,11 @@ class PrunedSelfAttention(nn.Module):
         keep = torch.as_tensor(keep, dtype=torch.long).sort().values  # keep the heads in their order
         head_rows = (keep[:, None] * hs + torch.arange(hs)).flatten()  # rows of the kept heads within q (or k, v)
         qkv_rows = torch.cat([part * width + head_rows for part in range(3)])  # the same rows in q, k and v
-        new = cls(attn.c_proj.out_features, len(keep), hs, attn.c_proj.bias is not None, attn.attention, attn.dropout.p)
+        with warnings.catch_warnings():  # keeping no head at all makes empty linears, which PyTorch warns about
+            warnings.simplefilter("ignore", UserWarning)
+            new = cls(
+                attn.c_proj.out_features, len(keep), hs, attn.c_proj.bias is not None, attn.attention, attn.dropout.p
+            )
         w_attn, w_proj = _dense_weight(attn.c_attn), _dense_weight(attn.c_proj)
         new = new.to(device=w_attn.device, dtype=w_attn.dtype)
         with torch.no_grad():
@@ -322,8 +326,12 @@ def _shrink_mlp(mlp: nn.Module, keep: torch.Tensor) -> None:
     keep = torch.as_tensor(keep, dtype=torch.long).sort().values
     fc, proj = mlp.c_fc, mlp.c_proj
     w_fc, w_proj = _dense_weight(fc), _dense_weight(proj)
-    new_fc = nn.Linear(w_fc.shape[1], len(keep), bias=fc.bias is not None, device=w_fc.device, dtype=w_fc.dtype)
-    new_proj = nn.Linear(len(keep), w_proj.shape[0], bias=proj.bias is not None, device=w_fc.device, dtype=w_fc.dtype)
+    with warnings.catch_warnings():  # keeping no neuron at all makes empty linears, which PyTorch warns about
+        warnings.simplefilter("ignore", UserWarning)
+        new_fc = nn.Linear(w_fc.shape[1], len(keep), bias=fc.bias is not None, device=w_fc.device, dtype=w_fc.dtype)
+        new_proj = nn.Linear(
+            len(keep), w_proj.shape[0], bias=proj.bias is not None, device=w_fc.device, dtype=w_fc.dtype
+        )
     with torch.no_grad():
         new_fc.weight.copy_(w_fc[keep])  # (H', C): the rows that compute the kept neurons
         new_proj.weight.copy_(w_proj[:, keep])  # (C, H'): the columns that read them
