@@ -31,6 +31,7 @@ _SUBMODULES = {
     "parallel",
     "plots",
     "prompting",
+    "serving",
     "train",
     "widgets",
 }

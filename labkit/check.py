@@ -539,3 +539,46 @@ def head_importance(fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor
         "output whose projection columns are small adds little. Score each head by the norm of that product."
     )
     return _report("head_importance", failures, len(cases), hint)
+
+
+# -- serving (notebook 16) ---------------------------------------------------------------
+
+
+def accept_draft(fn: Callable[[list, list], list]) -> bool:
+    """Exercise: speculative decoding's greedy rule. Given the draft's k guesses and the target's
+    k+1 greedy choices (after each prefix), return the tokens kept this round."""
+    cases = [
+        ([5, 6, 7], [5, 6, 7, 8], [5, 6, 7, 8]),  # all accepted, plus the target's bonus token
+        ([5, 6, 7], [5, 9, 7, 8], [5, 9]),  # first disagreement at 1: keep 5, then the target's 9
+        ([5, 6, 7], [1, 6, 7, 8], [1]),  # nothing accepted: the target's own token
+        ([4], [4, 2], [4, 2]),
+        ([4], [3, 2], [3]),
+        ([1, 1, 1, 1], [1, 1, 1, 2, 0], [1, 1, 1, 2]),  # agreement stops at the first mismatch
+    ]
+    failures = []
+    for guesses, target, expected in cases:
+        got, err = _call(fn, list(guesses), list(target))
+        if err:
+            failures.append(err)
+        elif list(got) != expected:
+            failures.append(f"guesses {guesses}, target choices {target}: you kept {list(got)}, expected {expected}")
+    hint = "keep guesses while they equal the target's choice at the same position; then append the target's choice there"
+    return _report("accept_draft", failures, len(cases), hint)
+
+
+def percentile(fn: Callable[[list, float], float]) -> bool:
+    """Exercise: the q-th percentile of latencies, linearly interpolated (numpy's and torch.quantile's rule)."""
+    failures, cases = [], 0
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 5, 20, 101):
+        values = (torch.rand(n, generator=g) * 10).tolist()
+        for q in (50, 95, 99):
+            cases += 1
+            expected = torch.quantile(torch.tensor(values, dtype=torch.float64), q / 100).item()
+            got, err = _call(fn, list(values), q)
+            if err:
+                failures.append(err)
+            elif got is None or abs(float(got) - expected) > 1e-6 * max(1.0, abs(expected)):
+                failures.append(f"{n} values, q={q}: you said {got}, expected {expected:.6f}")
+    hint = "sort; position (n-1)*q/100; interpolate between the values at floor and ceil of it"
+    return _report("percentile", failures, cases, hint)

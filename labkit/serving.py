@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .model import ATTENTION_BACKENDS, KVCache, LabGPT
+from .model import KVCache, LabGPT
 
 # -- 1. the KV cache ----------------------------------------------------------------
 
@@ -435,5 +435,3 @@ def estimated_joules(flops: float, peak_flops: float, watts: float, utilisation:
         raise ValueError("peak_flops and watts must be > 0 and utilisation in (0, 1]")
     return flops / (peak_flops * utilisation) * watts
 
-
-_ = ATTENTION_BACKENDS  # decode_step uses SDPA with a per-row mask, whatever backend the model was built with

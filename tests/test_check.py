@@ -102,3 +102,14 @@ def test_parallel_checkers(capsys):
     assert not check.layout_that_fits(lambda model, gpu, n, batch, limit: (n, 1, 1))
     out = capsys.readouterr().out
     assert out.count("PASS") == 4 and out.count("NOT YET") == 4
+
+
+def test_serving_checkers(capsys):
+    from labkit.solutions import serving
+
+    assert check.accept_draft(serving.accept_draft)
+    assert check.percentile(serving.percentile)
+    assert not check.accept_draft(lambda g, t: [x for x, y in zip(g, t) if x == y])
+    assert not check.percentile(lambda v, q: sorted(v)[int(len(v) * q / 100) - 1])
+    out = capsys.readouterr().out
+    assert out.count("PASS") == 2 and out.count("NOT YET") == 2
