@@ -139,23 +139,30 @@ class SlotCache:
 
 
 @torch.no_grad()
-def decode_step(model: LabGPT, cache: SlotCache, slots: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def decode_step(model: LabGPT, cache: SlotCache, slots, tokens: torch.Tensor, whole_cache: bool = False) -> torch.Tensor:
     """One token for each of ``slots`` (a batch of rows at different positions); returns (B, vocab) logits.
 
     The same computation as ``LabGPT.forward`` with a cache, written out so that every row
     has its own position: its own positional embedding, its own cache slot, its own mask.
+    ``slots`` is a tensor of slot numbers or a slice. With ``whole_cache`` every step attends
+    over all ``block_size`` positions (masked): the shapes never change and nothing waits
+    for the host, so the step can be captured once in a CUDA graph and replayed.
     """
     t = model.transformer
     # the position each new token takes (a finished row of a static batch may run on: clamp it)
     pos = cache.length[slots].clamp(max=model.config.block_size - 1)
     x = t.wte(tokens) + t.wpe(pos)  # (B, C)
     x = x.unsqueeze(1)  # (B, 1, C)
-    S = int(pos.max()) + 1
+    S = model.config.block_size if whole_cache else int(pos.max()) + 1
     visible = torch.arange(S, device=pos.device)[None, :] <= pos[:, None]  # (B, S): each row's own keys
     mask = visible[:, None, None, :]  # (B, 1, 1, S)
-    first = int(slots[0])
-    contiguous = bool((slots == torch.arange(first, first + len(slots), device=slots.device)).all())
-    rows = slice(first, first + len(slots)) if contiguous else slots  # a slice reads the cache without a copy
+    rows = slots  # how the cache is read
+    if isinstance(slots, slice):  # writing needs one (row, position) pair per sequence
+        slots = torch.arange(cache.length.numel(), device=pos.device)[slots]
+    elif not whole_cache:
+        first = int(slots[0])
+        if bool((slots == torch.arange(first, first + len(slots), device=slots.device)).all()):
+            rows = slice(first, first + len(slots))  # a slice reads the cache without a copy
     for layer, block in enumerate(t.h):
         attn = block.attn
         h = block.ln_1(x)

@@ -115,3 +115,18 @@ def test_energy_reports_its_source():
 def test_power_law_fit():
     xs = [8, 16, 32, 64]
     assert serving.fit_power(xs, [3 * x**2 for x in xs]) == pytest.approx(2.0)
+
+
+def test_whole_cache_decode_step_equals_the_trimmed_one(nano):
+    """The CUDA-graph-friendly step (fixed shapes, masked) computes the same logits."""
+    caches = [serving.SlotCache(nano, 3) for _ in range(2)]
+    for c in caches:
+        for slot, prompt in enumerate(([1, 2, 3], [4, 5, 6, 7, 8], [9])):
+            c.admit(nano, slot, prompt)
+    tokens = torch.tensor([11, 12, 13])
+    for _ in range(4):
+        a = serving.decode_step(nano, caches[0], torch.arange(3), tokens)
+        b = serving.decode_step(nano, caches[1], slice(None), tokens, whole_cache=True)
+        assert torch.allclose(a, b, atol=1e-5)
+        tokens = a.argmax(-1)
+    assert torch.equal(caches[0].length, caches[1].length)
