@@ -57,8 +57,8 @@ def main() -> None:
             for _ in range(n - 1):
                 graph.replay()
                 static_tok.copy_(static_logits.argmax(-1))
-                out.append(static_tok)
-            return [int(t) for t in out]
+                out.append(int(static_tok))  # a copy: static_tok is overwritten next step
+            return out
 
         tokens = decode(args.tokens)
         reference = model.generate(prompt, args.tokens, temperature=0)[0, prompt.size(1):].tolist()
