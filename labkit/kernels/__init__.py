@@ -47,6 +47,23 @@ def choose_backend(backend: str | None, *tensors: torch.Tensor) -> str:
     return backend
 
 
+from .flash_attention import (  # noqa: E402
+    flash_attention,
+    flash_attention_blockwise,
+    flash_attention_reference,
+    flash_attention_triton,
+)
 from .matmul_kernel import matmul, matmul_reference, matmul_triton  # noqa: E402
 
-__all__ = ["choose_backend", "interpreting", "matmul", "matmul_reference", "matmul_triton", "triton_installed"]
+__all__ = [
+    "choose_backend",
+    "flash_attention",
+    "flash_attention_blockwise",
+    "flash_attention_reference",
+    "flash_attention_triton",
+    "interpreting",
+    "matmul",
+    "matmul_reference",
+    "matmul_triton",
+    "triton_installed",
+]
