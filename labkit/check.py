@@ -582,3 +582,28 @@ def percentile(fn: Callable[[list, float], float]) -> bool:
                 failures.append(f"{n} values, q={q}: you said {got}, expected {expected:.6f}")
     hint = "sort; position (n-1)*q/100; interpolate between the values at floor and ceil of it"
     return _report("percentile", failures, cases, hint)
+
+
+def window_mask(fn: Callable[[int, int], torch.Tensor]) -> bool:
+    """Exercise: the (T, T) boolean mask of causal sliding-window attention (query i sees keys i-window+1 … i)."""
+    from .sparse import sliding_window_mask as oracle
+
+    cases = [(1, 1), (6, 1), (8, 3), (8, 8), (8, 20), (33, 7), (64, 16)]
+    failures = []
+    for T, window in cases:
+        expected = oracle(T, window)
+        got, err = _call(fn, T, window)
+        if err:
+            failures.append(err)
+        elif not isinstance(got, torch.Tensor) or got.shape != (T, T) or got.dtype != torch.bool:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            dtype = got.dtype if isinstance(got, torch.Tensor) else ""
+            failures.append(f"T={T}, window={window}: return a ({T}, {T}) bool tensor, got {shape} {dtype}")
+        elif not torch.equal(got, expected):
+            i, j = (got != expected).nonzero()[0].tolist()
+            failures.append(
+                f"T={T}, window={window}: entry [{i}, {j}] (query {i}, key {j}) is {bool(got[i, j])}, should be "
+                f"{bool(expected[i, j])}; row {i} should be True exactly for keys {max(0, i - window + 1)}..{i}"
+            )
+    hint = "with i = arange(T)[:, None] and j = arange(T)[None, :]: keep j <= i (causal) and j > i - window"
+    return _report("window_mask", failures, len(cases), hint)
