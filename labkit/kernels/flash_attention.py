@@ -310,11 +310,19 @@ def launch(
     return out
 
 
+def tuning_key(q: torch.Tensor, k: torch.Tensor, causal: bool, window: int | None) -> tuple:
+    """Shapes that share a tuned config: lengths rounded up to powers of two, so that decoding
+    (one more key each step) does not re-tune at every step."""
+    B, H, T, D = q.shape
+    pow2 = lambda n: 1 << (n - 1).bit_length()
+    return (B, H, pow2(T), pow2(k.size(2)), D, q.dtype, causal, window, q.device)
+
+
 def autotune(q, k, v, out, causal, window, sm_scale, configs=None) -> AttentionConfig:
     """Time every candidate on these operands (median of repeats) and remember the fastest."""
     from ..bench import measure
 
-    key = (tuple(q.shape), k.size(2), q.dtype, causal, window, q.device)
+    key = tuning_key(q, k, causal, window)
     if key in _tuned:
         return _tuned[key]
     timings = []
