@@ -584,6 +584,126 @@ def percentile(fn: Callable[[list, float], float]) -> bool:
     return _report("percentile", failures, cases, hint)
 
 
+# -- quantization and mixed precision (notebooks 08-09) --------------------------------
+
+
+def _away_from_ties(ratio: torch.Tensor) -> torch.Tensor:
+    """Where x / s is not within 1e-3 of a half-integer: there, any correct rounding agrees."""
+    return ((ratio - ratio.floor()) - 0.5).abs() > 1e-3
+
+
+def quantize_dequantize(quantize_fn: Callable, dequantize_fn: Callable) -> bool:
+    """Exercise: q = clamp(round(x / s) + z, 0, 2^bits - 1) and x_hat = (q - z) s, against labkit.quant (= PyTorch)."""
+    from . import quant
+
+    cases = [(8, 0.05, 128), (8, 0.01, 3), (4, 0.3, 8), (4, 0.2, 0), (2, 0.5, 1), (6, 0.1, 40)]
+    failures = []
+    for i, (bits, scale, zero_point) in enumerate(cases):
+        x = torch.randn(200, generator=torch.Generator().manual_seed(i)) * 4  # some values fall off the grid
+        expected_q, _, _ = quant.quantize(x, bits, scale=scale, zero_point=zero_point)
+        expected_x = quant.dequantize(expected_q, torch.tensor(scale), zero_point)
+        got_q, err = _call(quantize_fn, x.clone(), scale, zero_point, bits)
+        if err:
+            failures.append(err)
+            continue
+        if not isinstance(got_q, torch.Tensor) or got_q.shape != x.shape:
+            failures.append(f"quantize must return a tensor of shape {tuple(x.shape)}, got {type(got_q).__name__}")
+            continue
+        got_q = got_q.double()
+        keep = _away_from_ties(x.double() / scale)
+        if not torch.equal(got_q[keep], expected_q.double()[keep]):
+            j = int(((got_q != expected_q.double()) & keep).nonzero()[0])
+            failures.append(
+                f"bits={bits}, s={scale}, z={zero_point}: x={x[j].item():.4f} gave q={got_q[j].item():g}, expected "
+                f"{int(expected_q[j])} (the grid is 0..{2**bits - 1})"
+            )
+            continue
+        got_x, err = _call(dequantize_fn, expected_q.long(), scale, zero_point)
+        if err:
+            failures.append(err)
+        elif not isinstance(got_x, torch.Tensor) or not torch.allclose(got_x.double(), expected_x.double(), atol=1e-6):
+            failures.append(f"bits={bits}, s={scale}, z={zero_point}: dequantize(q) is not (q - z) * s")
+    hint = "q = round(x / s) + z, then clamp to 0..2**bits - 1 (values beyond the range are clipped); x_hat = (q - z) * s"
+    return _report("quantize_dequantize", failures, len(cases), hint)
+
+
+def pick_scale(fn: Callable) -> bool:
+    """Exercise: min-max scale and zero point (asymmetric, per tensor), as PyTorch's MinMaxObserver picks them."""
+    from . import quant
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [
+        ("randn", torch.randn(300, generator=g), 8),
+        ("randn, 4 bits", torch.randn(300, generator=g) * 3, 4),
+        ("all positive", torch.rand(100, generator=g) + 1.0, 8),
+        ("all negative", -torch.rand(100, generator=g) - 0.5, 8),
+        ("skewed", torch.randn(100, generator=g).exp() - 0.3, 6),
+        ("all zeros", torch.zeros(10), 8),
+    ]
+    failures = []
+    for name, x, bits in tensors:
+        scale, zero_point = quant.calibrate(x, bits)
+        got, err = _call(fn, x.clone(), bits)
+        if err:
+            failures.append(err)
+            continue
+        try:
+            got_scale, got_zero = float(got[0]), int(round(float(got[1])))
+        except (TypeError, ValueError, IndexError):
+            failures.append(f"return (scale, zero_point), got {got!r}")
+            continue
+        if not abs(got_scale - scale.item()) <= 1e-5 * scale.item() or got_zero != int(zero_point):
+            failures.append(
+                f"{name} ({bits} bits, min {x.min().item():.3f}, max {x.max().item():.3f}): you returned "
+                f"s={got_scale:.6g}, z={got_zero}; expected s={scale.item():.6g}, z={int(zero_point)}"
+            )
+    hint = (
+        "widen the range to include 0 (lo = min(x.min(), 0), hi = max(x.max(), 0)); 2**bits levels make "
+        "2**bits - 1 steps: s = (hi - lo) / (2**bits - 1), at least float32 eps; z = -round(lo / s)"
+    )
+    return _report("pick_scale", failures, len(tensors), hint)
+
+
+def straight_through(fn: Callable) -> bool:
+    """Exercise: fake quantization whose gradient is the straight-through estimator, as torch.fake_quantize_*."""
+    cases = [(0.1, 8, 0, 15), (0.05, 0, -7, 7), (0.2, 128, 0, 255), (0.02, 3, 0, 15)]
+    failures = []
+    for i, (scale, zero_point, qmin, qmax) in enumerate(cases):
+        g = torch.Generator().manual_seed(i)
+        steps = torch.randint(qmin - zero_point - 4, qmax - zero_point + 5, (64,), generator=g)  # some off the grid
+        w = ((steps + (torch.rand(64, generator=g) - 0.5) * 0.8) * scale).requires_grad_()  # never on a tie
+        w_torch = w.detach().clone().requires_grad_()
+        expected = torch.fake_quantize_per_tensor_affine(w_torch, scale, zero_point, qmin, qmax)
+        upstream = torch.randn(64, generator=g)
+        expected.backward(upstream)
+        got, err = _call(fn, w, scale, zero_point, qmin, qmax)
+        if err:
+            failures.append(err)
+            continue
+        if not isinstance(got, torch.Tensor) or got.shape != w.shape:
+            failures.append(f"return a tensor of shape {tuple(w.shape)}, got {type(got).__name__}")
+            continue
+        if not torch.allclose(got.detach(), expected.detach(), rtol=1e-5, atol=1e-6):
+            failures.append(f"s={scale}, z={zero_point}, grid {qmin}..{qmax}: the forward values are not Q⁻¹(Q(w))")
+            continue
+        if not got.requires_grad:
+            failures.append("the output has no gradient: round() cut the graph (that is what the STE fixes)")
+            continue
+        got.backward(upstream)
+        if w.grad is None or not torch.allclose(w.grad, w_torch.grad):
+            clipped = int((w_torch.grad == 0).sum())
+            failures.append(
+                f"s={scale}, z={zero_point}, grid {qmin}..{qmax}: gradient differs from torch's ({clipped} of 64 "
+                f"values were clipped and get gradient 0; the others get the upstream gradient unchanged)"
+            )
+    hint = (
+        "forward w_hat = (clamp(round(w/s)+z, qmin, qmax) - z)*s; backward: pass the gradient straight through "
+        "where round(w/s)+z lies inside qmin..qmax, 0 where it was clipped: torch.where(inside, w + (w_hat - w).detach(), "
+        "w_hat.detach())"
+    )
+    return _report("straight_through", failures, len(cases), hint)
+
+
 def window_mask(fn: Callable[[int, int], torch.Tensor]) -> bool:
     """Exercise: the (T, T) boolean mask of causal sliding-window attention (query i sees keys i-window+1 … i)."""
     from .sparse import sliding_window_mask as oracle

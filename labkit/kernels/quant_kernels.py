@@ -1,0 +1,581 @@
+"""Quantized linear layers in Triton: int8 and int4 weight-only GEMV/GEMM, and the W8A8 int8 GEMM.
+
+Three kernels, each beside the PyTorch reference that is its CPU path and its test oracle:
+
+- ``int8_weight_only_linear(x, w_int8, scales)``: y = x Wᵀ with W = w_int8 · scale (one scale
+  per output channel). At batch 1 (decoding) this is a matrix-vector product, and a GEMV
+  does 2 FLOPs per weight it reads: it is bound by memory bandwidth, so reading 1-byte
+  weights instead of 2-byte bf16 ones can make it up to 2x faster. The int8 weights are
+  converted as they are loaded ("dequantization fused into the load"); the per-channel scale
+  multiplies the finished dot product once, since Σ_k x_k (q_nk s_n) = s_n Σ_k x_k q_nk.
+- ``int4_weight_only_linear(x, w_packed, scales, zeros, group_size)``: two 4-bit weights per
+  byte (the even column in the low nibble), one scale and zero point per ``group_size``
+  weights of a row: up to 4x fewer bytes than bf16. Inside a group
+  Σ_k x_k (q_k - z) s = s (Σ_k x_k q_k - z Σ_k x_k), so the kernel sums raw nibbles times x
+  and applies scale and zero once per group.
+- ``int8_linear(x_int8, w_int8, x_scales, w_scales)``: W8A8. Both operands are int8, the
+  tensor cores multiply them into an int32 accumulator, and the epilogue turns it into
+  floats: y_mn = acc_mn · sx_m · sw_n (+ bias_n). It pays where the matmul is compute-bound
+  (prefill, big batches): int8 tensor cores do twice the operations per second of bf16 ones.
+
+Weight-only kernels have two shapes: a GEMV (few rows of x; no tensor cores, each program
+owns BLOCK_N output channels and walks along K, accumulating elementwise products in a
+(BLOCK_N, BLOCK_K) register tile that is summed once at the end, optionally split along K
+across SPLIT_K programs) and a GEMM (tl.dot on dequantized tiles) for many rows.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from . import choose_backend, interpreting
+from .matmul_kernel import TileConfig
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+GEMV_MAX_ROWS = 8  # up to this many rows of x, weight-only kernels run as GEMVs (decode); above, as GEMMs
+
+
+@functools.cache
+def _kernels():
+    """Build the kernels on first use, so that importing labkit never imports Triton."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def int8_gemv_kernel(
+        x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    ):  # fmt: skip
+        # program (pid_n, pid_k, m): output channels pid_n*BLOCK_N.., K-slice pid_k, row m of x
+        pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # rows past the edge wrap: computed, never stored
+        offs_k = tl.arange(0, BLOCK_K)
+        k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+        k_start = pid_k * k_per_split
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k_start + offs_k)[None, :]  # (BLOCK_N, BLOCK_K)
+        x_ptrs = x_ptr + m * stride_xm + k_start + offs_k
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # elementwise products, summed once at the end
+        for k in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+            if EVEN_K:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")  # weights are read once: do not keep them
+                x = tl.load(x_ptrs, eviction_policy="evict_last")  # x is read by every program: keep it
+            else:
+                inside = (k + offs_k) < K
+                w = tl.load(w_ptrs, mask=inside[None, :], other=0, eviction_policy="evict_first")
+                x = tl.load(x_ptrs, mask=inside, other=0.0, eviction_policy="evict_last")
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]  # int8 -> float in registers: the fused dequant
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n)  # (BLOCK_N,): the per-channel scale, once
+        out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if SPLIT_K == 1:
+            tl.store(y_ptr + m * stride_ym + out, y.to(y_ptr.dtype.element_ty), mask=out < N)
+        else:  # K-slices add their partial sums into an fp32 buffer
+            tl.atomic_add(y_ptr + m * stride_ym + out, y, mask=out < N)
+
+    @triton.jit
+    def int4_gemv_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    ):  # fmt: skip
+        # like int8_gemv_kernel, but a byte holds columns 2j (low nibble) and 2j+1 (high nibble),
+        # and scale/zero change every GROUP columns; BLOCK_K divides GROUP, GROUP divides K
+        pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        offs_b = tl.arange(0, BLOCK_K // 2)  # byte offsets inside a K-block
+        n_groups = K // GROUP
+        groups_per_split = tl.cdiv(n_groups, SPLIT_K)
+        g_start = pid_k * groups_per_split
+        y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for g in range(g_start, tl.minimum(g_start + groups_per_split, n_groups)):
+            acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)  # Σ x_k q_k over the group, per byte lane
+            x_sum = tl.zeros((BLOCK_K // 2,), dtype=tl.float32)  # Σ x_k over the group (for the zero point)
+            for i in tl.static_range(GROUP // BLOCK_K):
+                k0 = g * GROUP + i * BLOCK_K
+                packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 // 2 + offs_b)[None, :],
+                                 eviction_policy="evict_first")  # fmt: skip
+                low = (packed & 0xF).to(tl.float32)  # column k0 + 2j
+                high = (packed >> 4).to(tl.float32)  # column k0 + 2j + 1
+                x_even = tl.load(x_ptr + m * stride_xm + k0 + 2 * offs_b, eviction_policy="evict_last").to(tl.float32)
+                x_odd = tl.load(x_ptr + m * stride_xm + k0 + 2 * offs_b + 1, eviction_policy="evict_last").to(
+                    tl.float32
+                )
+                acc += low * x_even[None, :] + high * x_odd[None, :]
+                x_sum += x_even + x_odd
+            scale = tl.load(s_ptr + offs_n * stride_sn + g).to(tl.float32)
+            zero = tl.load(z_ptr + offs_n * stride_sn + g).to(tl.float32)
+            y += scale * (tl.sum(acc, axis=1) - zero * tl.sum(x_sum, axis=0))  # s (Σ x q - z Σ x)
+        out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if SPLIT_K == 1:
+            tl.store(y_ptr + m * stride_ym + out, y.to(y_ptr.dtype.element_ty), mask=out < N)
+        else:
+            tl.atomic_add(y_ptr + m * stride_ym + out, y, mask=out < N)
+
+    @triton.jit
+    def weight_only_gemm_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+        INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        # many rows of x: dequantize a (BLOCK_K, BLOCK_N) tile of Wᵀ into x's dtype, then tl.dot; int4 does
+        # two dots, over the even and the odd columns (the low and the high nibbles). A plain 2-D grid of
+        # output tiles: prefill-shaped inputs are compute-bound, where weight-only quantization gains little.
+        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        dtype = tl.float32 if UPCAST else x_ptr.dtype.element_ty
+        if INT4:
+            offs_b = tl.arange(0, BLOCK_K // 2)
+            for k0 in range(0, K, BLOCK_K):  # BLOCK_K divides GROUP: one scale and zero per tile column
+                packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 // 2 + offs_b)[:, None])  # (BK/2, BN)
+                scale = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP).to(tl.float32)
+                zero = tl.load(z_ptr + offs_n * stride_sn + k0 // GROUP).to(tl.float32)
+                low = (((packed & 0xF).to(tl.float32) - zero[None, :]) * scale[None, :]).to(dtype)
+                high = (((packed >> 4).to(tl.float32) - zero[None, :]) * scale[None, :]).to(dtype)
+                x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + 2 * offs_b)[None, :]).to(dtype)
+                x_odd = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + 2 * offs_b + 1)[None, :]).to(dtype)
+                acc = tl.dot(x_even, low, acc, input_precision=PRECISION)
+                acc = tl.dot(x_odd, high, acc, input_precision=PRECISION)
+            y = acc
+        else:
+            offs_k = tl.arange(0, BLOCK_K)
+            for k0 in range(0, K, BLOCK_K):
+                inside = (k0 + offs_k) < K
+                w = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 + offs_k)[:, None], mask=inside[:, None], other=0)
+                x = tl.load(
+                    x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=inside[None, :], other=0.0
+                )
+                acc = tl.dot(x.to(dtype), w.to(dtype), acc, input_precision=PRECISION)  # int8 is exact in bf16
+            y = acc * tl.load(s_ptr + offs_n)[None, :]  # per-channel scale after the sum
+        out_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(y_ptr + out_m[:, None] * stride_ym + out_n[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=(out_m[:, None] < M) & (out_n[None, :] < N))  # fmt: skip
+
+    @triton.jit
+    def int8_gemm_kernel(
+        a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K,
+        stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
+        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    ):  # fmt: skip
+        # C = (A_int8 @ B_int8) * sa[:, None] * sb[None, :] + bias: int32 accumulation, float epilogue
+        # grouped ordering, as in matmul_kernel: neighbouring programs share tiles of x and W in L2
+        pid = tl.program_id(0)
+        num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        first_pid_m = (pid // (GROUP_M * num_pid_n)) * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % (GROUP_M * num_pid_n)) % group_size_m)
+        pid_n = (pid % (GROUP_M * num_pid_n)) // group_size_m
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # exact: |sum| <= 127 * 127 * K
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                k_left = K - k * BLOCK_K
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+            acc = tl.dot(a, b, acc)  # int8 x int8 -> int32 on the tensor cores
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        # the epilogue: dequantize while the tile is still in registers (no int32 round trip to memory)
+        c = acc.to(tl.float32) * tl.load(sa_ptr + offs_m)[:, None] * tl.load(sb_ptr + offs_n)[None, :]
+        if HAS_BIAS:
+            c += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+        out_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(c_ptr + out_m[:, None] * stride_cm + out_n[None, :], c.to(c_ptr.dtype.element_ty),
+                 mask=(out_m[:, None] < M) & (out_n[None, :] < N))  # fmt: skip
+
+    return triton, int8_gemv_kernel, int4_gemv_kernel, weight_only_gemm_kernel, int8_gemm_kernel
+
+
+# ---------------------------------------------------------------------------------------
+# Launch configurations. GEMV: (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages); GEMM: tiles.
+# The fastest depends on the GPU and the shape, so the wrappers time them (autotune) per shape.
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GemvConfig:
+    """One GEMV launch: output channels and K-columns per program, K-slices, warps, pipeline depth."""
+
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# At K=8192, N=28672 there are thousands of output channels: many small programs keep every SM
+# busy without splitting K; split-K is for few, long rows (e.g. N=4096, K=14336).
+# (block_n, block_k, split_k, warps, stages):
+GEMV_CONFIGS = [GemvConfig(*c) for c in (
+    (8, 512, 1, 4, 3), (16, 512, 1, 4, 3), (16, 256, 1, 4, 4), (32, 256, 1, 4, 3), (8, 1024, 1, 4, 2),
+    (16, 1024, 1, 8, 2), (4, 1024, 1, 2, 3), (32, 512, 1, 8, 3), (16, 512, 2, 4, 3), (32, 512, 4, 8, 3),
+)]  # fmt: skip
+INT4_GEMV_CONFIGS = [GemvConfig(*c) for c in (
+    (8, 128, 1, 4, 3), (16, 128, 1, 4, 3), (32, 128, 1, 4, 3), (16, 256, 1, 4, 3), (32, 256, 1, 8, 3),
+    (64, 128, 1, 8, 3), (8, 256, 1, 2, 4), (16, 128, 2, 4, 3), (32, 128, 4, 4, 3),
+)]  # fmt: skip
+# (block_m, block_n, block_k, stages, warps):
+WEIGHT_ONLY_GEMM_CONFIGS = [TileConfig(*c) for c in (
+    (128, 128, 64, 3, 8), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (16, 128, 128, 4, 4),
+)]  # fmt: skip
+# int8 tensor cores like 128-deep K tiles (128 bytes: one 128-byte swizzled row of shared memory)
+INT8_GEMM_CONFIGS = [TileConfig(*c) for c in (
+    (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 4), (128, 128, 128, 4, 8),
+    (128, 256, 128, 4, 8), (128, 128, 64, 5, 4), (64, 128, 128, 4, 4), (64, 64, 64, 3, 4),
+)]  # fmt: skip
+INTERPRETER_GEMV = GemvConfig(4, 32, 1, 1, 1)  # the interpreter is slow: small blocks, no tuning
+INTERPRETER_GEMM = TileConfig(16, 16, 32, 1, 1, 2)
+_tuned: dict[tuple, object] = {}
+autotune_log: dict[tuple, list] = {}  # key -> [(config, seconds or None)], for the curious
+
+
+def _autotune(key: tuple, configs: list, run, device) -> object:
+    """Time ``run(config)`` for every config (median of repeats); remember and return the fastest."""
+    from ..bench import measure
+
+    if key in _tuned:
+        return _tuned[key]
+    timings = []
+    for cfg in configs:
+        try:
+            seconds = measure(lambda: run(cfg), warmup=2, repeat=10, device=device).median_s
+        except Exception:  # e.g. a tile that needs more shared memory than this GPU has
+            seconds = None
+        timings.append((cfg, seconds))
+    ran = [(s, i) for i, (_, s) in enumerate(timings) if s is not None]
+    if not ran:
+        raise ValueError(f"no launch configuration could run for {key}")
+    _tuned[key] = timings[min(ran)[1]][0]
+    autotune_log[key] = timings
+    return _tuned[key]
+
+
+def _choose(backend: str | None, *tensors: torch.Tensor) -> str:
+    """``choose_backend``, answering at once for CPU tensors outside the interpreter (the common CPU case).
+
+    A small model calls its linears hundreds of times a second; looking for the triton package
+    on every call would cost more than the arithmetic of a small layer.
+    """
+    if backend in (None, "auto") and not interpreting() and not any(t.is_cuda for t in tensors):
+        return "reference"
+    return choose_backend(backend, *tensors)
+
+
+def _on_interpreter(t: torch.Tensor) -> bool:
+    return interpreting() and not t.is_cuda
+
+
+# ---------------------------------------------------------------------------------------
+# Checks: shapes, dtypes, devices. Bad input is a ValueError that names the argument.
+# ---------------------------------------------------------------------------------------
+def _check_x(x: torch.Tensor, k: int) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x must be a floating tensor of dtype {FLOAT_DTYPES}, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x must have shape (..., {k}) to match the weight's in_features, got {tuple(x.shape)}")
+
+
+def _check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"tensors must be on one device, got {devices}")
+
+
+def _check_int8_weight(w_int8: torch.Tensor, scales: torch.Tensor) -> None:
+    if w_int8.dtype != torch.int8 or w_int8.dim() != 2:
+        raise ValueError(f"w_int8 must be a 2-D int8 tensor (out, in), got {w_int8.dtype} {tuple(w_int8.shape)}")
+    if scales.shape != (w_int8.shape[0],) or not scales.is_floating_point():
+        raise ValueError(
+            f"scales must be a floating tensor of shape ({w_int8.shape[0]},), one per output channel; "
+            f"got {scales.dtype} {tuple(scales.shape)}"
+        )
+
+
+def _check_int4_weight(w_packed, scales, zeros, group_size) -> None:
+    if w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
+        raise ValueError(
+            f"w_packed must be a 2-D uint8 tensor (out, in // 2), got {w_packed.dtype} {tuple(w_packed.shape)}"
+        )
+    n, k = w_packed.shape[0], 2 * w_packed.shape[1]
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 2 or group_size % 2:
+        raise ValueError(f"group_size must be an even int >= 2, got {group_size!r}")
+    if k % group_size:
+        raise ValueError(f"group_size ({group_size}) must divide in_features ({k}); allowed: the even divisors of {k}")
+    want = (n, k // group_size)
+    if scales.shape != want or zeros.shape != want:
+        raise ValueError(
+            f"scales and zeros must have shape {want} (out, in // group_size), got {tuple(scales.shape)} and "
+            f"{tuple(zeros.shape)}"
+        )
+    if not scales.is_floating_point():
+        raise ValueError(f"scales must be floating point, got {scales.dtype}")
+
+
+def _check_int8_linear(x_int8, w_int8, x_scales, w_scales, bias) -> None:
+    if x_int8.dtype != torch.int8 or x_int8.dim() != 2:
+        raise ValueError(f"x_int8 must be a 2-D int8 tensor (M, K), got {x_int8.dtype} {tuple(x_int8.shape)}")
+    if w_int8.dtype != torch.int8 or w_int8.dim() != 2:
+        raise ValueError(f"w_int8 must be a 2-D int8 tensor (N, K), got {w_int8.dtype} {tuple(w_int8.shape)}")
+    if x_int8.shape[1] != w_int8.shape[1]:
+        raise ValueError(
+            f"x_int8 is {tuple(x_int8.shape)} and w_int8 is {tuple(w_int8.shape)}: their last dimensions (K) must match"
+        )
+    if x_scales.shape != (x_int8.shape[0],) or not x_scales.is_floating_point():
+        raise ValueError(
+            f"x_scales must be floating, shape ({x_int8.shape[0]},) (one per row); got {tuple(x_scales.shape)}"
+        )
+    if w_scales.shape != (w_int8.shape[0],) or not w_scales.is_floating_point():
+        raise ValueError(
+            f"w_scales must be floating, shape ({w_int8.shape[0]},) (one per channel); got {tuple(w_scales.shape)}"
+        )
+    if bias is not None and bias.shape != (w_int8.shape[0],):
+        raise ValueError(f"bias must have shape ({w_int8.shape[0]},), got {tuple(bias.shape)}")
+
+
+# ---------------------------------------------------------------------------------------
+# int8 weight-only: y = x (q s)ᵀ = (x qᵀ) s
+# ---------------------------------------------------------------------------------------
+def int8_weight_only_linear_reference(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The oracle and the CPU path: multiply by the int8 weights in fp32, then scale each output channel."""
+    _check_int8_weight(w_int8, scales)
+    _check_x(x, w_int8.shape[1])
+    return ((x.float() @ w_int8.float().t()) * scales.float()).to(x.dtype)  # (..., K) @ (K, N) -> (..., N)
+
+
+def _launch_int8_gemv(x2, w, scales, y, cfg: GemvConfig):
+    triton, gemv, _, _, _ = _kernels()
+    M, K = x2.shape
+    N = w.shape[0]
+    out = y if cfg.split_k == 1 else torch.zeros(y.shape, device=y.device, dtype=torch.float32)
+    grid = (triton.cdiv(N, cfg.block_n), cfg.split_k, M)
+    gemv[grid](
+        x2, w, scales, out, N, K, x2.stride(0), w.stride(0), out.stride(0),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+        EVEN_K=K % (cfg.block_k * cfg.split_k) == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if out is not y:
+        y.copy_(out)
+    return y
+
+
+def _launch_weight_only_gemm(x2, w, scales, zeros, group, y, cfg: TileConfig):
+    triton, _, _, gemm, _ = _kernels()
+    M, K = x2.shape
+    N = w.shape[0]
+    int4 = zeros is not None
+    block_k = min(cfg.block_k, group) if int4 else cfg.block_k
+    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m))
+    gemm[grid](
+        x2, w, scales, zeros if int4 else scales, y, M, N, K, x2.stride(0), w.stride(0),
+        scales.stride(0), y.stride(0), INT4=int4, GROUP=group if int4 else 1,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, UPCAST=_on_interpreter(x2), PRECISION="ieee" if x2.dtype == torch.float32 else None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return y
+
+
+def _run_weight_only(x, n: int, key: tuple, gemv_configs: list, config, launch_gemv, launch_gemm) -> torch.Tensor:
+    """GEMV for up to GEMV_MAX_ROWS rows of x (or a GemvConfig), GEMM above; autotuned per shape unless ``config``."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
+    gemv = x2.shape[0] <= GEMV_MAX_ROWS if config is None else isinstance(config, GemvConfig)
+    launch = launch_gemv if gemv else launch_gemm
+    if config is None and _on_interpreter(x2):
+        config = INTERPRETER_GEMV if gemv else INTERPRETER_GEMM
+    elif config is None:
+        candidates = gemv_configs if gemv else WEIGHT_ONLY_GEMM_CONFIGS
+        key = (*key, "gemv" if gemv else "gemm", *x2.shape, n, x.device)
+        config = _autotune(key, candidates, lambda c: launch(x2, y, c), x.device)
+    launch(x2, y, config)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def int8_weight_only_linear_triton(
+    x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor, config: GemvConfig | TileConfig | None = None
+) -> torch.Tensor:
+    """Launch the Triton kernel: a GEMV for up to GEMV_MAX_ROWS rows of x, a GEMM above; autotuned per shape."""
+    _check_int8_weight(w_int8, scales)
+    _check_x(x, w_int8.shape[1])
+    _check_same_device(x=x, w_int8=w_int8, scales=scales)
+    w = w_int8.contiguous()
+    return _run_weight_only(
+        x, w.shape[0], ("int8", x.dtype), GEMV_CONFIGS, config,
+        lambda x2, y, c: _launch_int8_gemv(x2, w, scales, y, c),
+        lambda x2, y, c: _launch_weight_only_gemm(x2, w, scales, None, 1, y, c),
+    )  # fmt: skip
+
+
+def int8_weight_only_linear(
+    x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor, backend: str | None = None
+) -> torch.Tensor:
+    """y = x Wᵀ for W = w_int8 · scales[:, None] (nn.Linear layout, out × in), without bias.
+
+    Runs the Triton kernel on CUDA (or under TRITON_INTERPRET=1), the PyTorch reference
+    elsewhere; ``backend`` forces one ("triton", "reference").
+    """
+    _check_int8_weight(w_int8, scales)
+    _check_x(x, w_int8.shape[1])
+    if _choose(backend, x, w_int8, scales) == "triton":
+        return int8_weight_only_linear_triton(x, w_int8, scales)
+    return int8_weight_only_linear_reference(x, w_int8, scales)
+
+
+# ---------------------------------------------------------------------------------------
+# int4 weight-only: two nibbles per byte, a scale and a zero point per group
+# ---------------------------------------------------------------------------------------
+def unpack_int4(w_packed: torch.Tensor) -> torch.Tensor:
+    """(out, in // 2) uint8 -> (out, in) uint8 in 0..15: byte j holds column 2j (low) and 2j+1 (high)."""
+    low, high = w_packed & 0xF, w_packed >> 4
+    return torch.stack((low, high), dim=-1).reshape(w_packed.shape[0], -1)  # (out, in/2, 2) -> (out, in)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(out, in) integers in 0..15 -> (out, in // 2) uint8, two per byte (column 2j in the low nibble)."""
+    if q.dim() != 2 or q.shape[1] % 2:
+        raise ValueError(f"q must be 2-D with an even number of columns, got shape {tuple(q.shape)}")
+    if q.is_floating_point() or bool((q < 0).any()) or bool((q > 15).any()):
+        raise ValueError("q must hold integers in 0..15 (4-bit, unsigned)")
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def _triton_group(group_size: int) -> bool:
+    """The kernels' tiles take whole groups of 32, 64, 128...: tl.dot needs 16 packed bytes at least."""
+    return group_size >= 32 and group_size & (group_size - 1) == 0
+
+
+def int4_weight_only_linear_reference(x, w_packed, scales, zeros, group_size: int) -> torch.Tensor:
+    """The oracle and the CPU path: unpack, dequantize W = (q - z) s group by group, multiply in fp32."""
+    _check_int4_weight(w_packed, scales, zeros, group_size)
+    _check_x(x, 2 * w_packed.shape[1])
+    q = unpack_int4(w_packed).float()  # (N, K)
+    scale = scales.float().repeat_interleave(group_size, dim=1)  # (N, K/g) -> (N, K)
+    zero = zeros.float().repeat_interleave(group_size, dim=1)
+    return (x.float() @ ((q - zero) * scale).t()).to(x.dtype)
+
+
+def _launch_int4_gemv(x2, w, scales, zeros, group, y, cfg: GemvConfig):
+    triton, _, gemv, _, _ = _kernels()
+    M, K = x2.shape
+    N = w.shape[0]
+    block_k = min(cfg.block_k, group)
+    split_k = min(cfg.split_k, K // group)
+    out = y if split_k == 1 else torch.zeros(y.shape, device=y.device, dtype=torch.float32)
+    grid = (triton.cdiv(N, cfg.block_n), split_k, M)
+    gemv[grid](
+        x2, w, scales, zeros, out, N, K, x2.stride(0), w.stride(0), scales.stride(0), out.stride(0),
+        GROUP=group, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if out is not y:
+        y.copy_(out)
+    return y
+
+
+def int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size: int, config=None) -> torch.Tensor:
+    """Launch the Triton kernel: GEMV for few rows of x, GEMM above; autotuned per shape."""
+    _check_int4_weight(w_packed, scales, zeros, group_size)
+    _check_x(x, 2 * w_packed.shape[1])
+    _check_same_device(x=x, w_packed=w_packed, scales=scales, zeros=zeros)
+    if not _triton_group(group_size):
+        raise ValueError(f"the Triton int4 kernel needs a power-of-two group_size >= 32, got {group_size}")
+    w, scales, zeros = w_packed.contiguous(), scales.contiguous(), zeros.contiguous()
+    return _run_weight_only(
+        x, w.shape[0], ("int4", group_size, x.dtype), INT4_GEMV_CONFIGS, config,
+        lambda x2, y, c: _launch_int4_gemv(x2, w, scales, zeros, group_size, y, c),
+        lambda x2, y, c: _launch_weight_only_gemm(x2, w, scales, zeros, group_size, y, c),
+    )  # fmt: skip
+
+
+def int4_weight_only_linear(x, w_packed, scales, zeros, group_size: int, backend: str | None = None) -> torch.Tensor:
+    """y = x Wᵀ for W[n, k] = (q[n, k] - zeros[n, k // g]) · scales[n, k // g], q packed two per byte.
+
+    Runs the Triton kernel on CUDA (or under TRITON_INTERPRET=1), the PyTorch reference
+    elsewhere; ``backend`` forces one ("triton", "reference").
+    """
+    _check_int4_weight(w_packed, scales, zeros, group_size)
+    _check_x(x, 2 * w_packed.shape[1])
+    chosen = _choose(backend, x, w_packed, scales, zeros)
+    if chosen == "triton" and (backend == "triton" or _triton_group(group_size)):
+        return int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size)
+    return int4_weight_only_linear_reference(x, w_packed, scales, zeros, group_size)
+
+
+# ---------------------------------------------------------------------------------------
+# W8A8: int8 x int8 -> int32, dequantized in the epilogue
+# ---------------------------------------------------------------------------------------
+def int8_linear_reference(x_int8, w_int8, x_scales, w_scales, bias=None, out_dtype=None) -> torch.Tensor:
+    """The oracle and the CPU path: an exact integer matmul, then acc · sx[:, None] · sw[None, :] (+ bias).
+
+    On the CPU the integer matmul is ``torch._int_mm`` (oneDNN's int8 GEMM, VNNI where the CPU
+    has it). On CUDA the oracle multiplies in float64, exact for any K below 2^53 / 127².
+    """
+    _check_int8_linear(x_int8, w_int8, x_scales, w_scales, bias)
+    if x_int8.is_cuda:
+        acc = (x_int8.double() @ w_int8.double().t()).float()
+    else:
+        acc = torch._int_mm(x_int8, w_int8.t()).float()  # (M, K) @ (K, N) column-major -> int32 (M, N)
+    y = acc.mul_(x_scales.float()[:, None]).mul_(w_scales.float())  # in place: no temporaries of (M, N)
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(out_dtype or x_scales.dtype)
+
+
+def _launch_int8_gemm(a, w, sa, sb, bias, c, cfg: TileConfig):
+    triton, _, _, _, gemm = _kernels()
+    M, K = a.shape
+    N = w.shape[0]
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    gemm[grid](
+        a, w, sa, sb, bias if bias is not None else sa, c, M, N, K,
+        a.stride(0), a.stride(1), w.stride(1), w.stride(0), c.stride(0),  # B = wᵀ: (K, N) with K contiguous
+        HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m, EVEN_K=K % cfg.block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return c
+
+
+def int8_linear_triton(x_int8, w_int8, x_scales, w_scales, bias=None, out_dtype=None, config=None) -> torch.Tensor:
+    """Launch the Triton W8A8 GEMM (autotuned per shape)."""
+    _check_int8_linear(x_int8, w_int8, x_scales, w_scales, bias)
+    _check_same_device(x_int8=x_int8, w_int8=w_int8, x_scales=x_scales, w_scales=w_scales, bias=bias)
+    a, w = x_int8.contiguous(), w_int8.contiguous()
+    sa, sb = x_scales.float().contiguous(), w_scales.float().contiguous()
+    c = torch.empty((a.shape[0], w.shape[0]), device=a.device, dtype=out_dtype or x_scales.dtype)
+    if config is None:
+        config = INTERPRETER_GEMM if _on_interpreter(a) else _autotune(
+            ("int8 w8a8", a.shape[0], w.shape[0], a.shape[1], c.dtype, bias is not None, a.device), INT8_GEMM_CONFIGS,
+            lambda cfg: _launch_int8_gemm(a, w, sa, sb, bias, c, cfg), a.device)  # fmt: skip
+    return _launch_int8_gemm(a, w, sa, sb, bias, c, config)
+
+
+def int8_linear(
+    x_int8: torch.Tensor,
+    w_int8: torch.Tensor,
+    x_scales: torch.Tensor,
+    w_scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """W8A8 linear: (x_int8 @ w_int8ᵀ) · x_scales[:, None] · w_scales[None, :] (+ bias), in ``out_dtype``.
+
+    x_int8 (M, K) holds activations quantized per row (token), w_int8 (N, K) weights per output
+    channel, both symmetric. ``out_dtype`` defaults to the scales' dtype.
+    """
+    _check_int8_linear(x_int8, w_int8, x_scales, w_scales, bias)
+    if _choose(backend, x_int8, w_int8) == "triton":
+        return int8_linear_triton(x_int8, w_int8, x_scales, w_scales, bias, out_dtype)
+    return int8_linear_reference(x_int8, w_int8, x_scales, w_scales, bias, out_dtype)

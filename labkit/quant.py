@@ -1,0 +1,764 @@
+"""Quantization and mixed precision: small integers for weights and activations, 16-bit floats for training.
+
+Affine quantization maps a real x to an integer q on a grid of 2^bits levels, and back:
+
+    q = clamp(round(x / s) + z, q_min, q_max)        x̂ = (q - z) · s
+
+(the survey writes q = round(x / s + z): the same thing, since the zero point z is an integer).
+The scale s is the grid's step and the zero point z the integer that stands for 0.0, so 0.0
+(padding, ReLU zeros) is stored exactly. Inside the clipping range [(q_min - z) s, (q_max - z) s]
+the error is at most s / 2; outside it, values are clipped. Choosing the range is calibration:
+min-max keeps every value, percentile clips rare outliers, MSE-optimal searches for the clip
+that minimises ||x - x̂||². Symmetric quantization fixes z = 0 and uses the signed grid
+±(2^(bits-1) - 1); asymmetric uses the unsigned grid 0..2^bits - 1 and fits [min, max].
+
+One scale can serve a whole tensor, each output channel (row of a weight), or each group of
+``group_size`` consecutive weights in a row: finer groups follow the data better and cost
+more scales.
+
+Then: post-training quantization of LabGPT by module swap (``quantize_model``), with three
+schemes, int8 and int4 weight-only (decode: memory-bound, fewer bytes win) and W8A8
+(prefill: compute-bound, int8 arithmetic wins); quantization-aware training (fake quantization
+with a straight-through estimator); and mixed-precision training with a dynamic loss scaler
+written from scratch (``LossScaler``), equal to ``torch.amp.GradScaler``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .kernels.quant_kernels import (
+    int4_weight_only_linear,
+    int8_linear,
+    int8_weight_only_linear,
+    pack_int4,
+    unpack_int4,
+)
+from .model import replace_linears
+
+EPS = torch.finfo(torch.float32).eps  # smallest scale, as PyTorch's observers use: a constant tensor still gets one
+METHODS = ("minmax", "percentile", "mse")
+SCHEMES = ("int8_weight_only", "int4_weight_only", "w8a8")
+GRANULARITIES = ("tensor", "channel", "group")  # of the int4 scheme's scales
+
+
+# ---------------------------------------------------------------------------------------
+# Checks: bad input is a ValueError naming the argument and what is allowed.
+# ---------------------------------------------------------------------------------------
+def _check_bits(bits) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an int in 2..8, got {bits!r}")
+
+
+def _check_float(x, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(
+            f"{name} must be a floating-point tensor (float32, float16, bfloat16, float64), got "
+            f"{getattr(x, 'dtype', type(x).__name__)}"
+        )
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty: there is nothing to quantize")
+
+
+def _check_granularity(x: torch.Tensor, axis, group_size) -> None:
+    if axis is not None and group_size is not None:
+        raise ValueError("pass axis (per channel) or group_size (per group along the last dimension), not both")
+    if axis is not None and (not isinstance(axis, int) or isinstance(axis, bool) or not -x.dim() <= axis < x.dim()):
+        raise ValueError(f"axis must be an int in {-x.dim()}..{x.dim() - 1} for a {x.dim()}-D tensor, got {axis!r}")
+    if group_size is not None:
+        last = x.shape[-1]
+        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1 or last % group_size:
+            divisors = [d for d in range(1, last + 1) if last % d == 0]
+            raise ValueError(
+                f"group_size must be a positive int that divides the last dimension ({last}); allowed: "
+                f"{divisors if len(divisors) <= 12 else divisors[:6] + ['...'] + divisors[-3:]}; got {group_size!r}"
+            )
+
+
+def integer_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """(q_min, q_max): -(2^(b-1) - 1)..2^(b-1) - 1 if symmetric (a grid symmetric about 0), else 0..2^b - 1."""
+    _check_bits(bits)
+    if symmetric:
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _storage_dtype(symmetric: bool) -> torch.dtype:
+    return torch.int8 if symmetric else torch.uint8
+
+
+# ---------------------------------------------------------------------------------------
+# Granularity: view the tensor as rows, one quantization group per row.
+# ---------------------------------------------------------------------------------------
+def _as_groups(x: torch.Tensor, axis: int | None, group_size: int | None) -> tuple[torch.Tensor, tuple]:
+    """(G, E) rows (one group per row) and the shape the G scales take beside x."""
+    if group_size is not None:  # groups of consecutive elements along the last dimension, row by row
+        return x.reshape(-1, group_size), (*x.shape[:-1], x.shape[-1] // group_size)
+    if axis is not None:  # one group per index along axis; params keep x's rank (broadcastable)
+        axis = axis % x.dim()
+        shape = [1] * x.dim()
+        shape[axis] = x.shape[axis]
+        return x.movedim(axis, 0).reshape(x.shape[axis], -1), tuple(shape)
+    return x.reshape(1, -1), ()  # per tensor: a 0-d scale
+
+
+def _expand(param: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Broadcast per-tensor/channel/group parameters to ``shape``; groups repeat along their dimension."""
+    if param.dim() == 0:
+        return param
+    for d, (p, n) in enumerate(zip(param.shape, shape)):
+        if p not in (1, n):
+            param = param.repeat_interleave(n // p, dim=d)  # (..., n/g, ...) -> (..., n, ...)
+    return param
+
+
+# ---------------------------------------------------------------------------------------
+# Calibration: choose the clipping range [lo, hi] of each group, then the scale and zero point.
+# ---------------------------------------------------------------------------------------
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool):
+    """Scale and zero point for clipping ranges [lo, hi] (tensors of one shape), as PyTorch's observers compute them.
+
+    The range is widened to include 0, so zero is exact. Symmetric: s = max(|lo|, hi) / q_max, z = 0.
+    Asymmetric: s = (hi - lo) / (2^bits - 1), z = q_min - round(lo / s). s is at least EPS.
+    """
+    qmin, qmax = integer_range(bits, symmetric)
+    lo = torch.clamp(lo.float(), max=0.0)
+    hi = torch.clamp(hi.float(), min=0.0)
+    if symmetric:
+        scale = torch.maximum(-lo, hi) / (float(qmax - qmin) / 2)
+    else:
+        scale = (hi - lo) / float(qmax - qmin)
+    scale = torch.clamp(scale, min=EPS)
+    if symmetric:
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        zero_point = torch.clamp(qmin - torch.round(lo / scale).to(torch.int32), qmin, qmax)
+    return scale, zero_point
+
+
+def _fake_quantize_rows(rows, scale, zero_point, qmin, qmax):
+    """dequantize(quantize(rows)) with one (scale, zero point) per row: (G, E), (G,), (G,)."""
+    q = torch.clamp(torch.round(rows * torch.reciprocal(scale)[:, None]) + zero_point[:, None], qmin, qmax)
+    return (q - zero_point[:, None]) * scale[:, None]
+
+
+def clipping_range(rows: torch.Tensor, bits: int, symmetric: bool, method: str = "minmax", percentile: float = 99.9):
+    """(lo, hi) per row of ``rows`` (G, E), by min-max, percentile, or the MSE-optimal clip.
+
+    - ``minmax``: the smallest and largest value: nothing is clipped, outliers stretch the grid.
+    - ``percentile``: the values at ``percentile`` and 100 - ``percentile`` percent (of |x| if
+      symmetric): the rarest ``100 - percentile`` percent are clipped.
+    - ``mse``: search the clip that minimises the squared error ||x - x̂||² per row, the balance
+      of rounding error (a wide grid has coarse steps) and clipping error: shrink the upper end
+      of the min-max range by a factor α in 0.2..1 (81 steps) and keep each row's best, then do
+      the same for the lower end (symmetric grids have one end, |x| max, searched once).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "percentile":
+        if not isinstance(percentile, (int, float)) or not 50 < percentile <= 100:
+            raise ValueError(f"percentile must be a number in (50, 100], got {percentile!r}")
+        n = rows.shape[1]
+        k_hi = min(n, max(1, math.ceil(percentile / 100 * n)))
+        if symmetric:
+            hi = rows.abs().kthvalue(k_hi, dim=1).values
+            return -hi, hi
+        k_lo = max(1, n + 1 - k_hi)
+        return rows.kthvalue(k_lo, dim=1).values, rows.kthvalue(k_hi, dim=1).values
+    lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+    if method == "minmax":
+        return lo, hi
+    qmin, qmax = integer_range(bits, symmetric)
+    alphas = torch.linspace(0.2, 1.0, 81).tolist()
+
+    def search(make_range):
+        """The range make_range(α) with the smallest squared error, per row."""
+        best_error, best_lo, best_hi = torch.full_like(lo, float("inf")), lo, hi
+        for alpha in alphas:
+            cand_lo, cand_hi = make_range(alpha)
+            scale, zero_point = qparams_from_range(cand_lo, cand_hi, bits, symmetric)
+            error = (_fake_quantize_rows(rows, scale, zero_point, qmin, qmax) - rows).pow(2).sum(dim=1)
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_lo, best_hi = torch.where(better, cand_lo, best_lo), torch.where(better, cand_hi, best_hi)
+        return best_lo, best_hi
+
+    if symmetric:
+        absmax = torch.maximum(-lo, hi)
+        return search(lambda alpha: (-alpha * absmax, alpha * absmax))
+    lo, hi = search(lambda alpha: (lo, alpha * hi))  # the upper end first, the lower end fixed
+    return search(lambda alpha: (alpha * lo, hi))  # then the lower end
+
+
+def calibrate(
+    x: torch.Tensor,
+    bits: int = 8,
+    axis: int | None = None,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    method: str = "minmax",
+    percentile: float = 99.9,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The observer: (scale, zero_point) for ``x`` at this granularity and clipping ``method``.
+
+    Per tensor: 0-d tensors. Per channel (``axis``): x's rank, size 1 except along ``axis``.
+    Per group (``group_size`` along the last dimension): (*x.shape[:-1], x.shape[-1] // group_size).
+    """
+    _check_bits(bits)
+    _check_float(x)
+    _check_granularity(x, axis, group_size)
+    rows, shape = _as_groups(x.detach().float(), axis, group_size)
+    lo, hi = clipping_range(rows, bits, symmetric, method, percentile)
+    scale, zero_point = qparams_from_range(lo, hi, bits, symmetric)
+    return scale.reshape(shape), zero_point.reshape(shape)
+
+
+def quantize(
+    x: torch.Tensor,
+    bits: int = 8,
+    axis: int | None = None,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    method: str = "minmax",
+    scale: torch.Tensor | float | None = None,
+    zero_point: torch.Tensor | int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q = clamp(round(x / s) + z, q_min, q_max): returns (q, scale, zero_point).
+
+    q is int8 if ``symmetric`` (grid ±(2^(bits-1) - 1)) else uint8 (0..2^bits - 1). The scale and
+    zero point come from ``calibrate`` (``method``), unless given. Like PyTorch's kernels it
+    multiplies by the reciprocal 1/s, so at 8 bits q equals ``torch.quantize_per_tensor`` /
+    ``quantize_per_channel(...).int_repr()`` bit for bit.
+    """
+    _check_bits(bits)
+    _check_float(x)
+    _check_granularity(x, axis, group_size)
+    if scale is None:
+        if zero_point is not None:
+            raise ValueError("zero_point was given without scale: pass both, or neither (to calibrate)")
+        scale, zero_point = calibrate(x, bits, axis, group_size, symmetric, method)
+    else:
+        scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+        zero_point = torch.as_tensor(0 if zero_point is None else zero_point, dtype=torch.int32, device=x.device)
+        if not bool((scale > 0).all()) or not bool(torch.isfinite(scale).all()):
+            raise ValueError("scale must be finite and > 0")
+    qmin, qmax = integer_range(bits, symmetric)
+    inv_scale = torch.reciprocal(_expand(scale.float(), x.shape))
+    q = torch.round(x.float() * inv_scale) + _expand(zero_point, x.shape)
+    return torch.clamp(q, qmin, qmax).to(_storage_dtype(symmetric)), scale, zero_point
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | int = 0, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """x̂ = (q - z) · s, with per-tensor, per-channel or per-group parameters (shapes as ``calibrate`` returns)."""
+    if q.is_floating_point():
+        raise ValueError(f"q must be an integer tensor (what quantize returns), got {q.dtype}")
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=q.device)
+    zero_point = torch.as_tensor(zero_point, device=q.device)
+    return ((q.to(torch.int32) - _expand(zero_point, q.shape)).float() * _expand(scale, q.shape)).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, bits: int = 8, **kwargs) -> torch.Tensor:
+    """dequantize(quantize(x)): x rounded to the grid, in x's dtype (no gradient trick: see ste_fake_quantize)."""
+    q, scale, zero_point = quantize(x, bits, **kwargs)
+    return dequantize(q, scale, zero_point, dtype=x.dtype)
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per row (token) of a 2-D x: (q (M, K) int8, scales (M,)).
+
+    The dynamic activation quantization of W8A8: computed on the fly for every input. Equal to
+    ``quantize(x, 8, axis=0, symmetric=True)``, written for speed (no temporary |x|, in-place
+    rounding): on a CPU these passes over the activations are most of W8A8's overhead.
+    """
+    x = x.float()
+    absmax = torch.maximum(x.amax(dim=1), -x.amin(dim=1))  # (M,) max |x| per row, without a temporary |x|
+    scales = torch.clamp(absmax / 127.0, min=EPS)
+    q = x * torch.reciprocal(scales)[:, None]
+    return q.round_().clamp_(-127, 127).to(torch.int8), scales
+
+
+# ---------------------------------------------------------------------------------------
+# Quantized linear layers (module swap, as in gpt-fast): same call signature as nn.Linear.
+# ---------------------------------------------------------------------------------------
+class _QuantizedLinear(nn.Module):
+    """Shared parts: a float bias (trainable: fine-tuning may adapt it), sizes, and extra_repr."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def _finish(self, y: torch.Tensor, shape) -> torch.Tensor:
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _kernel_backend(x: torch.Tensor) -> str:
+    """Layers run the Triton kernels on GPUs only (the interpreter would crawl through a whole model), and
+    the reference when a gradient is needed: the kernels have no backward."""
+    return "reference" if not x.is_cuda or (torch.is_grad_enabled() and x.requires_grad) else "auto"
+
+
+class _Int8PerChannelLinear(_QuantizedLinear):
+    """int8 weights, symmetric, one fp32 scale per output channel: what both int8 schemes store."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear):
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        q, scale, _ = quantize(linear.weight.detach(), bits=8, axis=0, symmetric=True)
+        module.weight.copy_(q)
+        module.scales.copy_(scale.flatten())
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module.to(linear.weight.device)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight.float() * self.scales[:, None]
+
+
+class Int8WeightOnlyLinear(_Int8PerChannelLinear):
+    """nn.Linear with int8 weights (symmetric, one scale per output channel) and float activations."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = int8_weight_only_linear(x.reshape(-1, self.in_features), self.weight, self.scales, _kernel_backend(x))
+        return self._finish(y, x.shape)
+
+
+def _check_granularity_name(granularity) -> None:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
+def _int4_qparams(weight: torch.Tensor, group_size: int | None, granularity: str):
+    """Asymmetric 4-bit min-max (scales fp16 (out, G), zeros int32 (out, G), the group length) of a (out, in) weight.
+
+    Per tensor and per channel are groups too, of a whole row (G = 1): one storage format
+    for all three. Scales are rounded to fp16 (2 bytes per group instead of 4) before use.
+    """
+    _check_granularity_name(granularity)
+    _check_float(weight, "weight")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if granularity == "group":
+        scale, zero_point = calibrate(weight, bits=4, group_size=group_size)
+        length = group_size
+    else:
+        scale, zero_point = calibrate(weight, bits=4, axis=0 if granularity == "channel" else None)
+        length = in_features
+    scale = scale.expand(out_features, 1) if scale.dim() == 0 else scale  # per tensor: the same for every row
+    zero_point = zero_point.expand(out_features, 1) if zero_point.dim() == 0 else zero_point
+    return scale.reshape(out_features, -1).half(), zero_point.reshape(out_features, -1), length
+
+
+def int4_parameters(weight: torch.Tensor, group_size: int | None = 32, granularity: str = "group"):
+    """Asymmetric 4-bit quantization of a (out, in) weight: (q uint8 0..15, scales fp16, zeros uint8, group length).
+
+    The weights are quantized with the fp16-rounded scales: what is stored is what was used.
+    """
+    scale, zero_point, length = _int4_qparams(weight, group_size, granularity)
+    q, _, _ = quantize(weight, bits=4, group_size=length, scale=scale.float(), zero_point=zero_point)
+    return q, scale, zero_point.to(torch.uint8), length
+
+
+class Int4WeightOnlyLinear(_QuantizedLinear):
+    """nn.Linear with 4-bit weights packed two per byte, one fp16 scale and zero point per group of a row."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 32) -> None:
+        super().__init__(in_features, out_features, bias)
+        if in_features % 2:
+            raise ValueError(f"in_features must be even to pack two 4-bit weights per byte, got {in_features}")
+        _check_granularity(torch.empty(1, in_features, device="meta"), None, group_size)
+        self.group_size = group_size
+        groups = in_features // group_size
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float16))
+        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32, granularity: str = "group") -> Int4WeightOnlyLinear:
+        """Per group of ``group_size`` (granularity "group"), per output channel ("channel") or per tensor ("tensor")."""
+        q, scales, zeros, length = int4_parameters(linear.weight.detach(), group_size, granularity)
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, length)
+        module.weight.copy_(pack_int4(q))
+        module.scales.copy_(scales)
+        module.zeros.copy_(zeros)
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module.to(linear.weight.device)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize(unpack_int4(self.weight), self.scales.float(), self.zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = int4_weight_only_linear(
+            x.reshape(-1, self.in_features), self.weight, self.scales, self.zeros, self.group_size, _kernel_backend(x)
+        )
+        return self._finish(y, x.shape)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
+class W8A8Linear(_Int8PerChannelLinear):
+    """int8 weights (per channel) and int8 activations (per token, quantized on the fly): an integer matmul.
+
+    The integer matmul is ``torch._int_mm`` on CPUs and the Triton kernel on GPUs; rounding the
+    activations has no useful gradient, so this layer is for inference only.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        x_int8, x_scales = quantize_per_token(x2)  # dynamic: a fresh scale for every token, every call
+        bias = self.bias.detach() if self.bias is not None else None
+        y = int8_linear(x_int8, self.weight, x_scales, self.scales, bias, x.dtype, _kernel_backend(x_int8))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_model(
+    model: nn.Module, scheme: str, group_size: int = 32, granularity: str = "group", only=None
+) -> nn.Module:
+    """Post-training quantization by module swap, in place: every linear but the tied head; returns ``model``.
+
+    Schemes: ``"int8_weight_only"`` (symmetric, per output channel), ``"int4_weight_only"``
+    (asymmetric; per group of ``group_size`` along the input dimension, or per ``granularity``
+    "channel" or "tensor") and ``"w8a8"`` (int8 weights per channel, int8 activations per token,
+    dynamic). The embeddings, LayerNorms and the tied head stay in floating point.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    _check_granularity_name(granularity)
+    if scheme == "int4_weight_only" and granularity == "group":
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and name != "lm_head" and (only is None or only(name)):
+                try:
+                    _check_granularity(module.weight, None, group_size)
+                except ValueError as err:
+                    raise ValueError(f"layer {name} (in_features {module.in_features}): {err}") from None
+    factories: dict[str, Callable[[str, nn.Linear], nn.Module]] = {
+        "int8_weight_only": lambda name, linear: Int8WeightOnlyLinear.from_linear(linear),
+        "int4_weight_only": lambda name, linear: Int4WeightOnlyLinear.from_linear(linear, group_size, granularity),
+        "w8a8": lambda name, linear: W8A8Linear.from_linear(linear),
+    }
+    return replace_linears(model, factories[scheme], only=only)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (a tied weight once): what the model occupies in memory."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def layer_errors(original: nn.Module, quantized: nn.Module) -> dict[str, float]:
+    """Relative error ||W - Ŵ|| / ||W|| of each quantized layer against the float layer it replaced."""
+    errors = {}
+    for name, module in quantized.named_modules():
+        if hasattr(module, "dequantized_weight"):
+            w = original.get_submodule(name).weight.detach().float()
+            errors[name] = ((module.dequantized_weight() - w).norm() / w.norm()).item()
+    return errors
+
+
+# ---------------------------------------------------------------------------------------
+# Quantization-aware training: fake quantization with a straight-through estimator.
+# ---------------------------------------------------------------------------------------
+class FakeQuantize(torch.autograd.Function):
+    """Forward: (clamp(round(x / s) + z) - z) · s. Backward: the straight-through estimator.
+
+    round() has zero gradient almost everywhere, so training through it would never move the
+    weights. The STE pretends the rounding is the identity: the gradient passes straight
+    through, except where x was clipped (outside the grid), where it is 0 — as in PyTorch's
+    ``torch.fake_quantize_per_channel_affine``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int):
+        q = torch.round(x * torch.reciprocal(scale)) + zero_point  # scale, zero_point broadcast to x
+        inside = (q >= qmin) & (q <= qmax)
+        ctx.save_for_backward(inside)
+        return (torch.clamp(q, qmin, qmax) - zero_point) * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (inside,) = ctx.saved_tensors
+        return grad_output * inside, None, None, None, None
+
+
+def int4_fake_quantize(weight: torch.Tensor, group_size: int | None = 32, granularity: str = "group") -> torch.Tensor:
+    """The int4 weight-only scheme simulated in floating point, with a straight-through gradient.
+
+    Scale and zero point are recomputed from the current weights (min-max) at every call and
+    get no gradient; the forward value equals what ``Int4WeightOnlyLinear`` would compute with.
+    """
+    scale, zero_point, _ = _int4_qparams(weight.detach(), group_size, granularity)
+    scale = _expand(scale.float(), weight.shape)
+    return FakeQuantize.apply(weight, scale, _expand(zero_point.float(), weight.shape), 0, 15)
+
+
+class QATLinear(nn.Linear):
+    """nn.Linear that trains its fp32 weight through 4-bit fake quantization (the seed's Dequantize(Quantize(W))·x).
+
+    It is an nn.Linear, so ``quantize_model(model, "int4_weight_only", group_size, granularity)``
+    converts it afterwards into the real thing, with the same numbers as its forward pass.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, group_size: int = 32, granularity: str = "group"
+    ) -> None:
+        super().__init__(in_features, out_features, bias)
+        _check_granularity_name(granularity)
+        self.group_size, self.granularity = group_size, granularity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, int4_fake_quantize(self.weight, self.group_size, self.granularity), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            super().extra_repr()
+            + f", int4 per {self.granularity}"
+            + (f" of {self.group_size}" if self.granularity == "group" else "")
+        )
+
+
+def prepare_qat(model: nn.Module, group_size: int = 32, granularity: str = "group") -> nn.Module:
+    """Swap every linear (but the tied head) for a QATLinear sharing its weights, in place; returns ``model``."""
+    _check_granularity_name(granularity)
+
+    def factory(name: str, linear: nn.Linear) -> QATLinear:
+        if granularity == "group":
+            _check_granularity(linear.weight, None, group_size)
+        qat = QATLinear(linear.in_features, linear.out_features, linear.bias is not None, group_size, granularity)
+        qat.weight, qat.bias = linear.weight, linear.bias  # the same Parameters: the optimizer sees the masters
+        return qat.to(linear.weight.device)
+
+    return replace_linears(model, factory)
+
+
+# ---------------------------------------------------------------------------------------
+# Mixed precision: dynamic loss scaling, written from scratch.
+# ---------------------------------------------------------------------------------------
+class LossScaler:
+    """Dynamic loss scaling, the algorithm of ``torch.amp.GradScaler`` written out.
+
+    fp16 gradients underflow: anything below 2^-24 becomes 0. Multiplying the loss by a large
+    scale S multiplies every gradient by S (the chain rule is linear), lifting them into range;
+    dividing the gradients by S before the optimizer step undoes it. Too large an S overflows
+    to inf: then the step is skipped and S halves. After ``growth_interval`` clean steps in a
+    row S doubles, to probe for the largest scale that does not overflow.
+
+    Use it like GradScaler: ``scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()``.
+    """
+
+    def __init__(
+        self,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+    ) -> None:
+        if not init_scale > 0 or not math.isfinite(init_scale):
+            raise ValueError(f"init_scale must be finite and > 0, got {init_scale!r}")
+        if not growth_factor > 1.0:
+            raise ValueError(f"growth_factor must be > 1, got {growth_factor!r}")
+        if not 0.0 < backoff_factor < 1.0:
+            raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
+        if not isinstance(growth_interval, int) or growth_interval < 1:
+            raise ValueError(f"growth_interval must be an int >= 1, got {growth_interval!r}")
+        self.scale_value = torch.tensor(init_scale, dtype=torch.float32)  # fp32, as GradScaler keeps it
+        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
+        self.growth_tracker = 0  # clean steps since the last change of scale
+        self.found_inf = False
+        self._unscaled = False
+        self.history: list[dict] = []  # one {"scale", "skipped"} per update(): the scale used, and the outcome
+
+    def get_scale(self) -> float:
+        return self.scale_value.item()
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """loss · S: backward through it gives gradients · S."""
+        return loss * self.scale_value.to(loss.device)
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide every gradient by S (multiply by 1/S, computed in float64 then rounded, as PyTorch does),
+        and note whether any gradient holds an inf or a NaN."""
+        if self._unscaled:
+            raise ValueError("unscale_ was already called for this step; call update() first")
+        inv_scale = self.scale_value.double().reciprocal().float()
+        found = False
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                found = found or not bool(torch.isfinite(p.grad).all())
+                p.grad.mul_(inv_scale.to(p.grad.device))
+        self.found_inf = found
+        self._unscaled = True
+
+    def step(self, optimizer: torch.optim.Optimizer):
+        """Unscale (if not done yet), then step the optimizer, unless a gradient overflowed: then skip."""
+        if not self._unscaled:
+            self.unscale_(optimizer)
+        return None if self.found_inf else optimizer.step()
+
+    def update(self) -> None:
+        """Back off after an overflow; grow after ``growth_interval`` clean steps in a row."""
+        self.history.append({"scale": self.get_scale(), "skipped": self.found_inf})
+        if self.found_inf:
+            self.scale_value = (self.scale_value.double() * self.backoff_factor).float()
+            self.growth_tracker = 0
+        else:
+            self.growth_tracker += 1
+            if self.growth_tracker == self.growth_interval:
+                grown = (self.scale_value.double() * self.growth_factor).float()
+                if torch.isfinite(grown):  # never grow into inf
+                    self.scale_value = grown
+                self.growth_tracker = 0
+        self.found_inf, self._unscaled = False, False
+
+
+def train_step(model, optimizer, x, y, autocast_dtype: torch.dtype | None = None, scaler=None) -> float:
+    """One training step: forward (under autocast to ``autocast_dtype`` if given), backward, optimizer step.
+
+    The weights stay fp32 (the master copy): autocast runs each matmul in the low-precision
+    dtype on casts of them, and the optimizer updates the fp32 originals. With ``scaler``
+    (a LossScaler or GradScaler), the loss is scaled and steps with inf/NaN gradients skipped.
+    """
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return loss.item()
+
+
+# ---------------------------------------------------------------------------------------
+# The PTQ table: quality, memory and speed of each scheme, side by side.
+# ---------------------------------------------------------------------------------------
+def scheme_table(
+    schemes=("fp32",) + SCHEMES,
+    group_size: int = 32,
+    granularity: str = "group",
+    text: str | None = None,
+    n_task: int = 40,
+    prefill_shape: tuple[int, int] = (4, 256),
+    decode_tokens: int = 32,
+    repeat: int = 5,
+    model_name: str = "tiny",
+) -> list[dict]:
+    """One row per scheme: perplexity, task accuracy (specific prompts, 5 tasks), weight bytes, prefill and decode time.
+
+    Each scheme quantizes a fresh copy of the shipped model; prefill is one forward pass of
+    ``prefill_shape`` (batch, tokens), decode is greedy generation of ``decode_tokens`` tokens
+    at batch 1 with the KV cache, per token. Times are medians of ``repeat`` runs.
+    """
+    from . import data, load_model
+    from .bench import measure
+    from .evaluation import evaluate, perplexity
+    from .train import validation_text
+
+    text = text or validation_text(40_000)
+    base, tokenizer = load_model(model_name)
+    idx = torch.randint(0, 100, prefill_shape, generator=torch.Generator().manual_seed(0))
+    prompt = idx[:1, :16]
+    rows = []
+    for scheme in schemes:
+        if scheme != "fp32" and scheme not in SCHEMES:
+            raise ValueError(f"schemes must be 'fp32' or in {SCHEMES}, got {scheme!r}")
+        model = copy.deepcopy(base)
+        if scheme != "fp32":
+            quantize_model(model, scheme, group_size, granularity)
+        with torch.no_grad():
+            prefill = measure(lambda: model(idx), warmup=1, repeat=repeat, device="cpu").median_s
+            decode = measure(
+                lambda: model.generate(prompt, decode_tokens, temperature=0), warmup=1, repeat=repeat, device="cpu"
+            ).median_s
+        accuracy = sum(evaluate(model, tokenizer, t, "specific", 0, n=n_task) for t in data.tasks()) / len(data.tasks())
+        rows.append(
+            {
+                "scheme": scheme,
+                "perplexity": perplexity(model, tokenizer, text),
+                "accuracy": accuracy,
+                "weight_bytes": weight_bytes(model),
+                "prefill_s": prefill,
+                "decode_s_per_token": decode / decode_tokens,
+            }
+        )
+    return rows
+
+
+def _register() -> None:
+    from .bench import compare, register_suite
+
+    @register_suite("quant")
+    def quant_suite(quick: bool = False) -> list[dict]:
+        """W8A8 linear vs fp32 nn.Linear vs PyTorch dynamic int8 (M=256, K=N=2048); LabGPT tiny W8A8 prefill."""
+        from . import load_model
+        from .evaluation import perplexity
+        from .train import validation_text
+
+        rows = []
+        torch.manual_seed(0)
+        linear = nn.Linear(2048, 2048)
+        x = torch.randn(256, 2048)
+        w8a8 = W8A8Linear.from_linear(linear)
+        with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
+            warnings.simplefilter("ignore")
+            dynamic = torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)
+        x_int8, w_t = torch.randint(-127, 128, (256, 2048), dtype=torch.int8), w8a8.weight.t()
+        variants = {
+            "fp32 nn.Linear 256x2048x2048": lambda: linear(x),
+            "labkit W8A8Linear": lambda: w8a8(x),
+            "torch quantize_dynamic int8": lambda: dynamic(x),
+            "torch._int_mm alone (no quantize/dequantize)": lambda: torch._int_mm(x_int8, w_t),
+        }
+        with torch.no_grad():
+            rows += compare(variants, warmup=3, repeat=5 if quick else 15, suite="quant")
+
+        model, tokenizer = load_model("tiny")
+        quantized = quantize_model(copy.deepcopy(model), "w8a8")
+        idx = torch.randint(0, 100, (4, 256), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            prefill = compare(
+                {"tiny fp32 prefill 4x256": lambda: model(idx), "tiny W8A8 prefill 4x256": lambda: quantized(idx)},
+                warmup=2,
+                repeat=5 if quick else 15,
+                suite="quant",
+            )
+        text = validation_text(10_000 if quick else 40_000)
+        ppl_fp32, ppl_w8a8 = perplexity(model, tokenizer, text), perplexity(quantized, tokenizer, text)
+        for row in prefill:
+            row["perplexity"] = ppl_w8a8 if "W8A8" in row["variant"] else ppl_fp32
+        print(f"perplexity: fp32 {ppl_fp32:.4f}, W8A8 {ppl_w8a8:.4f} ({100 * (ppl_w8a8 / ppl_fp32 - 1):+.2f}%)")
+        return rows + prefill
+
+
+_register()

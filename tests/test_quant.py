@@ -1,0 +1,466 @@
+"""Quantization: equality with PyTorch's quantizers and observers, error bounds, the quantized layers and
+kernels against their references (Triton under the interpreter), QAT's straight-through estimator,
+and the loss scaler against torch.amp.GradScaler."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from labkit import check, kernels, quant
+from labkit.kernels import quant_kernels as qk
+from labkit.solutions import quant as solutions
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not kernels.interpreting(), reason="needs TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+]
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# -- quantize / dequantize against PyTorch ---------------------------------------------------
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_per_tensor_int8_equals_torch_quantize_per_tensor(symmetric):
+    x = _randn(64, 96) * 3
+    q, scale, zero_point = quant.quantize(x, bits=8, symmetric=symmetric)
+    dtype = torch.qint8 if symmetric else torch.quint8
+    expected = torch.quantize_per_tensor(x, scale.item(), int(zero_point), dtype)
+    assert q.dtype == (torch.int8 if symmetric else torch.uint8)
+    assert torch.equal(q, expected.int_repr())
+    assert torch.equal(quant.dequantize(q, scale, zero_point), expected.dequantize())
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_per_channel_int8_equals_torch_quantize_per_channel(axis, symmetric):
+    x = _randn(48, 80, seed=axis) * torch.linspace(0.1, 4, 80)  # channels of very different ranges
+    q, scale, zero_point = quant.quantize(x, bits=8, axis=axis, symmetric=symmetric)
+    assert scale.shape == tuple(x.shape[d] if d == axis else 1 for d in range(2))
+    dtype = torch.qint8 if symmetric else torch.quint8
+    expected = torch.quantize_per_channel(x, scale.flatten().double(), zero_point.flatten().long(), axis, dtype)
+    assert torch.equal(q, expected.int_repr())
+    assert torch.equal(quant.dequantize(q, scale, zero_point), expected.dequantize())
+
+
+def test_given_scale_and_zero_point_clip_like_torch():
+    x = _randn(1000) * 5  # scale 0.02: most values fall outside the grid and are clipped
+    q, _, _ = quant.quantize(x, bits=8, scale=0.02, zero_point=100)
+    assert torch.equal(q, torch.quantize_per_tensor(x, 0.02, 100, torch.quint8).int_repr())
+    assert q.min() == 0 and q.max() == 255
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_minmax_observer_equals_torch_observers(bits, symmetric):
+    from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
+
+    qmin, qmax = quant.integer_range(bits, symmetric)
+    x = _randn(32, 40, seed=bits) + 0.5
+    kwargs = dict(quant_min=qmin, quant_max=qmax, dtype=torch.qint8 if symmetric else torch.quint8)
+    observer = MinMaxObserver(qscheme=torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine, **kwargs)
+    observer(x)
+    scale, zero_point = quant.calibrate(x, bits, symmetric=symmetric)
+    torch_scale, torch_zero = observer.calculate_qparams()
+    assert torch.equal(scale.reshape(1), torch_scale) and torch.equal(zero_point.reshape(1).long(), torch_zero.long())
+    scheme = torch.per_channel_symmetric if symmetric else torch.per_channel_affine
+    per_channel = PerChannelMinMaxObserver(ch_axis=0, qscheme=scheme, **kwargs)
+    per_channel(x)
+    scale, zero_point = quant.calibrate(x, bits, axis=0, symmetric=symmetric)
+    torch_scale, torch_zero = per_channel.calculate_qparams()
+    assert torch.equal(scale.flatten(), torch_scale) and torch.equal(zero_point.flatten().long(), torch_zero.long())
+
+
+def test_grids_and_dtypes():
+    assert quant.integer_range(8, True) == (-127, 127) and quant.integer_range(8, False) == (0, 255)
+    assert quant.integer_range(4, True) == (-7, 7) and quant.integer_range(2, False) == (0, 3)
+    for bits in range(2, 9):
+        for symmetric in (False, True):
+            q, _, _ = quant.quantize(_randn(500, seed=bits) * 10, bits, symmetric=symmetric)
+            lo, hi = quant.integer_range(bits, symmetric)
+            if symmetric:  # the end with the larger |x| reaches the grid's end
+                assert q.min() == lo or q.max() == hi
+            else:  # min-max uses the whole grid
+                assert q.min() == lo and q.max() == hi
+
+
+# -- error bounds ------------------------------------------------------------------------------
+GRANULARITIES = [dict(), dict(axis=0), dict(axis=1), dict(group_size=16)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("granularity", GRANULARITIES, ids=["tensor", "channel0", "channel1", "group16"])
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+def test_round_trip_error_is_at_most_half_a_step_inside_the_clipping_range(bits, symmetric, granularity, method):
+    x = _randn(24, 64, seed=bits) ** 3  # heavy tails: percentile and MSE clip some values
+    q, scale, zero_point = quant.quantize(x, bits, symmetric=symmetric, method=method, **granularity)
+    x_hat = quant.dequantize(q, scale, zero_point)
+    qmin, qmax = quant.integer_range(bits, symmetric)
+    s = quant._expand(scale, x.shape).expand(x.shape)
+    z = quant._expand(zero_point, x.shape).expand(x.shape).float()
+    lo, hi = (qmin - z) * s, (qmax - z) * s  # the grid's ends; within half a step of them, x rounds onto them
+    inside = (x >= lo - s / 2) & (x <= hi + s / 2)
+    error = (x - x_hat).abs()
+    assert bool((error[inside] <= s[inside] / 2 * (1 + 1e-5) + 1e-7).all())
+    # beyond, values are clipped to the nearest end
+    assert torch.allclose(x_hat[~inside], torch.where(x > hi, hi, lo)[~inside], atol=1e-6)
+    if method == "minmax":
+        assert bool(inside.all())
+
+
+def test_constant_tensors_get_a_valid_scale():
+    for value in (0.0, 3.0, -2.5, 1e-9):
+        for symmetric in (False, True):
+            for kwargs in (dict(), dict(axis=0), dict(group_size=4)):
+                x = torch.full((4, 8), value)
+                q, scale, zero_point = quant.quantize(x, 8, symmetric=symmetric, **kwargs)
+                assert bool(torch.isfinite(scale).all()) and bool((scale > 0).all())
+                x_hat = quant.dequantize(q, scale, zero_point)
+                assert torch.allclose(x_hat, x, atol=scale.max().item() / 2 + 1e-12)
+
+
+def test_percentile_and_mse_clip_outliers_and_mse_is_best():
+    x = _randn(4096)
+    x[0] = 40.0  # one outlier stretches the min-max grid
+    errors = {}
+    for method in quant.METHODS:
+        q, scale, zero_point = quant.quantize(x, 4, method=method)
+        errors[method] = (quant.dequantize(q, scale, zero_point) - x).pow(2).mean().item()
+        if method != "minmax":
+            assert scale < quant.calibrate(x, 4)[0]
+    assert errors["mse"] <= errors["percentile"] and errors["mse"] < errors["minmax"] / 2
+
+
+def test_per_group_parameters_and_shapes():
+    x = _randn(6, 64)
+    q, scale, zero_point = quant.quantize(x, 4, group_size=16)
+    assert q.shape == x.shape and scale.shape == (6, 4) and zero_point.shape == (6, 4)
+    for g in range(4):  # each group alone, per tensor, gives the same numbers
+        chunk = x[:, 16 * g : 16 * (g + 1)]
+        for row in range(6):
+            q_ref, s_ref, z_ref = quant.quantize(chunk[row], 4)
+            assert torch.equal(q[row, 16 * g : 16 * (g + 1)], q_ref) and s_ref == scale[row, g]
+
+
+def test_quantize_per_token_equals_per_channel_symmetric():
+    x = _randn(33, 70) * torch.linspace(0.01, 10, 33)[:, None]
+    x[3] = 0.0
+    q, scales = quant.quantize_per_token(x)
+    q_ref, s_ref, _ = quant.quantize(x, 8, axis=0, symmetric=True)
+    assert torch.equal(q, q_ref) and torch.equal(scales, s_ref.flatten())
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: quant.quantize(torch.randn(8), bits=1), r"bits must be an int in 2\.\.8"),
+        (lambda: quant.quantize(torch.randn(8), bits=9), r"bits must be an int in 2\.\.8"),
+        (lambda: quant.quantize(torch.randn(8), bits=4.0), "bits"),
+        (lambda: quant.calibrate(torch.randn(8), bits=True), "bits"),
+        (lambda: quant.quantize(torch.randn(4, 10), group_size=3), r"group_size .*divides the last dimension \(10\)"),
+        (lambda: quant.quantize(torch.arange(8), bits=8), "floating-point"),
+        (lambda: quant.quantize(torch.randn(4, 4), axis=2), "axis"),
+        (lambda: quant.quantize(torch.randn(4, 4), method="kl"), "method"),
+        (lambda: quant.quantize(torch.randn(4, 4), axis=0, group_size=2), "not both"),
+        (lambda: quant.quantize(torch.randn(4, 4), scale=0.0), "scale"),
+        (lambda: quant.quantize_model(nn.Linear(4, 4), "int3"), r"scheme must be one of"),
+        (lambda: quant.quantize_model(nn.Sequential(nn.Linear(10, 4)), "int4_weight_only", 4), "group_size"),
+        (lambda: quant.quantize_model(nn.Sequential(nn.Linear(8, 4)), "int4_weight_only", granularity="row"), "granul"),
+        (lambda: quant.dequantize(torch.randn(3), 1.0), "integer"),
+        (lambda: quant.LossScaler(growth_interval=0), "growth_interval"),
+    ],
+)
+def test_bad_input_is_a_value_error_naming_it(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# -- packing, layers, quantize_model ------------------------------------------------------------
+def test_int4_packing_round_trips():
+    q = torch.randint(0, 16, (5, 12), generator=torch.Generator().manual_seed(0))
+    packed = qk.pack_int4(q)
+    assert packed.shape == (5, 6) and packed.dtype == torch.uint8
+    assert int(packed[0, 0]) == int(q[0, 0]) + 16 * int(q[0, 1])  # column 2j low nibble, 2j+1 high
+    assert torch.equal(qk.unpack_int4(packed), q.to(torch.uint8))
+    with pytest.raises(ValueError, match="0..15"):
+        qk.pack_int4(torch.full((2, 2), 16))
+
+
+@pytest.mark.parametrize("granularity", ["group", "channel", "tensor"])
+def test_quantized_layers_compute_with_their_dequantized_weights(granularity):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 24)
+    x = _randn(3, 5, 64)
+    layers = [
+        quant.Int8WeightOnlyLinear.from_linear(linear),
+        quant.Int4WeightOnlyLinear.from_linear(linear, 16, granularity),
+        quant.W8A8Linear.from_linear(linear),
+    ]
+    with torch.no_grad():
+        for layer in layers[:2]:
+            expected = nn.functional.linear(x, layer.dequantized_weight(), linear.bias)
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+        w8a8 = layers[2]
+        x_q, x_s = quant.quantize_per_token(x.reshape(-1, 64))
+        expected = nn.functional.linear(x_q.float() * x_s[:, None], w8a8.dequantized_weight(), linear.bias)
+        torch.testing.assert_close(w8a8(x), expected.reshape(3, 5, 24), rtol=1e-5, atol=1e-5)
+        for layer, tolerance in zip(layers, (0.01, 0.2, 0.02)):  # close to the float layer, relative error
+            error = (layer(x) - linear(x)).norm() / linear(x).norm()
+            assert error < tolerance, (type(layer).__name__, error)
+    int4 = layers[1]
+    assert int4.weight.shape == (24, 32) and int4.scales.dtype == torch.float16
+    assert int4.scales.shape == {"group": (24, 4), "channel": (24, 1), "tensor": (24, 1)}[granularity]
+    if granularity == "tensor":
+        assert bool((int4.scales == int4.scales[0, 0]).all())
+
+
+@pytest.mark.parametrize("scheme", quant.SCHEMES)
+def test_quantize_model_swaps_every_linear_but_the_tied_head(nano, scheme):
+    reference = copy.deepcopy(nano)
+    quant.quantize_model(nano, scheme, group_size=16)
+    kinds = {type(m).__name__ for n, m in nano.named_modules() if "c_" in n.rsplit(".", 1)[-1]}
+    assert kinds == {
+        {"int8_weight_only": "Int8WeightOnlyLinear", "int4_weight_only": "Int4WeightOnlyLinear", "w8a8": "W8A8Linear"}[
+            scheme
+        ]
+    }
+    assert isinstance(nano.lm_head, nn.Linear) and nano.lm_head.weight is nano.transformer.wte.weight
+    assert quant.weight_bytes(nano) < quant.weight_bytes(reference)
+    errors = quant.layer_errors(reference, nano)
+    assert len(errors) == 4 * nano.config.n_layer and max(errors.values()) < (0.2 if "int4" in scheme else 0.02)
+    idx = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(nano(idx), reference(idx), atol=0.1 if "int4" in scheme else 0.02)
+
+
+def test_weight_bytes_counts_the_int_storage():
+    linear = nn.Linear(64, 32)
+    assert quant.weight_bytes(quant.Int8WeightOnlyLinear.from_linear(linear)) == 64 * 32 + 32 * 4 + 32 * 4
+    assert (
+        quant.weight_bytes(quant.Int4WeightOnlyLinear.from_linear(linear, 32))
+        == 64 * 32 // 2 + 2 * 32 * (2 + 1) + 32 * 4
+    )
+
+
+def test_tiny_w8a8_perplexity_is_within_3_percent():
+    import labkit
+    from labkit.evaluation import perplexity
+    from labkit.train import validation_text
+
+    model, tokenizer = labkit.load_model("tiny")
+    text = validation_text(3_000)
+    fp32 = perplexity(model, tokenizer, text)
+    w8a8 = perplexity(quant.quantize_model(model, "w8a8"), tokenizer, text)
+    assert abs(w8a8 / fp32 - 1) < 0.03
+
+
+def test_quantized_weight_only_models_fine_tune_their_float_parameters(nano):
+    from labkit.train import finetune
+
+    quant.quantize_model(nano, "int4_weight_only", group_size=16)
+    bias = nano.transformer.h[0].mlp.c_fc.bias.detach().clone()
+    packed = nano.transformer.h[0].mlp.c_fc.weight.clone()
+    losses = finetune(nano, steps=2, batch_size=2, seq_len=32, corpus_chars=20_000, progress=False)
+    assert len(losses) == 2
+    assert not torch.equal(nano.transformer.h[0].mlp.c_fc.bias, bias)  # trained
+    assert torch.equal(nano.transformer.h[0].mlp.c_fc.weight, packed)  # the integers stay
+
+
+# -- kernels vs references (Triton under the interpreter; tiny shapes) ---------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m, k, n", [(1, 64, 20), (3, 96, 17), (20, 64, 40)])
+def test_int8_weight_only_kernel_matches_reference(device, m, k, n):
+    g = torch.Generator().manual_seed(m + k + n)
+    x = torch.randn(m, k, generator=g).to(device)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g).to(device)
+    scales = (torch.rand(n, generator=g) / 100).to(device)
+    expected = qk.int8_weight_only_linear_reference(x, w, scales)
+    torch.testing.assert_close(
+        qk.int8_weight_only_linear(x, w, scales, backend="triton"), expected, rtol=1e-4, atol=1e-4
+    )
+    for dtype, tolerance in ((torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)):  # one ulp of the output dtype
+        got = qk.int8_weight_only_linear(x.to(dtype), w, scales, backend="triton")
+        expected = qk.int8_weight_only_linear_reference(x.to(dtype), w, scales)
+        torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", [qk.GemvConfig(8, 32, 2, 1, 1), qk.GemvConfig(4, 64, 3, 1, 1)])
+def test_int8_gemv_split_k_adds_up(device, config):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 192, generator=g).to(device)
+    w = torch.randint(-127, 128, (24, 192), dtype=torch.int8, generator=g).to(device)
+    scales = torch.rand(24, generator=g).to(device) / 100
+    got = qk.int8_weight_only_linear_triton(x, w, scales, config=config)
+    torch.testing.assert_close(got, qk.int8_weight_only_linear_reference(x, w, scales), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m, k, n, group", [(1, 64, 20, 32), (2, 128, 12, 64), (20, 64, 24, 32)])
+def test_int4_weight_only_kernel_matches_reference(device, m, k, n, group):
+    g = torch.Generator().manual_seed(m + n)
+    x = torch.randn(m, k, generator=g).to(device)
+    q, scales, zeros, _ = quant.int4_parameters(torch.randn(n, k, generator=g), group)
+    packed, scales, zeros = qk.pack_int4(q).to(device), scales.to(device), zeros.to(device)
+    expected = qk.int4_weight_only_linear_reference(x, packed, scales, zeros, group)
+    got = qk.int4_weight_only_linear(x, packed, scales, zeros, group, backend="triton")
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    if m == 1:
+        split = qk.int4_weight_only_linear_triton(x, packed, scales, zeros, group, config=qk.GemvConfig(4, 32, 2, 1, 1))
+        torch.testing.assert_close(split, expected, rtol=1e-4, atol=1e-4)
+    got16 = qk.int4_weight_only_linear(x.half(), packed, scales, zeros, group, backend="triton")
+    expected16 = qk.int4_weight_only_linear_reference(x.half(), packed, scales, zeros, group)
+    torch.testing.assert_close(got16.float(), expected16.float(), rtol=4e-3, atol=4e-3)  # dequantized W rounds to fp16
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m, k, n, bias", [(20, 64, 40, True), (17, 40, 24, False), (1, 64, 16, True)])
+def test_int8_linear_kernel_matches_reference(device, m, k, n, bias):
+    g = torch.Generator().manual_seed(m * n)
+    x_q, x_s = quant.quantize_per_token(torch.randn(m, k, generator=g))
+    w_q, w_s, _ = quant.quantize(torch.randn(n, k, generator=g), 8, axis=0, symmetric=True)
+    b = torch.randn(n, generator=g) if bias else None
+    args = [t.to(device) if t is not None else None for t in (x_q, w_q, x_s, w_s.flatten(), b)]
+    expected = qk.int8_linear_reference(*args)
+    torch.testing.assert_close(qk.int8_linear(*args, backend="triton"), expected, rtol=1e-6, atol=1e-6)
+    out = qk.int8_linear(*args, out_dtype=torch.bfloat16, backend="triton")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=1.6e-2, atol=1.6e-2)
+
+
+def test_int8_linear_reference_is_exact_integer_arithmetic():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-127, 128, (5, 33), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (7, 33), dtype=torch.int8, generator=g)
+    ones_x, ones_w = torch.ones(5), torch.ones(7)
+    assert torch.equal(qk.int8_linear_reference(x, w, ones_x, ones_w), (x.long() @ w.long().t()).float())
+
+
+def test_kernel_wrappers_reject_bad_shapes():
+    x, w, s = torch.randn(2, 8), torch.zeros(4, 8, dtype=torch.int8), torch.ones(4)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 8\)"):
+        qk.int8_weight_only_linear(torch.randn(2, 9), w, s)
+    with pytest.raises(ValueError, match="int8"):
+        qk.int8_weight_only_linear(x, w.float(), s)
+    with pytest.raises(ValueError, match="scales"):
+        qk.int8_weight_only_linear(x, w, torch.ones(3))
+    with pytest.raises(ValueError, match="group_size"):
+        qk.int4_weight_only_linear(x, torch.zeros(4, 4, dtype=torch.uint8), torch.ones(4, 1), torch.ones(4, 1), 6)
+    with pytest.raises(ValueError, match="last dimensions"):
+        qk.int8_linear(torch.zeros(2, 9, dtype=torch.int8), w, torch.ones(2), s)
+    with pytest.raises(ValueError, match="floating tensor"):
+        qk.int8_weight_only_linear(torch.zeros(2, 8, dtype=torch.int32), w, s)
+
+
+# -- QAT and the straight-through estimator ------------------------------------------------------
+def test_fake_quantize_and_its_ste_gradient_equal_torch():
+    x = (_randn(6, 40) * 3).requires_grad_()
+    scale = torch.rand(6, generator=torch.Generator().manual_seed(1)) / 20 + 0.01  # some values clip
+    zero_point = torch.tensor([0, 3, 7, 8, 12, 15], dtype=torch.int32)
+    ours = quant.FakeQuantize.apply(x, scale[:, None], zero_point[:, None].float(), 0, 15)
+    x_torch = x.detach().clone().requires_grad_()
+    theirs = torch.fake_quantize_per_channel_affine(x_torch, scale, zero_point, 0, 0, 15)
+    assert torch.equal(ours, theirs)
+    grad = _randn(6, 40, seed=2)
+    ours.backward(grad)
+    theirs.backward(grad)
+    assert torch.equal(x.grad, x_torch.grad) and 0 < int((x.grad == 0).sum()) < x.numel()
+
+
+@pytest.mark.parametrize("granularity", ["group", "channel", "tensor"])
+def test_qat_model_equals_its_converted_int4_model(nano, granularity):
+    quant.prepare_qat(nano, group_size=16, granularity=granularity)
+    assert isinstance(nano.transformer.h[0].attn.c_attn, quant.QATLinear)
+    idx = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    nano.loss(idx, idx).backward()
+    assert nano.transformer.h[0].mlp.c_fc.weight.grad.abs().sum() > 0  # the STE lets gradients through
+    with torch.no_grad():
+        fake = nano(idx)
+        converted = quant.quantize_model(copy.deepcopy(nano), "int4_weight_only", 16, granularity)
+        torch.testing.assert_close(converted(idx), fake, rtol=1e-5, atol=1e-5)
+
+
+# -- loss scaling ----------------------------------------------------------------------------------
+def _scaler_run(scaler, steps=24, poison=(2, 3, 9, 15), loss_factor=1.0):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01 / loss_factor)
+    scales, skipped = [], []
+    for step in range(steps):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        loss = (model(x) ** 2).mean() * loss_factor
+        if step in poison:  # an overflow, as a too-large scale or a bad batch produces
+            loss = loss * float("inf") if step % 2 else loss * float("nan")
+        optimizer.zero_grad()
+        before = [p.detach().clone() for p in model.parameters()]
+        scales.append(float(torch.tensor(scaler.get_scale(), dtype=torch.float32)))  # both keep S in fp32
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        skipped.append(all(torch.equal(b, p) for b, p in zip(before, model.parameters())))
+    return (
+        scales + [float(torch.tensor(scaler.get_scale(), dtype=torch.float32))],
+        skipped,
+        [p.detach() for p in model.parameters()],
+    )
+
+
+@pytest.mark.parametrize("init_scale, growth_interval", [(2.0**16, 3), (2.0**127, 2), (1.0, 1), (3.0e38, 4)])
+def test_loss_scaler_equals_grad_scaler(init_scale, growth_interval):
+    kwargs = dict(init_scale=init_scale, growth_interval=growth_interval)
+    ours = _scaler_run(quant.LossScaler(**kwargs))
+    theirs = _scaler_run(torch.amp.GradScaler("cpu", **kwargs))
+    assert ours[0] == theirs[0] and ours[1] == theirs[1]
+    assert all(torch.equal(a, b) for a, b in zip(ours[2], theirs[2]))
+    assert any(ours[1]) and not all(ours[1])
+
+
+def test_loss_scaler_overflows_from_a_too_large_scale_and_backs_off():
+    scaler = quant.LossScaler(init_scale=2.0**127, growth_interval=1000)
+    scales, skipped, _ = _scaler_run(scaler, steps=40, poison=(), loss_factor=1e8)  # gradients ~1e8
+    assert skipped[:2] == [True, True] and scales[1] == 2.0**126 and not any(skipped[-5:])
+    for i, was_skipped in enumerate(skipped):  # halved after each overflow, unchanged otherwise (no growth here)
+        assert scales[i + 1] == (scales[i] / 2 if was_skipped else scales[i])
+    assert [h["skipped"] for h in scaler.history] == skipped
+
+
+# -- exercises: each checker accepts the solution and rejects a plausible wrong answer --------------
+def test_quantize_dequantize_checker():
+    assert check.quantize_dequantize(solutions.quantize, solutions.dequantize)
+
+    def no_clamp(x, scale, zero_point, bits):
+        return torch.round(x / scale + zero_point)
+
+    assert not check.quantize_dequantize(no_clamp, solutions.dequantize)
+
+
+def test_pick_scale_checker():
+    assert check.pick_scale(solutions.pick_scale)
+
+    def forgets_zero(x, bits):
+        lo, hi = x.min(), x.max()
+        scale = (hi - lo) / (2**bits - 1)
+        return scale, int(torch.round(-lo / scale))
+
+    assert not check.pick_scale(forgets_zero)
+
+
+def test_straight_through_checker():
+    assert check.straight_through(solutions.straight_through)
+
+    def no_ste(w, scale, zero_point, qmin, qmax):
+        return (torch.clamp(torch.round(w / scale) + zero_point, qmin, qmax) - zero_point) * scale
+
+    assert not check.straight_through(no_ste)
+
+    def identity_everywhere(w, scale, zero_point, qmin, qmax):
+        q = (torch.clamp(torch.round(w / scale) + zero_point, qmin, qmax) - zero_point) * scale
+        return w + (q - w).detach()  # forgets that clipped values get no gradient
+
+    assert not check.straight_through(identity_everywhere)
