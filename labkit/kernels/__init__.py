@@ -67,3 +67,4 @@ __all__ = [
     "matmul_triton",
     "triton_installed",
 ]
+from .quant_kernels import int4_weight_only_linear, int8_linear, int8_weight_only_linear  # noqa: E402, F401
