@@ -321,7 +321,7 @@ def _dense_weight(linear: nn.Module) -> torch.Tensor:
     return linear.weight.detach()
 
 
-def _shrink_mlp(mlp: nn.Module, keep: torch.Tensor) -> None:
+def remove_neurons(mlp: nn.Module, keep: torch.Tensor) -> None:
     """Keep only the hidden neurons ``keep`` of an MLP: new, smaller c_fc (rows) and c_proj (columns)."""
     keep = torch.as_tensor(keep, dtype=torch.long).sort().values
     fc, proj = mlp.c_fc, mlp.c_proj
@@ -535,7 +535,7 @@ def prune_model(
             to_semi_structured(model)
     elif structure == "neurons":
         for block, keep in zip(model.transformer.h, select_neurons(model, sparsity, scope)):
-            _shrink_mlp(block.mlp, keep)
+            remove_neurons(block.mlp, keep)
     else:
         for block, keep in zip(model.transformer.h, select_heads(model, sparsity, scope, calibration)):
             block.attn = PrunedSelfAttention.from_attention(block.attn, keep)
@@ -638,29 +638,38 @@ def _register() -> None:
 
         rows = []
         repeat = 10 if quick else 30
-        with torch.no_grad():
-            for width, tokens in ((192, 2048), (768, 1024)) if not quick else ((192, 2048), (768, 512)):
+        threads = torch.get_num_threads()
+        # also on one thread: on a busy machine, threads that wait for each other swamp small matmuls
+        settings = sorted({threads, 1}, reverse=True)
+        try:
+            with torch.no_grad():
+                for width, tokens in ((192, 2048), (768, 512 if quick else 1024)):
+                    torch.manual_seed(0)
+                    dense = MLP(GPTConfig(n_embd=width, n_head=1)).eval()
+                    half = copy.deepcopy(dense)
+                    remove_neurons(half, neuron_importance(half).argsort(descending=True)[: 2 * width])
+                    x = torch.randn(tokens, width)
+                    for n in settings:
+                        torch.set_num_threads(n)
+                        variants = {
+                            f"MLP {width}->{4 * width}, {tokens} tokens, {n} thread(s)": lambda: dense(x),
+                            f"50% neurons, {n} thread(s)": lambda: half(x),
+                        }
+                        rows += compare(variants, warmup=5, repeat=repeat, suite="prune")
+                torch.set_num_threads(threads)
                 torch.manual_seed(0)
-                dense = MLP(GPTConfig(n_embd=width, n_head=1)).eval()
-                half = copy.deepcopy(dense)
-                _shrink_mlp(half, neuron_importance(half).argsort(descending=True)[: 2 * width])
-                x = torch.randn(tokens, width)
-                variants = {
-                    f"MLP {width}->{4 * width}, {tokens} tokens": lambda: dense(x),
-                    "50% neurons": lambda: half(x),
-                }
-                rows += compare(variants, warmup=5, repeat=repeat, suite="prune")
-            torch.manual_seed(0)
-            linear = nn.Linear(768, 3072)
-            x = torch.randn(256 if quick else 512, 768)
-            variants = {"dense 768->3072": lambda: linear(x)}
-            for s in (0.5, 0.9):
-                w, mask = magnitude_prune(linear.weight, sparsity=s)
-                zeros = MaskedLinear(w, linear.bias, mask).eval()
-                sparse = CSRLinear(zeros)
-                variants[f"{s:.0%} zeros, dense kernel"] = lambda zeros=zeros: zeros(x)
-                variants[f"{s:.0%} zeros, CSR kernel"] = lambda sparse=sparse: sparse(x)
-            rows += compare(variants, warmup=3, repeat=repeat, suite="prune")
+                linear = nn.Linear(768, 3072)
+                x = torch.randn(256 if quick else 512, 768)
+                variants = {"dense 768->3072": lambda: linear(x)}
+                for s in (0.5, 0.9):
+                    w, mask = magnitude_prune(linear.weight, sparsity=s)
+                    zeros = MaskedLinear(w, linear.bias, mask).eval()
+                    sparse = CSRLinear(zeros)
+                    variants[f"{s:.0%} zeros, dense kernel"] = lambda zeros=zeros: zeros(x)
+                    variants[f"{s:.0%} zeros, CSR kernel"] = lambda sparse=sparse: sparse(x)
+                rows += compare(variants, warmup=3, repeat=repeat, suite="prune")
+        finally:
+            torch.set_num_threads(threads)
         return rows
 
 

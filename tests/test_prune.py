@@ -293,7 +293,7 @@ def test_prune_bench_suite_quick():
     start = time.perf_counter()
     rows = SUITES["prune"](quick=True)
     assert time.perf_counter() - start < 20
-    assert {r["variant"] for r in rows} >= {"50% neurons", "50% zeros, CSR kernel", "90% zeros, CSR kernel"}
+    assert {"50% neurons, 1 thread(s)", "50% zeros, CSR kernel", "90% zeros, CSR kernel"} <= {r["variant"] for r in rows}
     assert all(r["suite"] == "prune" and r["variant_s"] > 0 for r in rows)
 
 
