@@ -31,7 +31,10 @@ _SUBMODULES = {
     "parallel",
     "plots",
     "prompting",
+    "prune",
+    "quant",
     "serving",
+    "sparse",
     "train",
     "widgets",
 }

@@ -193,6 +193,10 @@ SUITE_MODULES = [  # modules that register suites
     "labkit.lowrank",
     "labkit.prompting",
     "labkit.parallel.data",
+    "labkit.sparse",
+    "labkit.kernels.flash_attention",
+    "labkit.prune",
+    "labkit.quant",
 ]
 
 

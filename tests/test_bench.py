@@ -57,7 +57,7 @@ def test_command_line_writes_json_rows(tmp_path, capsys):
         bench.main(["no-such-suite"])
 
 
-@pytest.mark.parametrize("suite", ["labgpt", "kernels", "hardware", "lowrank", "prompting", "parallel"])
+@pytest.mark.parametrize("suite", ["labgpt", "kernels", "hardware", "lowrank", "prompting", "parallel", "sparse", "flash", "prune", "quant"])
 def test_every_registered_suite_runs_and_returns_rows(suite, tmp_path, capsys):
     assert suite in bench.load_suites()
     out = tmp_path / f"{suite}.json"
