@@ -210,16 +210,19 @@ def sliding_window_attention(
         _check_positive("block_size", block_size)
     b = min(block_size or default_block_size(window), T)
     n_blocks = math.ceil(T / b)
-    left = window - 1 - offset  # pad so that every query has window-1 positions before it
+    span = (
+        -(-(window - 1 + b) // 16) * 16
+    )  # the window-1+b keys a block needs, rounded up to 16 (aligned matmuls run ~2x faster)
+    extra = span - (window - 1 + b)  # older keys in the span that no query of the block uses
+    left = window - 1 + extra - offset  # pad so that every query has span-b positions before its block
     right = n_blocks * b - T  # pad the queries (and keys) up to whole blocks
-    span = window - 1 + b
     q_blocks = F.pad(q, (0, 0, 0, right)).view(B, nh, n_blocks, b, hs)
     k_spans = F.pad(k, (0, 0, left, right)).unfold(2, span, b).transpose(-2, -1)  # (B, nh, n_blocks, span, hs) view
     v_spans = F.pad(v, (0, 0, left, right)).unfold(2, span, b).transpose(-2, -1)
 
     r = torch.arange(b, device=q.device).view(b, 1)  # query within its block
-    c = torch.arange(span, device=q.device).view(1, span)  # key within the span
-    padded_key = torch.arange(n_blocks, device=q.device).view(-1, 1, 1) * b + c  # index into the padded keys
+    c = torch.arange(span, device=q.device).view(1, span) - extra  # key within the span, 0 = window-1 before the block
+    padded_key = torch.arange(n_blocks, device=q.device).view(-1, 1, 1) * b + c + extra  # index into the padded keys
     allowed = (c >= r) & (c < r + window) & (padded_key >= left) & (padded_key < left + k.size(2))
     blocked = ~allowed  # (n_blocks, b, span)
 
