@@ -663,55 +663,68 @@ def train_step(model, optimizer, x, y, autocast_dtype: torch.dtype | None = None
 # ---------------------------------------------------------------------------------------
 # The PTQ table: quality, memory and speed of each scheme, side by side.
 # ---------------------------------------------------------------------------------------
+PTQ_VARIANTS = {  # label -> quantize_model arguments (None: the fp32 model itself)
+    "fp32": None,
+    "int8 weight-only": dict(scheme="int8_weight_only"),
+    "int4 weight-only, groups of 32": dict(scheme="int4_weight_only", group_size=32),
+    "int4 weight-only, per channel": dict(scheme="int4_weight_only", granularity="channel"),
+    "int4 weight-only, per tensor": dict(scheme="int4_weight_only", granularity="tensor"),
+    "w8a8": dict(scheme="w8a8"),
+}
+
+
 def scheme_table(
-    schemes=("fp32",) + SCHEMES,
-    group_size: int = 32,
-    granularity: str = "group",
+    variants: dict | None = None,
     text: str | None = None,
     n_task: int = 40,
-    prefill_shape: tuple[int, int] = (4, 256),
+    prefill_shape: tuple[int, int] | None = (4, 256),
     decode_tokens: int = 32,
     repeat: int = 5,
     model_name: str = "tiny",
 ) -> list[dict]:
-    """One row per scheme: perplexity, task accuracy (specific prompts, 5 tasks), weight bytes, prefill and decode time.
+    """One row per variant: perplexity, task accuracy, weight bytes, and (if ``prefill_shape``) measured speed.
 
-    Each scheme quantizes a fresh copy of the shipped model; prefill is one forward pass of
-    ``prefill_shape`` (batch, tokens), decode is greedy generation of ``decode_tokens`` tokens
-    at batch 1 with the KV cache, per token. Times are medians of ``repeat`` runs.
+    ``variants`` maps a label to ``quantize_model`` arguments (None: unquantized); each quantizes
+    a fresh copy of the shipped model. Accuracy: specific zero-shot prompts, ``n_task`` per task,
+    averaged over the 5 tasks. Speed, measured side by side after the quality columns: one
+    forward pass of ``prefill_shape`` (batch, tokens), and greedy decoding of ``decode_tokens``
+    tokens at batch 1 with the KV cache (per token); medians of ``repeat`` runs.
     """
     from . import data, load_model
-    from .bench import measure
+    from .bench import compare
     from .evaluation import evaluate, perplexity
     from .train import validation_text
 
     text = text or validation_text(40_000)
     base, tokenizer = load_model(model_name)
-    idx = torch.randint(0, 100, prefill_shape, generator=torch.Generator().manual_seed(0))
-    prompt = idx[:1, :16]
-    rows = []
-    for scheme in schemes:
-        if scheme != "fp32" and scheme not in SCHEMES:
-            raise ValueError(f"schemes must be 'fp32' or in {SCHEMES}, got {scheme!r}")
+    rows, models = [], {}
+    for label, arguments in (variants or PTQ_VARIANTS).items():
         model = copy.deepcopy(base)
-        if scheme != "fp32":
-            quantize_model(model, scheme, group_size, granularity)
-        with torch.no_grad():
-            prefill = measure(lambda: model(idx), warmup=1, repeat=repeat, device="cpu").median_s
-            decode = measure(
-                lambda: model.generate(prompt, decode_tokens, temperature=0), warmup=1, repeat=repeat, device="cpu"
-            ).median_s
+        if arguments is not None:
+            quantize_model(model, **arguments)
+        models[label] = model
         accuracy = sum(evaluate(model, tokenizer, t, "specific", 0, n=n_task) for t in data.tasks()) / len(data.tasks())
         rows.append(
             {
-                "scheme": scheme,
+                "variant": label,
                 "perplexity": perplexity(model, tokenizer, text),
                 "accuracy": accuracy,
                 "weight_bytes": weight_bytes(model),
-                "prefill_s": prefill,
-                "decode_s_per_token": decode / decode_tokens,
             }
         )
+    if prefill_shape is None:
+        return rows
+    idx = torch.randint(0, 100, prefill_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        prefill = compare({k: (lambda m=m: m(idx)) for k, m in models.items()}, warmup=1, repeat=repeat, show=False)
+        decode = compare(
+            {k: (lambda m=m: m.generate(idx[:1, :16], decode_tokens, temperature=0)) for k, m in models.items()},
+            warmup=1,
+            repeat=repeat,
+            show=False,
+        )
+    for row, p, d in zip(rows, prefill, decode):
+        row.update(prefill_s=p["variant_s"], decode_s_per_token=d["variant_s"] / decode_tokens)
     return rows
 
 

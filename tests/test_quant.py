@@ -320,6 +320,18 @@ def test_int4_weight_only_kernel_matches_reference(device, m, k, n, group):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", [qk.GemvConfig(4, 64, 1, 1, 1), qk.GemvConfig(8, 128, 2, 1, 1)])
+def test_int4_gemv_blocks_of_several_groups_with_a_ragged_end(device, config):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 96, generator=g).to(device)  # K = 96: three groups of 32, blocks of 64 or 128 columns
+    q, scales, zeros, _ = quant.int4_parameters(torch.randn(12, 96, generator=g), 32)
+    packed, scales, zeros = qk.pack_int4(q).to(device), scales.to(device), zeros.to(device)
+    got = qk.int4_weight_only_linear_triton(x, packed, scales, zeros, 32, config=config)
+    expected = qk.int4_weight_only_linear_reference(x, packed, scales, zeros, 32)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m, k, n, bias", [(20, 64, 40, True), (17, 40, 24, False), (1, 64, 16, True)])
 def test_int8_linear_kernel_matches_reference(device, m, k, n, bias):
     g = torch.Generator().manual_seed(m * n)

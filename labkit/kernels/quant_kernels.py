@@ -81,33 +81,37 @@ def _kernels():
         x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     ):  # fmt: skip
-        # like int8_gemv_kernel, but a byte holds columns 2j (low nibble) and 2j+1 (high nibble),
-        # and scale/zero change every GROUP columns; BLOCK_K divides GROUP, GROUP divides K
+        # like int8_gemv_kernel, but a byte holds columns 2j (low nibble) and 2j+1 (high nibble), and a
+        # scale and zero point serve GROUP columns. A K-block holds G = BLOCK_K // GROUP whole groups,
+        # loaded as a (BLOCK_N, G, GROUP // 2) tile of bytes: the sum over its last axis is Σ_group q x.
+        G: tl.constexpr = BLOCK_K // GROUP
+        HALF: tl.constexpr = GROUP // 2
         pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-        offs_b = tl.arange(0, BLOCK_K // 2)  # byte offsets inside a K-block
-        n_groups = K // GROUP
-        groups_per_split = tl.cdiv(n_groups, SPLIT_K)
-        g_start = pid_k * groups_per_split
-        y = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for g in range(g_start, tl.minimum(g_start + groups_per_split, n_groups)):
-            acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)  # Σ x_k q_k over the group, per byte lane
-            x_sum = tl.zeros((BLOCK_K // 2,), dtype=tl.float32)  # Σ x_k over the group (for the zero point)
-            for i in tl.static_range(GROUP // BLOCK_K):
-                k0 = g * GROUP + i * BLOCK_K
-                packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 // 2 + offs_b)[None, :],
-                                 eviction_policy="evict_first")  # fmt: skip
-                low = (packed & 0xF).to(tl.float32)  # column k0 + 2j
-                high = (packed >> 4).to(tl.float32)  # column k0 + 2j + 1
-                x_even = tl.load(x_ptr + m * stride_xm + k0 + 2 * offs_b, eviction_policy="evict_last").to(tl.float32)
-                x_odd = tl.load(x_ptr + m * stride_xm + k0 + 2 * offs_b + 1, eviction_policy="evict_last").to(
-                    tl.float32
-                )
-                acc += low * x_even[None, :] + high * x_odd[None, :]
-                x_sum += x_even + x_odd
-            scale = tl.load(s_ptr + offs_n * stride_sn + g).to(tl.float32)
-            zero = tl.load(z_ptr + offs_n * stride_sn + g).to(tl.float32)
-            y += scale * (tl.sum(acc, axis=1) - zero * tl.sum(x_sum, axis=0))  # s (Σ x q - z Σ x)
+        offs_g = tl.arange(0, G)
+        offs_h = tl.arange(0, HALF)
+        byte = offs_g[:, None] * HALF + offs_h[None, :]  # (G, HALF): byte offsets inside a K-block
+        k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+        k_start = pid_k * k_per_split
+        acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)  # Σ s (Σ q x - z Σ x), group by group
+        for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+            group_in = (k0 + offs_g * GROUP) < K  # K is a multiple of GROUP: groups are wholly in or out
+            packed = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + (k0 // 2 + byte)[None, :, :],
+                             mask=group_in[None, :, None], other=0, eviction_policy="evict_first")  # fmt: skip
+            low = (packed & 0xF).to(tl.float32)  # column k0 + 2j
+            high = (packed >> 4).to(tl.float32)  # column k0 + 2j + 1
+            x_even = tl.load(x_ptr + m * stride_xm + k0 + 2 * byte, mask=group_in[:, None], other=0.0,
+                             eviction_policy="evict_last").to(tl.float32)  # fmt: skip
+            x_odd = tl.load(x_ptr + m * stride_xm + k0 + 2 * byte + 1, mask=group_in[:, None], other=0.0,
+                            eviction_policy="evict_last").to(tl.float32)  # fmt: skip
+            qx = tl.sum(low * x_even[None, :, :] + high * x_odd[None, :, :], axis=2)  # (BLOCK_N, G): Σ q x
+            x_sum = tl.sum(x_even + x_odd, axis=1)  # (G,): Σ x
+            group = k0 // GROUP + offs_g
+            params = offs_n[:, None] * stride_sn + group[None, :]
+            scale = tl.load(s_ptr + params, mask=group_in[None, :], other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + params, mask=group_in[None, :], other=0).to(tl.float32)
+            acc += scale * (qx - zero * x_sum[None, :])  # s (Σ q x - z Σ x)
+        y = tl.sum(acc, axis=1)
         out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         if SPLIT_K == 1:
             tl.store(y_ptr + m * stride_ym + out, y.to(y_ptr.dtype.element_ty), mask=out < N)
@@ -223,8 +227,8 @@ GEMV_CONFIGS = [GemvConfig(*c) for c in (
     (16, 1024, 1, 8, 2), (4, 1024, 1, 2, 3), (32, 512, 1, 8, 3), (16, 512, 2, 4, 3), (32, 512, 4, 8, 3),
 )]  # fmt: skip
 INT4_GEMV_CONFIGS = [GemvConfig(*c) for c in (
-    (8, 128, 1, 4, 3), (16, 128, 1, 4, 3), (32, 128, 1, 4, 3), (16, 256, 1, 4, 3), (32, 256, 1, 8, 3),
-    (64, 128, 1, 8, 3), (8, 256, 1, 2, 4), (16, 128, 2, 4, 3), (32, 128, 4, 4, 3),
+    (8, 512, 1, 4, 3), (16, 512, 1, 4, 3), (16, 256, 1, 4, 3), (32, 256, 1, 4, 3), (8, 1024, 1, 4, 2),
+    (16, 1024, 1, 8, 2), (32, 512, 1, 8, 3), (4, 1024, 1, 2, 3), (16, 512, 2, 4, 3),
 )]  # fmt: skip
 # (block_m, block_n, block_k, stages, warps):
 WEIGHT_ONLY_GEMM_CONFIGS = [TileConfig(*c) for c in (
@@ -470,8 +474,8 @@ def _launch_int4_gemv(x2, w, scales, zeros, group, y, cfg: GemvConfig):
     triton, _, gemv, _, _ = _kernels()
     M, K = x2.shape
     N = w.shape[0]
-    block_k = min(cfg.block_k, group)
-    split_k = min(cfg.split_k, K // group)
+    block_k = max(cfg.block_k, group)  # whole groups per K-block
+    split_k = min(cfg.split_k, triton.cdiv(K, block_k))
     out = y if split_k == 1 else torch.zeros(y.shape, device=y.device, dtype=torch.float32)
     grid = (triton.cdiv(N, cfg.block_n), split_k, M)
     gemv[grid](
