@@ -105,11 +105,12 @@ def test_sliding_window_attention_equals_dense_masked(B, H, T, S, D, window, blo
     torch.testing.assert_close(sparse.sliding_window_attention(q, k, v, window, block), expected, **FP32)
 
 
-def test_sliding_window_attention_small_chunks_equal_one_chunk(monkeypatch):
+def test_block_sparse_small_chunks_equal_one_chunk(monkeypatch):
     q, k, v = qkv(1, 2, 150, 150, 16)
-    whole = sparse.sliding_window_attention(q, k, v, 20, 16)
+    layout = sparse.block_layout(10, 3, 1)
+    whole = sparse.block_sparse_attention(q, k, v, layout, 16)
     monkeypatch.setattr(sparse, "CHUNK_BYTES", 1)  # one query block per step
-    torch.testing.assert_close(sparse.sliding_window_attention(q, k, v, 20, 16), whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sparse.block_sparse_attention(q, k, v, layout, 16), whole, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(
