@@ -105,6 +105,8 @@ def _kernels():
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
         start_m = tl.program_id(0)  # which block of queries
+        if CAUSAL:  # the last query blocks have the most keys: launch them first, so short ones fill the tail
+            start_m = tl.num_programs(0) - 1 - start_m
         off_hz = tl.program_id(1)  # which (batch, head)
         off_z, off_h = off_hz // H, off_hz % H
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
