@@ -32,6 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .kernels.flash_attention import check_attention_inputs
 from .model import LabGPT, register_attention
 
 PATTERNS = ("local", "strided", "block")
@@ -41,21 +42,6 @@ CHUNK_BYTES = 1 << 20  # score tensor per step of the loop: small enough to stay
 def _check_positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"q, k, v must be 4-D (batch, heads, sequence, head_dim), got shapes {tuple(q.shape)}, "
-            f"{tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"k and v must have one shape (B, nh, S, hs) and q the same B, nh, hs: got q {tuple(q.shape)}, "
-            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if q.size(2) > k.size(2) or q.size(2) < 1:
-        raise ValueError(f"q's sequence length ({q.size(2)}) must be in 1..{k.size(2)} (the keys' length)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -156,7 +142,7 @@ def plot_masks(masks: dict[str, torch.Tensor], fig=None):
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The oracle: dense attention under a (T, S) boolean mask, O(n²) whatever the mask."""
-    _check_qkv(q, k, v)
+    check_attention_inputs(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -202,7 +188,7 @@ def sliding_window_attention(
     q (B, nh, T, hs), k and v (B, nh, S, hs) with S ≥ T: the queries are the last T positions
     (decoding with a KV cache). Returns (B, nh, T, hs).
     """
-    _check_qkv(q, k, v)
+    check_attention_inputs(q, k, v)
     _check_positive("window", window)
     if block_size is not None:
         _check_positive("block_size", block_size)
@@ -253,7 +239,7 @@ def block_sparse_attention(
 
     q (B, nh, T, hs), k and v (B, nh, S, hs), S ≥ T, queries the last T positions.
     """
-    _check_qkv(q, k, v)
+    check_attention_inputs(q, k, v)
     _check_positive("block_size", block_size)
     B, nh, T, hs = q.shape
     S = k.size(2)

@@ -47,6 +47,25 @@ def choose_backend(backend: str | None, *tensors: torch.Tensor) -> str:
     return backend
 
 
+def fastest(configs, run, device) -> tuple[object, list[tuple[object, float | None]]]:
+    """Autotuning is nothing more than measuring: time ``run(config)`` for each config (median
+    of repeats) and return the fastest with every timing (None where a config could not run,
+    e.g. its tiles need more shared memory than this GPU has)."""
+    from ..bench import measure
+
+    timings = []
+    for cfg in configs:
+        try:
+            seconds = measure(lambda: run(cfg), warmup=2, repeat=10, device=device).median_s
+        except Exception:  # a config this GPU cannot run is skipped, not fatal
+            seconds = None
+        timings.append((cfg, seconds))
+    ran = [(seconds, i) for i, (_, seconds) in enumerate(timings) if seconds is not None]
+    if not ran:
+        raise ValueError(f"none of the {len(timings)} launch configurations could run")
+    return timings[min(ran)[1]][0], timings
+
+
 from .flash_attention import (  # noqa: E402
     flash_attention,
     flash_attention_blockwise,
@@ -57,6 +76,7 @@ from .matmul_kernel import matmul, matmul_reference, matmul_triton  # noqa: E402
 
 __all__ = [
     "choose_backend",
+    "fastest",
     "flash_attention",
     "flash_attention_blockwise",
     "flash_attention_reference",

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import choose_backend, interpreting
+from . import choose_backend, fastest, interpreting
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x · log2(e))
@@ -195,7 +195,8 @@ _tuned: dict[tuple, AttentionConfig] = {}
 autotune_log: dict[tuple, list[tuple[AttentionConfig, float | None]]] = {}
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int | None) -> None:
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, queries_last: bool = True) -> None:
+    """q (B, H, T, D), k and v (B, H, S, D); with ``queries_last`` (causal), T ≤ S: the queries are the last T keys."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be 4-D (batch, heads, sequence, head_dim), got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -206,11 +207,15 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, wind
             f"k and v must share a shape (B, H, S, D) and q have the same B, H, D: got q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    if q.size(2) < 1 or k.size(2) < 1 or (causal and q.size(2) > k.size(2)):
+    if q.size(2) < 1 or k.size(2) < 1 or (queries_last and q.size(2) > k.size(2)):
         raise ValueError(
             f"sequence lengths must be >= 1 and, when causal, q's ({q.size(2)}) <= the keys' ({k.size(2)}): the "
             "queries are the last positions"
         )
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int | None) -> None:
+    check_attention_inputs(q, k, v, queries_last=causal)
     if not q.dtype == k.dtype == v.dtype or q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
             f"q, k, v dtypes must match and be one of {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}"
@@ -322,24 +327,10 @@ def tuning_key(q: torch.Tensor, k: torch.Tensor, causal: bool, window: int | Non
 
 def autotune(q, k, v, out, causal, window, sm_scale, configs=None) -> AttentionConfig:
     """Time every candidate on these operands (median of repeats) and remember the fastest."""
-    from ..bench import measure
-
     key = tuning_key(q, k, causal, window)
-    if key in _tuned:
-        return _tuned[key]
-    timings = []
-    for cfg in configs or CONFIGS:
-        try:
-            run = lambda: launch(q, k, v, out, causal, window, cfg, sm_scale)
-            seconds = measure(run, warmup=2, repeat=10, device=q.device).median_s
-        except Exception:  # e.g. the tiles need more shared memory than this GPU has
-            seconds = None
-        timings.append((cfg, seconds))
-    ran = [(s, cfg) for cfg, s in timings if s is not None]
-    if not ran:
-        raise ValueError(f"no attention config could run for q {tuple(q.shape)}, k {tuple(k.shape)}")
-    _tuned[key] = min(ran, key=lambda t: t[0])[1]
-    autotune_log[key] = timings
+    if key not in _tuned:
+        run = lambda cfg: launch(q, k, v, out, causal, window, cfg, sm_scale)
+        _tuned[key], autotune_log[key] = fastest(configs or CONFIGS, run, q.device)
     return _tuned[key]
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import choose_backend, interpreting
+from . import choose_backend, fastest, interpreting
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -149,23 +149,9 @@ def autotune(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, configs=None) ->
     Autotuning is nothing more than measuring: each config is a different program, and the
     only way to know which one this GPU runs fastest for this shape is to run them.
     """
-    from ..bench import measure
-
     key = (a.shape[0], b.shape[1], a.shape[1], a.dtype, a.stride(1) == 1, b.stride(1) == 1, a.device)
-    if key in _tuned:
-        return _tuned[key]
-    timings = []
-    for cfg in configs or CONFIGS:
-        try:
-            seconds = measure(lambda: launch(a, b, c, cfg), warmup=2, repeat=10, device=a.device).median_s
-        except Exception:  # e.g. the tiles need more shared memory than this GPU has
-            seconds = None
-        timings.append((cfg, seconds))
-    ran = [(s, cfg) for cfg, s in timings if s is not None]
-    if not ran:
-        raise ValueError(f"no matmul config could run for shapes {tuple(a.shape)} @ {tuple(b.shape)}")
-    _tuned[key] = min(ran, key=lambda t: t[0])[1]
-    autotune_log[key] = timings
+    if key not in _tuned:
+        _tuned[key], autotune_log[key] = fastest(configs or CONFIGS, lambda cfg: launch(a, b, c, cfg), a.device)
     return _tuned[key]
 
 
