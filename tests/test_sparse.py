@@ -8,10 +8,13 @@ from labkit import check, kernels, sparse
 from labkit.kernels.flash_attention import (
     AttentionConfig,
     attention_mask,
+    autotune,
+    autotune_log,
     flash_attention,
     flash_attention_blockwise,
     flash_attention_reference,
     flash_attention_triton,
+    tuning_key,
 )
 from labkit.model import LabGPT, get_config
 from labkit.solutions import sparse as solutions
@@ -254,6 +257,18 @@ def test_flash_kernel_block_shapes_and_strided_inputs(device, config):
     for window in (None, 11):
         out = flash_attention_triton(q, k, v, True, window, config)
         torch.testing.assert_close(out, flash_attention_reference(q, k, v, True, window), **FP32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_autotune_times_every_config_and_keeps_the_fastest(device):
+    q, k, v = qkv(1, 2, 40, 40, 16, device=device)
+    out = torch.empty_like(q)
+    candidates = [AttentionConfig(16, 16, 1, 1), AttentionConfig(32, 16, 1, 1)]
+    best = autotune(q, k, v, out, True, 8, 0.25, candidates)
+    timings = autotune_log[tuning_key(q, k, True, 8)]
+    assert [cfg for cfg, _ in timings] == candidates
+    assert best == min(((t, cfg) for cfg, t in timings if t is not None), key=lambda x: x[0])[1]
+    torch.testing.assert_close(out, flash_attention_reference(q, k, v, True, 8), **FP32)
 
 
 @pytest.mark.parametrize("causal, window", [(True, None), (True, 10), (False, None)])
