@@ -92,10 +92,10 @@ for policy in ("static", "continuous"):
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-loads = [4.0, 32.0]
+loads = [4.0, 64.0]
 results = {p: [] for p in ("static", "continuous")}
 for rate in loads:
-    work = serving.make_workload(24, rate=rate, long=(96, 192), seed=0)
+    work = serving.make_workload(48, rate=rate, long=(96, 192), seed=0)
     for policy in results:
         results[policy].append(serving.serve(model, work, policy, max_batch=8))
 for i, rate in enumerate(loads):
@@ -198,8 +198,8 @@ print("power counters on this machine:", source if source != "estimate" else "no
 # NBVAL_IGNORE_OUTPUT
 laptop = next(r for r in hardware.datasheet() if r["kind"] == "CPU")
 watts = float(laptop["power_w"]) * min(2, torch.get_num_threads()) / 8  # this lab's 2 cores of the chip's 8
-int8_model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-variants = {"fp32 tiny": model, "int8 tiny (PyTorch dynamic)": int8_model, "distilled student": draft}
+int8_model = labkit.quant.quantize_model(labkit.load_model("tiny")[0], "w8a8")  # notebook 08's W8A8
+variants = {"fp32 tiny": model, "int8 tiny (W8A8)": int8_model, "distilled student": draft}
 n_tokens = 100
 print(f"estimate: {laptop['name']}, {laptop['power_w']} W for 8 cores -> {watts:.1f} W for 2")
 for name, m in variants.items():
@@ -207,13 +207,14 @@ for name, m in variants.items():
         e = serving.measure_energy(lambda: m.generate(prompt, n_tokens, temperature=0), repeat=3)
     joules = e["joules"] if e["joules"] is not None else e["seconds"] * watts
     flops = sum(hardware.decode_step_flops(m.config, 1, prompt.size(1) + i) for i in range(n_tokens)) / n_tokens
-    print(f"{name:>28}: {1e3 * e['seconds'] / n_tokens:5.2f} ms/token, {1e3 * joules / n_tokens:6.2f} mJ/token "
+    at_peak = flops / (float(laptop["fp32_tflops"]) * 1e12) * float(laptop["power_w"])
+    print(f"{name:>20}: {1e3 * e['seconds'] / n_tokens:5.2f} ms/token, {1e3 * joules / n_tokens:6.2f} mJ/token "
           f"({'measured' if e['joules'] is not None else 'estimated'}); {flops / 1e6:.1f} MFLOP/token "
-          f"-> at the chip's peak {flops / (float(laptop['fp32_tflops']) * 1e12) * float(laptop['power_w']) * 1e6:.2f} µJ")
+          f"-> {1e6 * at_peak:.0f} µJ at the chip's peak efficiency ({joules / n_tokens / at_peak:.0f}x less)")
 
 # %% [markdown]
-# The last column is the energy if every FLOP ran at the datasheet's peak efficiency: three
-# orders of magnitude below what decoding a small model one token at a time really costs.
+# The last column is the energy if every FLOP ran at the datasheet's peak efficiency: far
+# below what decoding a small model one token at a time really costs (the factor is printed).
 # At batch 1 the time goes to reading weights and to per-operation overheads, not to
 # arithmetic; batching (section 2) and smaller models (notebooks 08, 10) are what move
 # joules per token.
