@@ -15,7 +15,7 @@ Each pattern is a boolean mask (``pattern_mask``), and attention under a mask is
 ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask)``: the oracle. But a mask alone
 saves nothing -- the dense kernel still computes n² scores and throws most away. The speed
 comes from never computing the masked pairs: ``sliding_window_attention`` cuts the queries
-into blocks and gathers, for each block, only the key blocks its window touches (n·(window +
+into blocks and gives each block only the slice of keys its window touches (n·(window +
 block) scores); ``block_sparse_attention`` gathers the key blocks a layout names. Both equal
 the dense masked oracle. The Triton kernel in ``labkit.kernels.flash_attention`` does the
 same on a GPU without ever writing a score to memory.
@@ -209,15 +209,16 @@ def sliding_window_attention(
     r = torch.arange(b, device=q.device).view(b, 1)  # query within its block
     c = torch.arange(span, device=q.device).view(1, span)  # key within the span
     band = (c >= r + extra) & (c < r + extra + window)  # (b, span): the window, the same in every block
+    outside = ~band
     real_keys = (left, k.size(2) - right)  # padded indices of the first and one-past-last real key
     out = []
     for start in range(0, n_blocks * b, b):
-        allowed = band
+        blocked = outside
         if start < real_keys[0] or start + span > real_keys[1]:  # a span that reaches into the padding
             key = start + c
-            allowed = band & (key >= real_keys[0]) & (key < real_keys[1])
+            blocked = ~(band & (key >= real_keys[0]) & (key < real_keys[1]))
         out.append(_attend(q[:, :, start : start + b], k[:, :, start : start + span], v[:, :, start : start + span],
-                           ~allowed))  # fmt: skip
+                           blocked))  # fmt: skip
     return torch.cat(out, dim=2)[:, :, :T]
 
 
