@@ -338,6 +338,14 @@ def test_kernel_bad_input_is_a_value_error():
         flash_attention(torch.zeros(1, 2, 20, 8), k, v)
     with pytest.raises(ValueError, match="backend"):
         flash_attention(q, k, v, backend="cuda-magic")
+    with pytest.raises(ValueError, match="forward-only"):
+        flash_attention(q.requires_grad_(), k, v, backend="triton")
+
+
+def test_flash_attention_takes_the_differentiable_path_when_gradients_are_needed():
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 20, 20, 8))
+    flash_attention(q, k, v).sum().backward()  # "auto": the reference, even where the kernel could run
+    assert q.grad is not None and k.grad is not None and v.grad is not None
 
 
 # ---------------------------------------------------------------------------------------

@@ -371,10 +371,14 @@ def flash_attention(
     also sees only the last ``window`` of them (sliding-window attention; blocks outside the
     window are skipped, so the work is O(S · window)). fp16, bf16 or fp32 in, fp32
     accumulation, output in the input dtype. Runs the Triton kernel on CUDA (or under
-    TRITON_INTERPRET=1), the PyTorch reference elsewhere; ``backend`` forces one.
+    TRITON_INTERPRET=1), the PyTorch reference elsewhere; ``backend`` forces one. The kernel
+    is forward-only: when a gradient is needed, "auto" takes the (differentiable) reference.
     """
     _check(q, k, v, causal, window)
-    if choose_backend(backend, q, k, v) == "triton":
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if backend == "triton" and needs_grad:
+        raise ValueError("backend='triton' is forward-only: run it under torch.no_grad() or use backend='reference'")
+    if choose_backend(backend, q, k, v) == "triton" and not needs_grad:
         return flash_attention_triton(q, k, v, causal, window)
     return flash_attention_reference(q, k, v, causal, window)
 
