@@ -92,7 +92,7 @@ print(f"perplexity at 70% sparsity: layer-wise {perplexity(layer, tokenizer, val
 # %% [markdown]
 # Global pruning leaves some attention matrices with under 10% of their weights while MLP
 # matrices keep over 40%, and on LabGPT that is much worse than layer-wise pruning (the
-# offline sweep below agrees at every sparsity from 30% on): a matrix stripped nearly bare
+# offline sweep below agrees, in perplexity, at every sparsity from 30% on): a matrix stripped nearly bare
 # is a bottleneck, however small its weights were. A weight's magnitude says little about
 # its effect when the matrices' inputs differ in scale; that is what activation-aware
 # scores such as Wanda's `|W|·‖x‖` correct. Magnitude compares like with like.
@@ -118,8 +118,9 @@ labkit.show_source(prune.head_output_norms)
 labkit.show_source(prune.PrunedSelfAttention.forward)
 
 # %% [markdown]
-# The head scores of `tiny` on the calibration batch. Heads differ by an order of magnitude,
-# and some layers have one dominant head:
+# The head scores of `tiny` on the calibration batch, as each head's share of its layer's
+# total. In layer 0, three heads carry almost everything and three almost nothing; the
+# deeper layers spread the work evenly, so no head there is free to remove:
 
 # %%
 scores = torch.stack(prune.head_importance(model))  # (layers, heads)
@@ -204,7 +205,7 @@ for key, by_tuning in curves.items():
               f"{100 * r['mean_accuracy']:>7.1f}{after}")
 
 # %%
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
 colors = dict(zip(curves, ("tab:blue", "tab:gray", "tab:orange", "tab:green", "tab:red")))
 for key, by_tuning in curves.items():
     for tuned, rows in sorted(by_tuning.items()):
@@ -216,8 +217,9 @@ for key, by_tuning in curves.items():
         ax2.plot(xs, [100 * r["mean_accuracy"] for r in rows], **style)
 ax1.set(xlabel="block weights removed (%)", ylabel="perplexity", yscale="log", title="held-out perplexity (log)")
 ax2.set(xlabel="block weights removed (%)", ylabel="task accuracy (%)", title="5 tasks, specific zero-shot prompts")
-ax2.legend(fontsize=7)
-fig.tight_layout()
+handles, labels = ax2.get_legend_handles_labels()
+fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8)
+fig.tight_layout(rect=(0, 0.12, 1, 1))
 plt.show()
 
 # %% [markdown]
@@ -278,11 +280,32 @@ for name, m in structured.items():
 
 # %% [markdown]
 # And measured: the whole model (batch 4 × 256 tokens), each variant side by side.
+#
+# The timings in this section run on **one thread**: the ratios then reflect the work each
+# variant does and stay stable on a shared or busy machine (with several threads, one thread
+# that the operating system pauses stalls the others at every matmul). Set
+# `TIMING_THREADS = torch.get_num_threads()` to time with every core; `python -m labkit.bench
+# prune` reports both.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
+from contextlib import contextmanager
+
+TIMING_THREADS = 1
+
+
+@contextmanager
+def timing_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(TIMING_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 batch = prune.calibration_batch(4, 256, seed=6)
-with torch.no_grad():
+with timing_threads(), torch.no_grad():
     rows = bench.compare({name: (lambda m=m: m(batch)) for name, m in structured.items()}, warmup=1, repeat=3)
 plots.speedup_bars(rows)
 plt.show()
@@ -299,7 +322,7 @@ for width, n_tokens in ((192, 2048), (768, 1024)):
     smaller = copy.deepcopy(mlp)
     prune.remove_neurons(smaller, prune.neuron_importance(smaller).argsort(descending=True)[: 2 * width])
     h = torch.randn(n_tokens, width)
-    with torch.no_grad():
+    with timing_threads(), torch.no_grad():
         bench.compare({f"MLP {width}->{4 * width}": lambda: mlp(h), "50% of the neurons": lambda: smaller(h)},
                       warmup=3, repeat=15)
 
@@ -330,7 +353,7 @@ torch.manual_seed(0)
 wide = torch.nn.Linear(768, 3072)
 h = torch.randn(512, 768)
 timings = {}
-with torch.no_grad():
+with timing_threads(), torch.no_grad():
     dense_time = bench.measure(lambda: wide(h), warmup=2, repeat=5).median_s
     for s in (0.5, 0.7, 0.8, 0.9, 0.95, 0.99):
         w, mask = prune.magnitude_prune(wide.weight, sparsity=s)
@@ -344,10 +367,10 @@ plt.show()
 print({f"{100 * s:.0f}%": f"{v:.2f}x" for s, v in timings.items()})
 
 # %% [markdown]
-# On this CPU the sparse kernel needs roughly 90% zeros just to break even (the exact point
-# moves with the machine and its load), and wins clearly only beyond that, where LabGPT is
-# broken even after fine-tuning (section 4: 90% gives accuracy 0%). At the sparsities the
-# model survives, 50-70%, the sparse kernel is 2-3x *slower* than the dense one. That is
+# On this CPU the sparse kernel needs somewhere between 80% and 90% zeros just to break even
+# (the exact point moves with the machine), and wins clearly only beyond that, where LabGPT
+# is broken even after fine-tuning (section 4: 90% gives accuracy 0%). At the sparsities the
+# model survives, 50-70%, the sparse kernel is 1.5-2.5x *slower* than the dense one. That is
 # why unstructured sparsity is a storage technique here, not a speed technique.
 #
 # ### 2:4, measured as it is
