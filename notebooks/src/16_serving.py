@@ -197,11 +197,12 @@ print("power counters on this machine:", source if source != "estimate" else "no
 # %%
 # NBVAL_IGNORE_OUTPUT
 laptop = next(r for r in hardware.datasheet() if r["kind"] == "CPU")
-watts = float(laptop["power_w"]) * min(2, torch.get_num_threads()) / 8  # this lab's 2 cores of the chip's 8
+cores = min(2, torch.get_num_threads())
+watts = float(laptop["power_w"]) * cores / 8  # the cores this lab uses, of the chip's 8
 int8_model = labkit.quant.quantize_model(labkit.load_model("tiny")[0], "w8a8")  # notebook 08's W8A8
 variants = {"fp32 tiny": model, "int8 tiny (W8A8)": int8_model, "distilled student": draft}
 n_tokens = 100
-print(f"estimate: {laptop['name']}, {laptop['power_w']} W for 8 cores -> {watts:.1f} W for 2")
+print(f"estimate: {laptop['name']}, {laptop['power_w']} W for 8 cores -> {watts:.1f} W for {cores}")
 for name, m in variants.items():
     with torch.no_grad():
         e = serving.measure_energy(lambda: m.generate(prompt, n_tokens, temperature=0), repeat=3)
@@ -216,7 +217,9 @@ for name, m in variants.items():
 # The last column is the energy if every FLOP ran at the datasheet's peak efficiency: far
 # below what decoding a small model one token at a time really costs (the factor is printed).
 # At batch 1 the time goes to reading weights and to per-operation overheads, not to
-# arithmetic; batching (section 2) and smaller models (notebooks 08, 10) are what move
+# arithmetic. Compare W8A8 with fp32 above: at batch 1 on a CPU, quantizing every
+# activation and the int8 kernels' fixed costs can outweigh the smaller weights (notebook
+# 08 shows where it wins: prefill and large batches); batching (section 2) and smaller models (notebooks 08, 10) are what move
 # joules per token.
 #
 # ## 5. Explore
