@@ -177,11 +177,13 @@ ax.legend()
 plt.show()
 
 # %% [markdown]
-# The estimate assumes a verification pass costs one target step; on a CPU checking `k+1`
-# tokens costs a little more, and the draft (half the target's layers) is not much cheaper
-# per step than the target, because a small model's step is dominated by fixed overheads.
-# On a GPU at batch 1 both steps are memory-bound and the verify pass really costs about
-# one step: speculation pays more there.
+# The estimate takes `c` from whole `generate` calls and assumes a verification pass costs
+# one target step. Inside a round it costs more on a CPU: the verify pass pushes `k+1`
+# tokens through matrix-matrix kernels, which at this size are slower per call than the
+# matrix-vector kernels of one token, and the draft's first call re-reads a token too. With
+# a draft that already costs about a third of the target, those overheads eat most of the
+# gain: on this machine the bar of 1.5x is not reached. On a GPU at batch 1 both models are
+# memory-bound, `k+1` tokens cost what one does, and speculation pays much more.
 #
 # ## 4. Energy per token
 #
