@@ -149,17 +149,22 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 # ---------------------------------------------------------------------------------------
 # O(n·k) attention: score only the key blocks a query block needs.
 # ---------------------------------------------------------------------------------------
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ with blocked pairs removed) v, for query blocks; q comes pre-scaled by 1/sqrt(hs).
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ + bias) v for query blocks; q comes pre-scaled by 1/sqrt(hs).
 
-    q (..., b, hs), k and v (..., span, hs), blocked (..., b, span) True where a pair is not
-    attended. Blocked scores are set to the dtype's lowest finite value, not -inf: padding
-    rows that see nothing then stay finite (uniform weights, discarded later) instead of
-    becoming NaN, which would leak into gradients; any real key wins over them by exp(-huge) = 0.
+    q (..., b, hs), k and v (..., span, hs), bias (..., b, span): 0 where a pair is attended,
+    the dtype's lowest finite value where it is not. Adding a bias is much cheaper than
+    ``masked_fill`` with a broadcast mask, and a finite lowest value (not -inf) keeps padding
+    rows that see nothing finite (uniform weights, discarded later) instead of NaN, which
+    would leak into gradients; any real key wins over them by exp(-huge) = 0.
     """
-    scores = torch.matmul(q, k.transpose(-2, -1))  # (..., b, span)
-    scores.masked_fill_(blocked, torch.finfo(scores.dtype).min)
+    scores = torch.matmul(q, k.transpose(-2, -1)).add_(bias)  # (..., b, span)
     return torch.matmul(torch.softmax(scores, dim=-1), v)  # (..., b, hs)
+
+
+def _bias(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive form of a mask: lowest finite value where ``blocked``, 0 elsewhere."""
+    return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill_(blocked, torch.finfo(dtype).min)
 
 
 def _chunk(batch_heads: int, block: int, span: int, element_size: int) -> int:
@@ -209,16 +214,16 @@ def sliding_window_attention(
     r = torch.arange(b, device=q.device).view(b, 1)  # query within its block
     c = torch.arange(span, device=q.device).view(1, span)  # key within the span
     band = (c >= r + extra) & (c < r + extra + window)  # (b, span): the window, the same in every block
-    outside = ~band
+    outside = _bias(~band, q.dtype)  # 0 inside the window, lowest value outside
     real_keys = (left, k.size(2) - right)  # padded indices of the first and one-past-last real key
     out = []
     for start in range(0, n_blocks * b, b):
-        blocked = outside
+        bias = outside
         if start < real_keys[0] or start + span > real_keys[1]:  # a span that reaches into the padding
             key = start + c
-            blocked = ~(band & (key >= real_keys[0]) & (key < real_keys[1]))
+            bias = _bias(~(band & (key >= real_keys[0]) & (key < real_keys[1])), q.dtype)
         out.append(_attend(q[:, :, start : start + b], k[:, :, start : start + span], v[:, :, start : start + span],
-                           blocked))  # fmt: skip
+                           bias))  # fmt: skip
     return torch.cat(out, dim=2)[:, :, :T]
 
 
@@ -278,7 +283,7 @@ def block_sparse_attention(
     allowed = kept.repeat_interleave(bs, 1).unsqueeze(1) & (key_pos < S).unsqueeze(1)
     if causal:
         allowed = allowed & (key_pos.unsqueeze(1) <= query_pos.unsqueeze(2))
-    blocked = ~allowed  # (n_q, bs, width*bs)
+    bias = _bias(~allowed, q.dtype)  # (n_q, bs, width*bs)
 
     step = _chunk(B * nh, bs, width * bs, q.element_size())
     out = []
@@ -286,7 +291,7 @@ def block_sparse_attention(
         idx = index[s : s + step]  # (chunk, width) key blocks to gather
         k_gathered = k_blocks[:, :, idx].flatten(3, 4)  # (B, nh, chunk, width*bs, hs)
         v_gathered = v_blocks[:, :, idx].flatten(3, 4)
-        out.append(_attend(q_blocks[:, :, s : s + step], k_gathered, v_gathered, blocked[s : s + step]))
+        out.append(_attend(q_blocks[:, :, s : s + step], k_gathered, v_gathered, bias[s : s + step]))
     start = offset - first_block * bs
     return torch.cat(out, dim=2).flatten(2, 3)[:, :, start : start + T]
 
