@@ -464,10 +464,10 @@ def int4_weight_only_linear_reference(x, w_packed, scales, zeros, group_size: in
     """The oracle and the CPU path: unpack, dequantize W = (q - z) s group by group, multiply in fp32."""
     _check_int4_weight(w_packed, scales, zeros, group_size)
     _check_x(x, 2 * w_packed.shape[1])
-    q = unpack_int4(w_packed).float()  # (N, K)
-    scale = scales.float().repeat_interleave(group_size, dim=1)  # (N, K/g) -> (N, K)
-    zero = zeros.float().repeat_interleave(group_size, dim=1)
-    return (x.float() @ ((q - zero) * scale).t()).to(x.dtype)
+    n, k = w_packed.shape[0], 2 * w_packed.shape[1]
+    q = unpack_int4(w_packed).view(n, k // group_size, group_size).float()  # (N, K/g, g): one group per row
+    w = ((q - zeros.float()[..., None]) * scales.float()[..., None]).view(n, k)  # (q - z) s, group by group
+    return (x.float() @ w.t()).to(x.dtype)
 
 
 def _launch_int4_gemv(x2, w, scales, zeros, group, y, cfg: GemvConfig):
