@@ -121,38 +121,45 @@ def check_kernels(device, smoke: bool) -> list[dict]:
     w8a8 = qk.INTERPRETER_GEMM if smoke else qk.TileConfig(128, 128, 128, 3, 8)
     rows = []
     g = torch.Generator(device=device).manual_seed(0)
-    shapes = [(1, 64, 40), (3, 96, 24), (20, 64, 40)] if smoke else [
-        (1, 8192, 28672), (1, 4096, 14336), (4, 4096, 4096), (8, 14336, 4096), (64, 4096, 4096), (333, 4096, 1000)]  # fmt: skip
-    dtypes = [torch.float32] if smoke else [torch.bfloat16, torch.float16]
+    bf16, fp16 = torch.bfloat16, torch.float16
+    cases = (
+        [(1, 64, 40, torch.float32, 32), (3, 96, 24, torch.float32, 32), (20, 64, 40, torch.float32, 32)]
+        if smoke
+        else [
+            (1, 8192, 28672, bf16, 128),
+            (1, 4096, 14336, fp16, 64),
+            (4, 4096, 4096, bf16, 128),
+            (8, 14336, 4096, bf16, 128),
+            (64, 4096, 4096, bf16, 128),
+            (333, 4096, 1000, fp16, 64),
+        ]
+    )  # (M, K, N, dtype of x, int4 group): both paths, both dtypes
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-    for dtype in dtypes:
-        for m, k, n in shapes:
-            x = torch.randn(m, k, device=device, generator=g).to(dtype)
-            w = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8, generator=g)
-            s = torch.rand(n, device=device, generator=g) / 100
-            cfg = gemv if m <= qk.GEMV_MAX_ROWS else gemm
-            ok, err = close(qk.int8_weight_only_linear_triton(x, w, s, config=cfg),
-                            qk.int8_weight_only_linear_reference(x, w, s), tolerance[dtype])  # fmt: skip
-            rows.append({"kernel": "int8_weight_only_linear", "shape": [m, k, n], "dtype": str(dtype), "ok": ok,
-                         "max_rel_err": err})  # fmt: skip
-            for group in (32,) if smoke else (128, 64):
-                q, scales, zeros, _ = quant.int4_parameters(torch.randn(n, k, device=device, generator=g), group)
-                packed = qk.pack_int4(q)
-                got = qk.int4_weight_only_linear_triton(x, packed, scales, zeros, group, config=cfg)
-                ok4, err4 = close(got, qk.int4_weight_only_linear_reference(x, packed, scales, zeros, group),
-                                  tolerance[dtype])  # fmt: skip
-                rows.append({"kernel": f"int4_weight_only_linear g{group}", "shape": [m, k, n], "dtype": str(dtype),
-                             "ok": ok4, "max_rel_err": err4})  # fmt: skip
-            log(f"check int8/int4 weight-only {m}x{k}x{n} {dtype}: {'ok' if ok else 'FAIL'} ({err:.1e}), "
-                f"int4 {'ok' if ok4 else 'FAIL'} ({err4:.1e})")  # fmt: skip
+    for m, k, n, dtype, group in cases:
+        x = torch.randn(m, k, device=device, generator=g).to(dtype)
+        w = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8, generator=g)
+        s = torch.rand(n, device=device, generator=g) / 100
+        cfg = gemv if m <= qk.GEMV_MAX_ROWS else gemm
+        ok, err = close(qk.int8_weight_only_linear_triton(x, w, s, config=cfg),
+                        qk.int8_weight_only_linear_reference(x, w, s), tolerance[dtype])  # fmt: skip
+        rows.append({"kernel": "int8_weight_only_linear", "shape": [m, k, n], "dtype": str(dtype), "ok": ok,
+                     "max_rel_err": err})  # fmt: skip
+        q, scales, zeros, _ = quant.int4_parameters(torch.randn(n, k, device=device, generator=g), group)
+        packed = qk.pack_int4(q)
+        got = qk.int4_weight_only_linear_triton(x, packed, scales, zeros, group, config=cfg)
+        ok4, err4 = close(got, qk.int4_weight_only_linear_reference(x, packed, scales, zeros, group), tolerance[dtype])
+        rows.append({"kernel": f"int4_weight_only_linear g{group}", "shape": [m, k, n], "dtype": str(dtype),
+                     "ok": ok4, "max_rel_err": err4})  # fmt: skip
+        log(f"check weight-only {m}x{k}x{n} {dtype}: int8 {'ok' if ok else 'FAIL'} ({err:.1e}), "
+            f"int4 g{group} {'ok' if ok4 else 'FAIL'} ({err4:.1e})")  # fmt: skip
     # split-K explicitly (the autotuner may not pick it)
     m, k, n = (2, 256, 24) if smoke else (1, 14336, 4096)
-    x = torch.randn(m, k, device=device, generator=g).to(dtypes[0])
+    x = torch.randn(m, k, device=device, generator=g).to(cases[0][3])
     w = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8, generator=g)
     s = torch.rand(n, device=device, generator=g) / 100
     cfg = qk.GemvConfig(8, 32, 4, 1, 1) if smoke else qk.GemvConfig(16, 512, 4, 4, 3)
     ok, err = close(qk.int8_weight_only_linear_triton(x, w, s, config=cfg),
-                    qk.int8_weight_only_linear_reference(x, w, s), tolerance[dtypes[0]])  # fmt: skip
+                    qk.int8_weight_only_linear_reference(x, w, s), tolerance[cases[0][3]])  # fmt: skip
     rows.append({"kernel": "int8_weight_only_linear split-K 4", "shape": [m, k, n], "ok": ok, "max_rel_err": err})
     log(f"check int8 weight-only split-K: {'ok' if ok else 'FAIL'} ({err:.1e})")
     for m, k, n in [(20, 64, 40), (17, 40, 24)] if smoke else [(8192, 8192, 8192), (1000, 1000, 1000), (17, 64, 40)]:
@@ -322,18 +329,25 @@ def main() -> None:
         result["triton"] = triton.__version__
     except ImportError:
         result["triton"] = None
-    result["checks"] = check_kernels(device, args.smoke)
-    result["loss_scaler"] = check_loss_scaler(device)
-    result["weight_only"] = time_weight_only(device, args.smoke, calls)
-    result["w8a8"] = time_w8a8(device, args.smoke, calls)
-    result["mixed_precision"] = time_mixed_precision(device, args.smoke)
-    result["autotune"] = {
-        " ".join(map(str, key)): [[str(cfg), s] for cfg, s in timings] for key, timings in qk.autotune_log.items()
-    }
-    result["all_checks_ok"] = all(r["ok"] for r in result["checks"]) and result["loss_scaler"]["ok"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_results_quant.json").write_text(json.dumps(result, indent=1, default=str))
+
+    def save() -> None:  # after every section: a run cut short by a time limit still leaves its figures
+        result["autotune"] = {
+            " ".join(map(str, key)): [[str(cfg), s] for cfg, s in timings] for key, timings in qk.autotune_log.items()
+        }
+        (out / "gpu_results_quant.json").write_text(json.dumps(result, indent=1, default=str))
+
+    result["checks"] = check_kernels(device, args.smoke)
+    result["loss_scaler"] = check_loss_scaler(device)
+    result["all_checks_ok"] = all(r["ok"] for r in result["checks"]) and result["loss_scaler"]["ok"]
+    save()
+    result["weight_only"] = time_weight_only(device, args.smoke, calls)
+    save()
+    result["w8a8"] = time_w8a8(device, args.smoke, calls)
+    save()
+    result["mixed_precision"] = time_mixed_precision(device, args.smoke)
+    save()
     log(f"all checks ok: {result['all_checks_ok']}; wrote {out / 'gpu_results_quant.json'}")
 
 
