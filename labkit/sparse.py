@@ -185,9 +185,10 @@ def sliding_window_attention(
     Queries are cut into blocks of b = ``block_size``. Block r (queries rb … rb+b-1) needs
     only keys rb-window+1 … rb+b-1: a contiguous slice of window+b-1 keys (rounded up to a
     multiple of 16), so each block is one small dense attention over a slice -- a view, no
-    copy. The same band (query r of the block sees span positions r+extra … r+extra+window-1)
-    applies to every block; only the first blocks (keys before position 0, padded) and the
-    last (padding after the end) need more masking. Equal to
+    copy -- with the mask added as a 0/lowest bias inside the matmul (``baddbmm``). The same
+    band (query r of the block sees span positions r+extra … r+extra+window-1) applies to
+    every block; only the first blocks (keys before position 0, padded) and the last
+    (padding after the end) need more masking. Equal to
     ``masked_attention(q, k, v, sliding_window_mask(...))``.
 
     q (B, nh, T, hs), k and v (B, nh, S, hs) with S ≥ T: the queries are the last T positions
@@ -207,24 +208,24 @@ def sliding_window_attention(
     extra = span - (window - 1 + b)  # the oldest keys of a span, which no query of the block uses
     left = span - b - offset  # padding before key 0, so that block r's span starts at padded key r*b
     right = n_blocks * b - T  # padding after the end, to whole blocks
-    q = F.pad(q * (1.0 / math.sqrt(hs)), (0, 0, 0, right))  # (B, nh, n_blocks*b, hs), scaled once
-    k = F.pad(k, (0, 0, left, right))  # (B, nh, left + S + right, hs)
-    v = F.pad(v, (0, 0, left, right))
+    q = F.pad(q * (1.0 / math.sqrt(hs)), (0, 0, 0, right)).reshape(B * nh, -1, hs)  # (B*nh, n_blocks*b, hs), scaled
+    k = F.pad(k, (0, 0, left, right)).reshape(B * nh, -1, hs)  # (B*nh, left + S + right, hs)
+    v = F.pad(v, (0, 0, left, right)).reshape(B * nh, -1, hs)
 
     r = torch.arange(b, device=q.device).view(b, 1)  # query within its block
     c = torch.arange(span, device=q.device).view(1, span)  # key within the span
     band = (c >= r + extra) & (c < r + extra + window)  # (b, span): the window, the same in every block
     outside = _bias(~band, q.dtype)  # 0 inside the window, lowest value outside
-    real_keys = (left, k.size(2) - right)  # padded indices of the first and one-past-last real key
+    real_keys = (left, k.size(1) - right)  # padded indices of the first and one-past-last real key
     out = []
     for start in range(0, n_blocks * b, b):
         bias = outside
         if start < real_keys[0] or start + span > real_keys[1]:  # a span that reaches into the padding
             key = start + c
             bias = _bias(~(band & (key >= real_keys[0]) & (key < real_keys[1])), q.dtype)
-        out.append(_attend(q[:, :, start : start + b], k[:, :, start : start + span], v[:, :, start : start + span],
-                           bias))  # fmt: skip
-    return torch.cat(out, dim=2)[:, :, :T]
+        scores = torch.baddbmm(bias, q[:, start : start + b], k[:, start : start + span].transpose(1, 2))  # bias + q kᵀ
+        out.append(torch.bmm(torch.softmax(scores, dim=-1), v[:, start : start + span]))  # (B*nh, b, hs)
+    return torch.cat(out, dim=1).view(B, nh, n_blocks * b, hs)[:, :, :T]
 
 
 def block_sparse_attention(
