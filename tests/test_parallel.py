@@ -66,7 +66,9 @@ def test_no_orphans_when_the_parent_is_killed_or_interrupted(tmp_path, sig):
     pids = tmp_path / "pids"
     script = tmp_path / "parent.py"
     script.write_text(textwrap.dedent(f"""
-        import os, sys
+        import os, signal, sys
+        # a shell's background job inherits SIGINT ignored; a notebook or terminal has Python's handler
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.path.insert(0, {str(tmp_path)!r})
         from labkit.parallel.launch import launch
         from child_fn import write_pid_and_sleep
@@ -88,7 +90,7 @@ def test_no_orphans_when_the_parent_is_killed_or_interrupted(tmp_path, sig):
     time.sleep(0.2)
     children = [int(open(f"{pids}.{r}").read()) for r in range(2)]
     parent.send_signal(sig)
-    parent.wait()
+    parent.wait(timeout=30)  # the children sleep 120 s: only the launcher's cleanup ends this early
     deadline = time.monotonic() + 10
     while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.2)
