@@ -291,6 +291,25 @@ def test_int8_weight_only_kernel_matches_reference(device, m, k, n):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_weight_only_gemvs_convert_every_integer_exactly(device):
+    # the kernels turn integers into floats with bit tricks instead of the conversion instruction
+    x = torch.eye(256, device=device)[:4]  # rows pick columns 0..3: y[i, n] = W[n, i]
+    w = torch.arange(-128, 128, dtype=torch.int8).reshape(1, 256).repeat(8, 1).roll(4, dims=1).to(device)
+    w = w.reshape(8, 256)
+    y = qk.int8_weight_only_linear_triton(x, w, torch.ones(8, device=device), config=qk.GemvConfig(4, 64, 1, 1, 1))
+    assert torch.equal(y, w[:, :4].t().float())
+    q = (torch.arange(16)[:, None] + torch.arange(32)[None, :]) % 16  # (16, 32): every nibble, low and high
+    packed = qk.pack_int4(q).to(device)
+    ones = torch.ones(16, 1, device=device, dtype=torch.float16)
+    zeros = torch.zeros(16, 1, device=device, dtype=torch.uint8)
+    identity = torch.eye(32, device=device)
+    for rows in identity.split(8):  # 8 one-hot rows per call (still a GEMV)
+        got = qk.int4_weight_only_linear_triton(x=rows, w_packed=packed, scales=ones, zeros=zeros, group_size=32,
+                                                config=qk.GemvConfig(4, 32, 1, 1, 1))  # fmt: skip
+        assert torch.equal(got, rows @ q.t().float().to(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", [qk.GemvConfig(8, 32, 2, 1, 1), qk.GemvConfig(4, 64, 3, 1, 1)])
 def test_int8_gemv_split_k_adds_up(device, config):
     g = torch.Generator().manual_seed(1)

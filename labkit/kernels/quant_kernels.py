@@ -66,7 +66,12 @@ def _kernels():
                 inside = (k + offs_k) < K
                 w = tl.load(w_ptrs, mask=inside[None, :], other=0, eviction_policy="evict_first")
                 x = tl.load(x_ptrs, mask=inside, other=0.0, eviction_policy="evict_last")
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]  # int8 -> float in registers: the fused dequant
+            # the fused dequant, int8 -> fp32 in registers, without the int-to-float instruction (GPUs run it
+            # at a quarter of the rate of integer and float arithmetic: too slow to keep up with memory here).
+            # The float whose bits are 0x4B0000vv is 2^23 + vv exactly; with vv = q + 128 (q's top bit
+            # flipped: one logical op together with the OR), subtracting 2^23 + 128 leaves q, exactly.
+            bits = (w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x80) | 0x4B000000
+            acc += (bits.to(tl.float32, bitcast=True) - 8388736.0) * x.to(tl.float32)[None, :]
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
         y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n)  # (BLOCK_N,): the per-channel scale, once
@@ -98,13 +103,16 @@ def _kernels():
             group_in = (k0 + offs_g * GROUP) < K  # K is a multiple of GROUP: groups are wholly in or out
             packed = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + (k0 // 2 + byte)[None, :, :],
                              mask=group_in[None, :, None], other=0, eviction_policy="evict_first")  # fmt: skip
-            low = (packed & 0xF).to(tl.float32)  # column k0 + 2j
-            high = (packed >> 4).to(tl.float32)  # column k0 + 2j + 1
+            # nibbles to floats with integer ops (as in int8_gemv_kernel): the low one as q, the high one
+            # still in place (16 q), compensated by scaling its x by 1/16 (exact: a power of two)
+            bits = packed.to(tl.int32)
+            low = ((bits & 0x0F) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # column k0 + 2j
+            high16 = ((bits & 0xF0) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # 16 x column k0 + 2j + 1
             x_even = tl.load(x_ptr + m * stride_xm + k0 + 2 * byte, mask=group_in[:, None], other=0.0,
                              eviction_policy="evict_last").to(tl.float32)  # fmt: skip
             x_odd = tl.load(x_ptr + m * stride_xm + k0 + 2 * byte + 1, mask=group_in[:, None], other=0.0,
                             eviction_policy="evict_last").to(tl.float32)  # fmt: skip
-            qx = tl.sum(low * x_even[None, :, :] + high * x_odd[None, :, :], axis=2)  # (BLOCK_N, G): Σ q x
+            qx = tl.sum(low * x_even[None, :, :] + high16 * (x_odd * 0.0625)[None, :, :], axis=2)  # (BLOCK_N, G): Σ q x
             x_sum = tl.sum(x_even + x_odd, axis=1)  # (G,): Σ x
             group = k0 // GROUP + offs_g
             params = offs_n[:, None] * stride_sn + group[None, :]
