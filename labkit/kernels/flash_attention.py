@@ -407,6 +407,7 @@ def _register():
         device = get_device()
         on_gpu = device.type == "cuda"
         dtype = torch.bfloat16 if on_gpu else torch.float32
+        backend = "auto" if on_gpu else "reference"  # not the interpreter, even where TRITON_INTERPRET=1
         shapes = ([(4, 16, 4096, 128)] if quick else [(4, 16, 2048, 128), (4, 16, 4096, 128), (2, 16, 8192, 128)]) \
             if on_gpu else [(1, 4, 512, 64)]  # fmt: skip
         rows = []
@@ -416,7 +417,7 @@ def _register():
             sdpa = torch.nn.functional.scaled_dot_product_attention
             variants = {
                 "sdpa causal": lambda: sdpa(q, k, v, is_causal=True),
-                "flash_attention causal": lambda: flash_attention(q, k, v, causal=True),
+                "flash_attention causal": lambda: flash_attention(q, k, v, causal=True, backend=backend),
             }
             print(f"B={B} H={H} T={T} D={D} {dtype} on {device_label(device)}" + ("" if on_gpu else " (reference)"))
             for row in compare(variants, warmup=3, repeat=10 if on_gpu else 3, suite="flash"):
