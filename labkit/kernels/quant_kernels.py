@@ -49,8 +49,9 @@ def _kernels():
         x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     ):  # fmt: skip
-        # program (pid_n, pid_k, m): output channels pid_n*BLOCK_N.., K-slice pid_k, row m of x
-        pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        # program (m, pid_k, pid_n): row m of x, K-slice pid_k, output channels pid_n*BLOCK_N..; the rows
+        # vary fastest, so the programs that read the same weights run together and share them in L2
+        m, pid_k, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # rows past the edge wrap: computed, never stored
         offs_k = tl.arange(0, BLOCK_K)
         k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
@@ -91,7 +92,7 @@ def _kernels():
         # loaded as a (BLOCK_N, G, GROUP // 2) tile of bytes: the sum over its last axis is Σ_group q x.
         G: tl.constexpr = BLOCK_K // GROUP
         HALF: tl.constexpr = GROUP // 2
-        pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        m, pid_k, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
         offs_g = tl.arange(0, G)
         offs_h = tl.arange(0, HALF)
@@ -371,7 +372,7 @@ def _launch_int8_gemv(x2, w, scales, y, cfg: GemvConfig):
     M, K = x2.shape
     N = w.shape[0]
     out = y if cfg.split_k == 1 else torch.zeros(y.shape, device=y.device, dtype=torch.float32)
-    grid = (triton.cdiv(N, cfg.block_n), cfg.split_k, M)
+    grid = (M, cfg.split_k, triton.cdiv(N, cfg.block_n))
     gemv[grid](
         x2, w, scales, out, N, K, x2.stride(0), w.stride(0), out.stride(0),
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
@@ -485,7 +486,7 @@ def _launch_int4_gemv(x2, w, scales, zeros, group, y, cfg: GemvConfig):
     block_k = max(cfg.block_k, group)  # whole groups per K-block
     split_k = min(cfg.split_k, triton.cdiv(K, block_k))
     out = y if split_k == 1 else torch.zeros(y.shape, device=y.device, dtype=torch.float32)
-    grid = (triton.cdiv(N, cfg.block_n), split_k, M)
+    grid = (M, split_k, triton.cdiv(N, cfg.block_n))
     gemv[grid](
         x2, w, scales, zeros, out, N, K, x2.stride(0), w.stride(0), scales.stride(0), out.stride(0),
         GROUP=group, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=split_k,

@@ -74,7 +74,7 @@ print("forward equal:", torch.equal(ours, theirs), "| gradient equal:", torch.eq
 # ## 2. QAT on LabGPT
 #
 # Notebook 08 found that 4-bit weights with groups of 32 cost LabGPT nothing; the gap worth
-# closing is **4 bits with one scale per tensor** (~2% perplexity). `quant.prepare_qat` swaps
+# closing is **4 bits with one scale per tensor** (2–3% perplexity). `quant.prepare_qat` swaps
 # every linear for a `QATLinear` (an `nn.Linear` whose forward fake-quantizes its weight);
 # after training, `quantize_model` turns it into the real int4 layer, with the same numbers.
 # A short live run, 30 steps of 8 × 256 tokens (AdamW at 3e-4), after the two baselines:
