@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import choose_backend, interpreting
+from . import choose_backend, fastest, interpreting
 from .matmul_kernel import TileConfig
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -255,23 +255,9 @@ autotune_log: dict[tuple, list] = {}  # key -> [(config, seconds or None)], for 
 
 
 def _autotune(key: tuple, configs: list, run, device) -> object:
-    """Time ``run(config)`` for every config (median of repeats); remember and return the fastest."""
-    from ..bench import measure
-
-    if key in _tuned:
-        return _tuned[key]
-    timings = []
-    for cfg in configs:
-        try:
-            seconds = measure(lambda: run(cfg), warmup=2, repeat=10, device=device).median_s
-        except Exception:  # e.g. a tile that needs more shared memory than this GPU has
-            seconds = None
-        timings.append((cfg, seconds))
-    ran = [(s, i) for i, (_, s) in enumerate(timings) if s is not None]
-    if not ran:
-        raise ValueError(f"no launch configuration could run for {key}")
-    _tuned[key] = timings[min(ran)[1]][0]
-    autotune_log[key] = timings
+    """The fastest config for ``key`` (measured once, with ``kernels.fastest``), remembered per shape."""
+    if key not in _tuned:
+        _tuned[key], autotune_log[key] = fastest(configs, run, device)
     return _tuned[key]
 
 
