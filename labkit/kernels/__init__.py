@@ -86,5 +86,8 @@ __all__ = [
     "matmul_reference",
     "matmul_triton",
     "triton_installed",
+    "int8_weight_only_linear",
+    "int4_weight_only_linear",
+    "int8_linear",
 ]
 from .quant_kernels import int4_weight_only_linear, int8_linear, int8_weight_only_linear  # noqa: E402, F401
