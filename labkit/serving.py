@@ -19,6 +19,7 @@ day. Four ideas decide what that costs:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import statistics
@@ -400,13 +401,8 @@ def rapl_domains() -> list[Path]:
 
 def power_source() -> str:
     """Where joules come from on this machine: "nvml", "rapl", or "estimate"."""
-    if torch.cuda.is_available():
-        try:
-            import pynvml  # noqa: F401
-
-            return "nvml"
-        except ImportError:
-            pass
+    if torch.cuda.is_available() and importlib.util.find_spec("pynvml") is not None:
+        return "nvml"
     return "rapl" if rapl_domains() else "estimate"
 
 
