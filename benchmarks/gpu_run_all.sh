@@ -19,10 +19,14 @@ run() {  # name, seconds, command...
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "   exit $? after $((SECONDS - start)) s; tail:"; tail -n 5 "$OUT/$name.log"
 }
-for script in gpu_check_serving gpu_check_attention gpu_check_quant gpu_check; do
+# name:limit in seconds; the open bars first (matmul: issue 3), about 8 minutes in all at most
+for entry in gpu_check:150 gpu_check_attention:120 gpu_check_serving:75 gpu_check_quant:110; do
+  script=${entry%%:*} limit=${entry##*:}
   if [ -f "benchmarks/$script.py" ]; then
-    run "$script" 150 python3 "benchmarks/$script.py" --out "$OUT"
+    run "$script" "$limit" python3 "benchmarks/$script.py" --out "$OUT"
   else
     echo "== $script: not in this checkout"
   fi
 done
+# the kernel tests on CUDA (they run under the CPU interpreter everywhere else)
+run pytest_cuda 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py

@@ -3,7 +3,7 @@
 Three rules every number in the kit follows:
 1. Warm up first (the first calls pay for allocation, caches and lazy initialisation).
 2. On a GPU, synchronise before reading the clock (kernel launches return at once) --
-   here CUDA events bracket each call.
+   here CUDA events bracket each call, read after one synchronise at the end.
 3. Report the median of repeats and the spread, and compare variants *in the same run*
    as a ratio to a baseline: machines drift, ratios measured together do not.
 
@@ -82,14 +82,18 @@ def measure(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, device=
     synchronize(device)
     times = []
     if device.type == "cuda":
+        # Record every pair of events first and synchronise once at the end: the host runs
+        # ahead and keeps the GPU's queue full, so each pair times the GPU work of one call
+        # rather than the Python and launch overhead in front of it (as triton's do_bench).
+        # A call whose host side is slower than its GPU work still shows the host time.
         torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(repeat):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeat)]
+        for start, end in events:
             start.record()
             fn()
             end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) / 1e3 for start, end in events]
         peak = torch.cuda.max_memory_allocated(device)
     else:
         for _ in range(repeat):

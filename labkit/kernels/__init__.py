@@ -60,10 +60,21 @@ def fastest(configs, run, device) -> tuple[object, list[tuple[object, float | No
         except Exception:  # a config this GPU cannot run is skipped, not fatal
             seconds = None
         timings.append((cfg, seconds))
-    ran = [(seconds, i) for i, (_, seconds) in enumerate(timings) if seconds is not None]
+    ran = sorted((seconds, i) for i, (_, seconds) in enumerate(timings) if seconds is not None)
     if not ran:
         raise ValueError(f"none of the {len(timings)} launch configurations could run")
-    return timings[min(ran)[1]][0], timings
+    # one median of 10 can mislead when clocks move: time the three leaders twice more,
+    # alternating between them, and rank them by the median of their three medians
+    finalists = [i for _, i in ran[:3]]
+    rounds = {i: [timings[i][1]] for i in finalists}
+    if len(finalists) > 1:
+        for _ in range(2):
+            for i in finalists:
+                rounds[i].append(measure(lambda: run(timings[i][0]), warmup=1, repeat=10, device=device).median_s)
+    for i in finalists:
+        timings[i] = (timings[i][0], sorted(rounds[i])[len(rounds[i]) // 2])
+    best = min(finalists, key=lambda i: timings[i][1])
+    return timings[best][0], timings
 
 
 from .flash_attention import (  # noqa: E402

@@ -189,6 +189,8 @@ CONFIGS = [
     AttentionConfig(64, 64, 3, 4),
     AttentionConfig(64, 64, 2, 4),
     AttentionConfig(128, 32, 3, 4),
+    AttentionConfig(128, 128, 3, 8),
+    AttentionConfig(128, 64, 4, 8),
 ]
 INTERPRETER_CONFIG = AttentionConfig(16, 16, 1, 1)  # the interpreter is slow: small tiles, no tuning
 _tuned: dict[tuple, AttentionConfig] = {}
