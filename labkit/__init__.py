@@ -19,6 +19,7 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 _SUBMODULES = {
     "bench",
+    "capstone",
     "check",
     "distill",
     "early_exit",

@@ -727,3 +727,33 @@ def window_mask(fn: Callable[[int, int], torch.Tensor]) -> bool:
             )
     hint = "with i = arange(T)[:, None] and j = arange(T)[None, :]: keep j <= i (causal) and j > i - window"
     return _report("window_mask", failures, len(cases), hint)
+
+
+# -- capstone (notebook 17) ----------------------------------------------------------------
+
+
+def dominates(fn: Callable[[tuple, tuple], bool]) -> bool:
+    """Exercise: Pareto dominance, every objective minimised (say latency, memory, perplexity)."""
+    from .capstone import dominates as oracle
+
+    objectives = {"latency": "min", "memory": "min", "perplexity": "min"}
+    cases = [
+        ((1, 1, 1), (2, 2, 2)),
+        ((1, 2, 2), (2, 2, 2)),  # better on one, equal on the others: dominates
+        ((2, 2, 2), (2, 2, 2)),  # equal points do not dominate each other
+        ((1, 3, 2), (2, 2, 2)),  # a trade-off: neither dominates
+        ((2, 2, 2), (1, 1, 1)),
+        ((0.5, 9.0, 1.0), (0.5, 9.0, 1.5)),
+    ]
+    g = torch.Generator().manual_seed(0)
+    cases += [tuple(tuple(p) for p in torch.randint(0, 3, (2, 3), generator=g).tolist()) for _ in range(30)]
+    failures = []
+    for a, b in cases:
+        expected = oracle(dict(zip(objectives, a)), dict(zip(objectives, b)), objectives)
+        got, err = _call(fn, a, b)
+        if err:
+            failures.append(err)
+        elif bool(got) != expected:
+            failures.append(f"a={a}, b={b}: you said {bool(got)}, expected {expected}")
+    hint = "a dominates b when a <= b in every coordinate AND a < b in at least one (equal points do not dominate)"
+    return _report("dominates", failures, len(cases), hint)

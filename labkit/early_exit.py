@@ -104,15 +104,22 @@ def load_exit_heads(model, path) -> ExitHeads:
 
 
 def _fill_skipped(model, cache, hidden: torch.Tensor, first: int, start: int) -> None:
-    """Keys and values of the skipped layers first.. for this position, computed from the exit state."""
+    """Keys and values of the skipped layers first.. for this position, computed from the exit state.
+
+    A block may have fewer heads than the config (head pruning): it fills the first of its cache slots.
+    """
     B, T, C = hidden.shape
+    hs = C // model.config.n_head  # head pruning removes heads, never shrinks one
     for layer in range(first, model.config.n_layer):
         block = model.transformer.h[layer]
-        _, k, v = block.attn.c_attn(block.ln_1(hidden)).split(C, dim=2)
-        nh = model.config.n_head
-        k = k.view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
-        cache.update(layer, k, v, start)
+        nh = block.attn.n_head
+        if nh == 0:
+            continue  # every head of this layer removed: nothing is cached
+        _, k, v = block.attn.c_attn(block.ln_1(hidden)).split(nh * hs, dim=2)
+        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        cache.k[layer][:, :nh, start : start + T] = k
+        cache.v[layer][:, :nh, start : start + T] = v
 
 
 @torch.no_grad()
