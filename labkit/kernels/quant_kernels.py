@@ -198,7 +198,7 @@ def _kernels():
                 k_left = K - k * BLOCK_K
                 a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
                 b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
-            acc = tl.dot(a, b, acc)  # int8 x int8 -> int32 on the tensor cores
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # int8 x int8 -> int32 on the tensor cores
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
         # the epilogue: dequantize while the tile is still in registers (no int32 round trip to memory)
