@@ -73,7 +73,7 @@ def test(extra: list[str]) -> None:
     e = env()
     e["LABKIT_STATIC"] = "1"  # widgets draw once with their defaults under nbval
     e.pop("MPLBACKEND")
-    run(PYTHON, "-m", "ruff", "check", "labkit", "tests", "tools", env=e, cwd=ROOT)
+    run(PYTHON, "-m", "ruff", "check", "labkit", "tests", "tools", "benchmarks", "notebooks/src", env=e, cwd=ROOT)
     run(
         PYTHON, "-m", "pytest", "tests", "notebooks", "--nbval",
         "--sanitize-with", "notebooks/nbval_sanitize.cfg", "--nbval-cell-timeout", "600", *extra,

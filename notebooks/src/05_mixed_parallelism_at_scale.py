@@ -149,10 +149,10 @@ print(f"gpt3-1.3b on 64 A100s: fastest layout {small[0].layout.dp}x{small[0].lay
 # %% [markdown]
 # so for GPT-3-class models, mixed parallelism is not a 30% gain: it is what makes
 # training possible at all. For a model small enough to fit one GPU, the planner finds
-only a small difference between the best mixed layout and data parallelism alone (printed
-above): a little tensor parallelism shrinks the gradient all-reduce each GPU must do, and
-adds per-layer all-reduces of its own. The survey's figures have no source we could
-reproduce; the planner gives both ends of the story, with its assumptions in the open.
+# only a small difference between the best mixed layout and data parallelism alone (printed
+# above): a little tensor parallelism shrinks the gradient all-reduce each GPU must do, and
+# adds per-layer all-reduces of its own. The survey's figures have no source we could
+# reproduce; the planner gives both ends of the story, with its assumptions in the open.
 #
 # ## 4. Explore: the whole layout
 #
