@@ -66,7 +66,7 @@ def random_qkv(B, H, T, S, D, dtype, device, seed=0):
     return q, k, v
 
 
-def check(device, smoke: bool) -> list[dict]:
+def check(device, smoke: bool, quick: bool = False) -> list[dict]:
     """Fixed launch configs (autotuning every check shape would compile dozens of variants)."""
     cases = [  # B, H, T, S, D, causal, window
         (2, 4, 1000, 1000, 128, True, None),  # ragged last block
@@ -81,10 +81,15 @@ def check(device, smoke: bool) -> list[dict]:
         torch.float16: [AttentionConfig(64, 64, 2, 4)],
         torch.bfloat16: [AttentionConfig(64, 64, 2, 4), AttentionConfig(128, 64, 3, 8)],
     }
+    if quick:  # 16-bit only: the fp32 checks spend a minute compiling and running "ieee" dots
+        configs = {torch.bfloat16: [AttentionConfig(128, 64, 3, 8)]}
+    if smoke or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9):
+        configs[torch.bfloat16].append(AttentionConfig(128, 64, 3, 8, tma=True))  # K and V through TMA
     if smoke:
         cases = [(1, 2, 40, 40, 16, True, None), (1, 2, 37, 37, 16, True, 9), (1, 1, 5, 30, 8, True, 4),
                  (1, 1, 20, 33, 16, False, None)]  # fmt: skip
         configs = {dtype: [AttentionConfig(16, 16, 1, 1)] for dtype in configs}
+        configs[torch.bfloat16].append(AttentionConfig(16, 16, 1, 1, tma=True))
     rows = []
     for dtype, dtype_configs in configs.items():
         for cfg in dtype_configs:
@@ -95,9 +100,9 @@ def check(device, smoke: bool) -> list[dict]:
                 err = (got.float() - ref).abs().max().item()
                 ok = bool(err <= TOLERANCE[dtype] * (1 + ref.abs().max().item()))
                 rows.append({"dtype": str(dtype), "shape": [B, H, T, S, D], "causal": causal, "window": window,
-                             "config": [cfg.block_m, cfg.block_n, cfg.num_stages, cfg.num_warps],
+                             "config": [cfg.block_m, cfg.block_n, cfg.num_stages, cfg.num_warps, cfg.tma],
                              "max_abs_err": err, "ok": ok})  # fmt: skip
-                log(f"check {str(dtype):<14} {cfg.block_m}x{cfg.block_n} B={B} H={H} T={T} S={S} D={D} "
+                log(f"check {str(dtype):<14} {cfg.block_m}x{cfg.block_n}{' tma' if cfg.tma else ''} B={B} H={H} T={T} S={S} D={D} "
                     f"causal={causal} window={window}: {'ok' if ok else 'FAIL'} (max abs err {err:.2e})")  # fmt: skip
     return rows
 
@@ -118,8 +123,8 @@ def autotune_report(q, k, causal, window) -> list[dict]:
     report = []
     for cfg, seconds in autotune_log[key]:
         report.append({"block_m": cfg.block_m, "block_n": cfg.block_n, "num_stages": cfg.num_stages,
-                       "num_warps": cfg.num_warps, "seconds": seconds})  # fmt: skip
-        log(f"  autotune {cfg.block_m}x{cfg.block_n} s{cfg.num_stages} w{cfg.num_warps}: "
+                       "num_warps": cfg.num_warps, "tma": cfg.tma, "seconds": seconds})  # fmt: skip
+        log(f"  autotune {cfg.block_m}x{cfg.block_n} s{cfg.num_stages} w{cfg.num_warps}{' tma' if cfg.tma else ''}: "
             + (f"{seconds * 1e3:.3f} ms" if seconds is not None else "failed"))  # fmt: skip
     return report
 
@@ -183,6 +188,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".", help="folder for gpu_results_attention.json")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on any device (CPU: TRITON_INTERPRET=1)")
+    parser.add_argument("--quick", action="store_true", help="check bf16 only (skip the slow fp32 and fp16 checks)")
     args = parser.parse_args()
     import triton
 
@@ -197,13 +203,14 @@ def main() -> None:
         "python": platform.python_version(),
     }
     log(json.dumps(info))
-    result = {"info": info, "checks": check(device, args.smoke)}
-    result["bar_causal_4096"] = bar_causal(device, args.smoke)
-    result["bar_window_1024_at_16384"] = bar_window(device, args.smoke)
-    result["all_checks_ok"] = all(r["ok"] for r in result["checks"])
-    result["seconds"] = time.perf_counter() - START
     out = Path(args.out, "gpu_results_attention.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"info": info, "checks": check(device, args.smoke, args.quick)}
+    result["all_checks_ok"] = all(r["ok"] for r in result["checks"])
+    for name, bar in (("bar_causal_4096", bar_causal), ("bar_window_1024_at_16384", bar_window)):
+        out.write_text(json.dumps(result, indent=1))  # after every section: a run cut short keeps its figures
+        result[name] = bar(device, args.smoke)
+    result["seconds"] = time.perf_counter() - START
     out.write_text(json.dumps(result, indent=1))
     log(f"checks {'all ok' if result['all_checks_ok'] else 'FAILED'}; wrote {out}")
 

@@ -14,6 +14,7 @@ from labkit.kernels.flash_attention import (
     flash_attention_blockwise,
     flash_attention_reference,
     flash_attention_triton,
+    tma_possible,
     tuning_key,
 )
 from labkit.model import LabGPT, get_config
@@ -247,6 +248,23 @@ def test_flash_kernel_matches_reference(device, dtype, T, S, D, causal, window):
     out = flash_attention(q, k, v, causal=causal, window=window, backend="triton")
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out, flash_attention_reference(q, k, v, causal, window), **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T, S, D, causal, window", KERNEL_CASES)
+def test_flash_kernel_with_tma_loads_matches_reference(device, dtype, T, S, D, causal, window):
+    """K and V through tensor descriptors over (B·H·S, D): a tile past one head's last key holds
+    the next head's rows, which the kernel must mask out of the scores and the values."""
+    q, k, v = qkv(2, 2, T, S, D, seed=T * S + D + 1, dtype=dtype, device=device)
+    k[0, 1, :] = float("inf")  # the head after (0, 0): its rows must never reach (0, 0)'s output
+    v[0, 1, :] = float("nan")
+    if not tma_possible(k, v):
+        pytest.skip("no TMA on this GPU (compute capability < 9.0)")
+    out = flash_attention_triton(q, k, v, causal, window, AttentionConfig(16, 16, 1, 1, tma=True))
+    expected = flash_attention_reference(q, k, v, causal, window)
+    torch.testing.assert_close(out[0, 0], expected[0, 0], **TOLERANCES[dtype])
+    torch.testing.assert_close(out[1], expected[1], **TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -31,6 +31,7 @@ nothing yet in a block keeps finite numbers (they vanish as exp2(-1e6 - m) = 0 o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -52,8 +53,9 @@ def _kernels():
     @triton.jit
     def attend_blocks(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, q_pos, offs_n, lo, hi, S, window, qk_scale, stride_kn, stride_vn,
+        k_desc, v_desc, kv_row,
         MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr,
-        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     ):  # fmt: skip
         # one stretch of keys lo..hi, BLOCK_N at a time: the online-softmax update
         k_ptrs += lo * stride_kn
@@ -61,7 +63,10 @@ def _kernels():
         for start_n in range(lo, hi, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             k_pos = start_n + offs_n
-            if MASKED:  # the last block may run past the keys: load zeros there
+            if USE_TMA:  # one TMA copy per tile; rows past this head's S are masked in the scores below
+                k = k_desc.load([kv_row + start_n, 0])
+                v = v_desc.load([kv_row + start_n, 0])
+            elif MASKED:  # the last block may run past the keys: load zeros there
                 k = tl.load(k_ptrs, mask=k_pos[:, None] < S, other=0.0)
                 v = tl.load(v_ptrs, mask=k_pos[:, None] < S, other=0.0)
             else:
@@ -76,7 +81,10 @@ def _kernels():
                     keep = keep & (k_pos[None, :] <= q_pos[:, None])
                 if WINDOWED:
                     keep = keep & (k_pos[None, :] > q_pos[:, None] - window)
-                s = s * qk_scale + tl.where(keep, 0.0, -1.0e6)
+                if USE_TMA:  # rows past S came from the next head (any value): replace, not add
+                    s = tl.where(keep, s * qk_scale, -1.0e6)
+                else:
+                    s = s * qk_scale + tl.where(keep, 0.0, -1.0e6)
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 s = s - m_new[:, None]
             else:
@@ -86,6 +94,8 @@ def _kernels():
             alpha = tl.math.exp2(m_i - m_new)  # rescales what was summed under the old maximum
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
+            if USE_TMA and MASKED:  # p is 0 there, but 0 x inf or NaN in another head's values is not
+                v = tl.where(k_pos[:, None] < S, v, 0.0)
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
             m_i = m_new
             k_ptrs += BLOCK_N * stride_kn
@@ -99,16 +109,17 @@ def _kernels():
     def flash_attention_kernel(
         Q, K, V, Out, T, S, q_offset, window, qk_scale, H,
         stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
-        stride_vz, stride_vh, stride_vn, stride_vd, stride_oz, stride_oh, stride_om, stride_od,
+        stride_vz, stride_vh, stride_vn, stride_vd, stride_oz, stride_oh, stride_om, stride_od, k_desc, v_desc,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, EVEN_M: tl.constexpr,
-        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     ):  # fmt: skip
         start_m = tl.program_id(0)  # which block of queries
         if CAUSAL:  # the last query blocks have the most keys: launch them first, so short ones fill the tail
             start_m = tl.num_programs(0) - 1 - start_m
         off_hz = tl.program_id(1)  # which (batch, head)
         off_z, off_h = off_hz // H, off_hz % H
+        kv_row = off_hz * S  # with TMA, K and V are seen as (B·H·S, D): this head's first row
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -137,25 +148,25 @@ def _kernels():
                 edge_lo = (tl.maximum(q_lo - window + 1, 0) // BLOCK_N) * BLOCK_N
                 acc, l_i, m_i = attend_blocks(
                     acc, l_i, m_i, q, k_ptrs, v_ptrs, q_pos, offs_n, edge_lo, full_lo, S, window, qk_scale,
-                    stride_kn, stride_vn, True, CAUSAL, WINDOWED, BLOCK_N, UPCAST, DOT_PRECISION,
+                    stride_kn, stride_vn, k_desc, v_desc, kv_row, True, CAUSAL, WINDOWED, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA,
                 )  # fmt: skip
             acc, l_i, m_i = attend_blocks(
                 acc, l_i, m_i, q, k_ptrs, v_ptrs, q_pos, offs_n, full_lo, diag_lo, S, window, qk_scale,
-                stride_kn, stride_vn, False, CAUSAL, WINDOWED, BLOCK_N, UPCAST, DOT_PRECISION,
+                stride_kn, stride_vn, k_desc, v_desc, kv_row, False, CAUSAL, WINDOWED, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA,
             )  # fmt: skip
             acc, l_i, m_i = attend_blocks(
                 acc, l_i, m_i, q, k_ptrs, v_ptrs, q_pos, offs_n, diag_lo, diag_hi, S, window, qk_scale,
-                stride_kn, stride_vn, True, CAUSAL, WINDOWED, BLOCK_N, UPCAST, DOT_PRECISION,
+                stride_kn, stride_vn, k_desc, v_desc, kv_row, True, CAUSAL, WINDOWED, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA,
             )  # fmt: skip
         else:  # every key: whole blocks unmasked, then the ragged tail masked
             full_hi = (S // BLOCK_N) * BLOCK_N
             acc, l_i, m_i = attend_blocks(
                 acc, l_i, m_i, q, k_ptrs, v_ptrs, q_pos, offs_n, 0, full_hi, S, window, qk_scale,
-                stride_kn, stride_vn, False, CAUSAL, WINDOWED, BLOCK_N, UPCAST, DOT_PRECISION,
+                stride_kn, stride_vn, k_desc, v_desc, kv_row, False, CAUSAL, WINDOWED, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA,
             )  # fmt: skip
             acc, l_i, m_i = attend_blocks(
                 acc, l_i, m_i, q, k_ptrs, v_ptrs, q_pos, offs_n, full_hi, S, S, window, qk_scale,
-                stride_kn, stride_vn, True, CAUSAL, WINDOWED, BLOCK_N, UPCAST, DOT_PRECISION,
+                stride_kn, stride_vn, k_desc, v_desc, kv_row, True, CAUSAL, WINDOWED, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA,
             )  # fmt: skip
 
         out = acc / l_i[:, None]  # the deferred softmax division, once per query
@@ -176,6 +187,7 @@ class AttentionConfig:
     block_n: int
     num_stages: int
     num_warps: int
+    tma: bool = False  # K and V tiles fed by the Tensor Memory Accelerator (sm_90+)
 
 
 # FlashAttention-2 tiles known to do well on Ampere/Hopper at head dim 64-128: 128 queries x 64
@@ -191,6 +203,14 @@ CONFIGS = [
     AttentionConfig(128, 32, 3, 4),
     AttentionConfig(128, 128, 3, 8),
     AttentionConfig(128, 64, 4, 8),
+]
+# Hopper (sm_90+): the same tiles with K and V loaded through tensor descriptors
+TMA_CONFIGS = [
+    AttentionConfig(128, 64, 3, 8, tma=True),
+    AttentionConfig(128, 128, 3, 8, tma=True),
+    AttentionConfig(128, 64, 4, 8, tma=True),
+    AttentionConfig(64, 64, 3, 4, tma=True),
+    AttentionConfig(128, 128, 2, 8, tma=True),
 ]
 INTERPRETER_CONFIG = AttentionConfig(16, 16, 1, 1)  # the interpreter is slow: small tiles, no tuning
 _tuned: dict[tuple, AttentionConfig] = {}
@@ -307,16 +327,35 @@ def launch(
     B, H, T, D = q.shape
     S = k.size(2)
     upcast = interpreting() and not q.is_cuda
+    k_desc = v_desc = None
+    if cfg.tma and not tma_possible(k, v):  # e.g. a tuned TMA config, now given a non-contiguous K
+        cfg = dataclasses.replace(cfg, tma=False)
+    if cfg.tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_desc = TensorDescriptor.from_tensor(k.view(B * H * S, D), [cfg.block_n, D])
+        v_desc = TensorDescriptor.from_tensor(v.view(B * H * S, D), [cfg.block_n, D])
     grid = (triton.cdiv(T, cfg.block_m), B * H)  # one program per (query block, batch x head)
     kernel[grid](
         q, k, v, out, T, S, S - T, window or 0, sm_scale * LOG2E, H,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), k_desc, v_desc,
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal, WINDOWED=window is not None,
-        EVEN_M=T % cfg.block_m == 0, UPCAST=upcast,
+        EVEN_M=T % cfg.block_m == 0, UPCAST=upcast, USE_TMA=cfg.tma,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",
         num_stages=cfg.num_stages, num_warps=cfg.num_warps,
     )  # fmt: skip
     return out
+
+
+def tma_possible(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Can K and V be read through tensor descriptors? Contiguous (B, H, S, D), 16-byte aligned
+    rows, on a GPU of compute capability 9.0+ (or the CPU interpreter, which emulates TMA)."""
+    if k.is_cuda and torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    if not k.is_cuda and not interpreting():
+        return False
+    return all(t.is_contiguous() and (t.size(-1) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in (k, v))  # fmt: skip
 
 
 def tuning_key(q: torch.Tensor, k: torch.Tensor, causal: bool, window: int | None) -> tuple:
@@ -332,7 +371,9 @@ def autotune(q, k, v, out, causal, window, sm_scale, configs=None) -> AttentionC
     key = tuning_key(q, k, causal, window)
     if key not in _tuned:
         run = lambda cfg: launch(q, k, v, out, causal, window, cfg, sm_scale)
-        _tuned[key], autotune_log[key] = fastest(configs or CONFIGS, run, q.device)
+        if configs is None:
+            configs = CONFIGS + (TMA_CONFIGS if tma_possible(k, v) else [])
+        _tuned[key], autotune_log[key] = fastest(configs, run, q.device)
     return _tuned[key]
 
 
