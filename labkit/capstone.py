@@ -239,11 +239,11 @@ def build_stack(
     *,
     teacher: LabGPT | str = "tiny",
     student: LabGPT | str = "student-distilled",
-    sparsity: float = 0.5,
+    sparsity: float = 0.25,
     structure: str = "neurons",
     recover_steps: int = 30,
     scheme: str = "int8_weight_only",
-    threshold: float = 0.9,
+    threshold: float = 0.95,
     exit_heads: early_exit.ExitHeads | None = None,
     k: int = 4,
     seed: int = 0,
@@ -524,9 +524,10 @@ def _valid(choice: dict) -> bool:
     return choice.get("n_embd", GPTConfig.n_embd) % n_head == 0
 
 
-def candidate_config(choice: dict) -> GPTConfig:
-    """The LabGPT shape of a search candidate: the ``tiny`` config with the chosen fields."""
-    return GPTConfig(**choice)
+def candidate_config(choice: dict, block_size: int = 128) -> GPTConfig:
+    """The LabGPT shape of a search candidate: the ``tiny`` config with the chosen fields, and a
+    ``block_size`` context (short, so that a few training steps reach every position)."""
+    return GPTConfig(**{**choice, "block_size": block_size})
 
 
 def decode_latency(config: GPTConfig, new_tokens: int = 32, repeat: int = 3) -> float:
@@ -538,14 +539,15 @@ def decode_latency(config: GPTConfig, new_tokens: int = 32, repeat: int = 3) -> 
     return serving.generation_time(LabGPT(config).eval(), 16, new_tokens, True, repeat) / new_tokens
 
 
-def train_and_score(config: GPTConfig, steps: int = 40, batch_size: int = 8, seq_len: int = 128, lr: float = 3e-3,
-                    seed: int = 0, text: str | None = None) -> float:  # fmt: skip
-    """Train a fresh model of this shape for ``steps`` (``train.finetune`` at a from-scratch learning
-    rate) and return its perplexity on held-out ``text`` (default: 2,048 characters)."""
+def train_and_score(config: GPTConfig, steps: int = 40, batch_size: int = 8, lr: float = 3e-3, seed: int = 0,
+                    text: str | None = None) -> float:  # fmt: skip
+    """Train a fresh model of this shape for ``steps`` on windows of its context (``train.finetune``
+    at a from-scratch learning rate); return its perplexity on held-out ``text`` (default: 4,096
+    characters), scored in windows of the same context."""
     torch.manual_seed(seed)
     model = LabGPT(config)
-    train.finetune(model, steps, batch_size, seq_len, lr, seed, corpus_chars=400_000, progress=False)
-    return evaluation.perplexity(model, CharTokenizer(), text or train.validation_text(4 * 512 + 1))
+    train.finetune(model, steps, batch_size, config.block_size, lr, seed, corpus_chars=400_000, progress=False)
+    return evaluation.perplexity(model, CharTokenizer(), text or train.validation_text(8 * 512 + 1))
 
 
 def _mutate(choice: dict, space: dict, rng: random.Random) -> dict:
@@ -566,6 +568,7 @@ def search(
     generations: int = 2,
     latency_fn: Callable[[GPTConfig], float] | None = None,
     score_fn: Callable[[GPTConfig], float] | None = None,
+    block_size: int = 128,
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
@@ -578,7 +581,7 @@ def search(
     draws ``population``, then each generation mutates the better half of the accepted
     candidates (one field moved to another value). Returns ``{"best": row or None, "history":
     rows}``, each row the choice with ``latency_ms``, ``accepted``, ``perplexity`` (None if
-    rejected) and ``generation``.
+    rejected) and ``generation``. Every candidate has a ``block_size`` context.
     """
     if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not budget_s > 0:
         raise ValueError(f"budget_s (seconds per token) must be a number > 0, got {budget_s!r}")
@@ -588,6 +591,7 @@ def search(
         raise ValueError(f"method must be 'random' or 'evolution', got {method!r}")
     _check_int("population", population, 1)
     _check_int("generations", generations, 1)
+    _check_int("block_size", block_size, 2)
     latency_fn = latency_fn or decode_latency
     score_fn = score_fn or train_and_score
     rng = random.Random(seed)
@@ -600,7 +604,7 @@ def search(
         key = tuple(choice.values())
         if key in seen:
             return
-        config = candidate_config(choice)
+        config = candidate_config(choice, block_size)
         latency = latency_fn(config)
         row = {**choice, "latency_ms": 1e3 * latency, "accepted": latency <= budget_s, "perplexity": None,
                "generation": generation}  # fmt: skip

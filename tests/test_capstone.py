@@ -320,6 +320,7 @@ def test_search_with_nothing_in_budget_returns_no_best():
         ({"space": {"n_layers": (1,)}}, "space"),
         ({"space": {"n_layer": ()}}, "space"),
         ({"space": {"n_head": (5,), "n_embd": (48,)}}, "space"),  # no valid shape
+        ({"block_size": 1}, "block_size"),
     ],
 )
 def test_bad_search_arguments(kwargs, name):
@@ -328,9 +329,10 @@ def test_bad_search_arguments(kwargs, name):
 
 
 def test_the_real_latency_and_score_functions_run():
-    config = capstone.candidate_config({"n_layer": 1, "n_head": 2, "n_embd": 32})
+    config = capstone.candidate_config({"n_layer": 1, "n_head": 2, "n_embd": 32}, block_size=32)
+    assert config.block_size == 32 and config.vocab_size == 128
     assert capstone.decode_latency(config, new_tokens=4, repeat=1) > 0
-    assert capstone.train_and_score(config, steps=2, batch_size=2, seq_len=32, text=labkit.data.corpus(600)) > 1
+    assert capstone.train_and_score(config, steps=2, batch_size=2, text=labkit.data.corpus(600)) > 1
 
 
 # -- export -------------------------------------------------------------------------------
