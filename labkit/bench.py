@@ -204,6 +204,15 @@ SUITE_MODULES = [  # modules that register suites
 ]
 
 
+def recorded_results(filename: str) -> dict | None:
+    """A GPU run recorded in the repository's ``benchmarks/`` folder (JSON written by its
+    ``gpu_check*.py`` scripts), or None where that folder is not beside this install."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / filename
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def register_suite(name: str):
     """Decorator: ``@register_suite("quant")`` on a function ``(quick: bool) -> rows``."""
 

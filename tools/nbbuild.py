@@ -5,6 +5,13 @@ cells are separated by lines ``# %% [markdown]`` or ``# %%`` (the "percent" form
 VS Code, Spyder and jupytext read). This keeps the prose and code reviewable as text.
 
     python tools/nbbuild.py notebooks/src/00_welcome.py     # writes and runs notebooks/00_welcome.ipynb
+    python tools/nbbuild.py --keep-timings notebooks/src/06_sparse_attention.py
+
+Timings and plots of timings are only worth committing from a quiet machine: on a busy one,
+two-thread matmuls slow down 6-50x. ``--keep-timings`` is for a rebuild on a busy machine when
+only prose or deterministic cells changed: after executing, every ``# NBVAL_IGNORE_OUTPUT``
+cell whose source is unchanged gets back the outputs of the notebook it replaces (say so in
+the commit message; rebuild quietly when the code those cells time has changed).
 """
 
 from __future__ import annotations
@@ -38,8 +45,13 @@ def parse(source: str) -> list:
     return cells
 
 
-def build(src: Path, execute: bool = True) -> Path:
+def build(src: Path, execute: bool = True, keep_timings: bool = False) -> Path:
     out = (src.parent.parent / (src.stem + ".ipynb")).resolve()
+    previous = {}
+    if keep_timings and out.exists():
+        for cell in nbformat.read(out, as_version=4).cells:
+            if cell.cell_type == "code" and cell.source.startswith("# NBVAL_IGNORE_OUTPUT"):
+                previous[cell.source] = cell.outputs
     nb = nbformat.v4.new_notebook()
     nb.cells = parse(src.read_text())
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -52,9 +64,20 @@ def build(src: Path, execute: bool = True) -> Path:
              "--ExecutePreprocessor.timeout=600", str(out)],
             check=True, env=env, cwd=out.parent,
         )  # fmt: skip
+    if previous:
+        built = nbformat.read(out, as_version=4)
+        kept = 0
+        for cell in built.cells:
+            if cell.cell_type == "code" and cell.source in previous:
+                cell.outputs = previous[cell.source]
+                kept += 1
+        nbformat.write(built, out)
+        print(f"kept the previous outputs of {kept} timing cells")
     return out
 
 
 if __name__ == "__main__":
+    keep = "--keep-timings" in sys.argv[1:]
     for arg in sys.argv[1:]:
-        print(build(Path(arg)))
+        if arg != "--keep-timings":
+            print(build(Path(arg), keep_timings=keep))

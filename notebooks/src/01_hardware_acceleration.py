@@ -336,12 +336,8 @@ else:
 # bar: 90% of cuBLAS at 4096³ and 8192³ in bf16). This cell reads the recorded H100 run:
 
 # %%
-import json
-from pathlib import Path
-
-recorded = Path(labkit.__file__).resolve().parents[1] / "benchmarks" / "gpu_results_h100_run3.json"
-if recorded.exists():
-    run = json.loads(recorded.read_text())
+run = bench.recorded_results("gpu_results_h100_run3.json")
+if run is not None:
     print(run["info"]["gpu"], "| torch", run["info"]["torch"], "| Triton", run["info"]["triton"])
     for row in run["matmul_timing"]:
         ours = next(t for c, t in row["autotune"] if c == row["config"])  # the autotuner's own timings

@@ -284,7 +284,12 @@ labkit.show_source(kernels.flash_attention_blockwise)
 # %% [markdown]
 # And the Triton kernel, which is the same loop with one program per query block, `exp2`
 # with `log2(e)` folded into the scale, and three loops per program: the masked left edge
-# of the window, the unmasked middle, the masked diagonal:
+# of the window, the unmasked middle, the masked diagonal. On Hopper GPUs (H100, H200) the
+# autotuner also tries configs that fetch the K and V tiles through **tensor descriptors**
+# (`USE_TMA`: the Tensor Memory Accelerator copies a whole tile in one instruction). The
+# descriptor sees K as one (batch·heads·keys, head dim) matrix, so a tile that runs past one
+# head's last key holds the *next head's* rows: the masked loop replaces those scores and
+# values instead of trusting them to be zero.
 
 # %%
 from labkit.kernels.flash_attention import _kernels as build_flash_kernel  # the module, not the function of that name
@@ -314,8 +319,22 @@ print("blockwise PyTorch version equal too:",
 # On an H100 or H200, `python benchmarks/gpu_check_attention.py --out DIR` checks the kernel
 # against SDPA in fp16/bf16/fp32 and measures the two targets: at least 75% of SDPA's
 # TFLOP/s at 4096 tokens (batch 4, 16 heads of 128, causal, bf16), and window 1024 at 16384
-# tokens at least 4.5x faster than dense causal SDPA. Its results are recorded in
-# `benchmarks/`; with a GPU here, the cell below measures them on yours.
+# tokens at least 4.5x faster than dense causal SDPA. The kit's recorded H100 runs, before
+# and after the TMA configs joined the autotuner:
+
+# %%
+for label, name in (("pointer loads", "gpu_results_attention_h100.json"),
+                    ("with TMA configs", "gpu_results_attention_h100_run4.json")):  # fmt: skip
+    run = bench.recorded_results(name)
+    if run is None:
+        print("benchmarks/ is not beside this install: see benchmarks/RESULTS.md in the repository")
+        break
+    causal, window = run["bar_causal_4096"], run["bar_window_1024_at_16384"]
+    print(f"{run['info']['device']}, {label}: causal T=4096 at {100 * causal['fraction_of_sdpa']:.1f}% of SDPA "
+          f"(bar 75%); window 1024 at T=16384 {window['speedup']:.2f}x dense causal SDPA (bar 4.5x)")
+
+# %% [markdown]
+# With a GPU here, the cell below measures the first one on yours.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
