@@ -4,7 +4,7 @@ Evolutionary search over LabGPT shapes (``labkit.capstone.SEARCH_SPACE``) for th
 perplexity under a decode-latency budget: the latency of the distilled student's shape,
 measured on this machine. Each accepted candidate trains from scratch for ``--steps``.
 
-    python tools/nas_search.py                 # about 12 minutes on a 2-core CPU
+    python tools/nas_search.py                 # about 11 minutes on a 2-core CPU
 """
 
 import argparse
