@@ -13,6 +13,7 @@ and runs everything. Which path a call takes:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -21,6 +22,7 @@ import torch
 BACKENDS = ("auto", "triton", "reference")
 
 
+@functools.cache  # asked on every kernel call: find_spec alone costs tens of microseconds
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 

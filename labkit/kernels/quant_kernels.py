@@ -267,7 +267,7 @@ def _choose(backend: str | None, *tensors: torch.Tensor) -> str:
     A small model calls its linears hundreds of times a second; looking for the triton package
     on every call would cost more than the arithmetic of a small layer.
     """
-    if backend in (None, "auto") and not interpreting() and not any(t.is_cuda for t in tensors):
+    if backend == "reference" or (backend in (None, "auto") and not interpreting() and not any(t.is_cuda for t in tensors)):
         return "reference"
     return choose_backend(backend, *tensors)
 
