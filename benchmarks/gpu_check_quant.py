@@ -27,7 +27,6 @@ the card, versions, the date.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import platform
@@ -151,14 +150,6 @@ def check_kernels(device, smoke: bool) -> list[dict]:
         ok4, err4 = close(got, qk.int4_weight_only_linear_reference(x, packed, scales, zeros, group), tolerance[dtype])
         rows.append({"kernel": f"int4_weight_only_linear g{group}", "shape": [m, k, n], "dtype": str(dtype),
                      "ok": ok4, "max_rel_err": err4})  # fmt: skip
-        if m <= qk.GEMV_MAX_ROWS:  # the second int4 GEMV kernel (no reduction inside its loop)
-            flat = dataclasses.replace(cfg, flat=True)
-            got = qk.int4_weight_only_linear_triton(x, packed, scales, zeros, group, config=flat)
-            okf, errf = close(got, qk.int4_weight_only_linear_reference(x, packed, scales, zeros, group),
-                              tolerance[dtype])  # fmt: skip
-            rows.append({"kernel": f"int4_weight_only_linear flat g{group}", "shape": [m, k, n],
-                         "dtype": str(dtype), "ok": okf, "max_rel_err": errf})  # fmt: skip
-            ok4, err4 = ok4 and okf, max(err4, errf)
         log(f"check weight-only {m}x{k}x{n} {dtype}: int8 {'ok' if ok else 'FAIL'} ({err:.1e}), "
             f"int4 g{group} {'ok' if ok4 else 'FAIL'} ({err4:.1e})")  # fmt: skip
     # split-K explicitly (the autotuner may not pick it)

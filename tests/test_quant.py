@@ -304,10 +304,9 @@ def test_weight_only_gemvs_convert_every_integer_exactly(device):
     zeros = torch.zeros(16, 1, device=device, dtype=torch.uint8)
     identity = torch.eye(32, device=device)
     for rows in identity.split(8):  # 8 one-hot rows per call (still a GEMV)
-        for flat in (False, True):
-            got = qk.int4_weight_only_linear_triton(x=rows, w_packed=packed, scales=ones, zeros=zeros, group_size=32,
-                                                    config=qk.GemvConfig(4, 32, 1, 1, 1, flat))  # fmt: skip
-            assert torch.equal(got, rows @ q.t().float().to(device))
+        got = qk.int4_weight_only_linear_triton(x=rows, w_packed=packed, scales=ones, zeros=zeros, group_size=32,
+                                                config=qk.GemvConfig(4, 32, 1, 1, 1))  # fmt: skip
+        assert torch.equal(got, rows @ q.t().float().to(device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -332,18 +331,15 @@ def test_int4_weight_only_kernel_matches_reference(device, m, k, n, group):
     got = qk.int4_weight_only_linear(x, packed, scales, zeros, group, backend="triton")
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     if m == 1:
-        for flat in (False, True):  # the two GEMV kernels, split over K
-            cfg = qk.GemvConfig(4, 32, 2, 1, 1, flat)
-            split = qk.int4_weight_only_linear_triton(x, packed, scales, zeros, group, config=cfg)
-            torch.testing.assert_close(split, expected, rtol=1e-4, atol=1e-4)
+        split = qk.int4_weight_only_linear_triton(x, packed, scales, zeros, group, config=qk.GemvConfig(4, 32, 2, 1, 1))
+        torch.testing.assert_close(split, expected, rtol=1e-4, atol=1e-4)
     got16 = qk.int4_weight_only_linear(x.half(), packed, scales, zeros, group, backend="triton")
     expected16 = qk.int4_weight_only_linear_reference(x.half(), packed, scales, zeros, group)
     torch.testing.assert_close(got16.float(), expected16.float(), rtol=4e-3, atol=4e-3)  # dequantized W rounds to fp16
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("config", [qk.GemvConfig(4, 64, 1, 1, 1), qk.GemvConfig(8, 128, 2, 1, 1),
-                                    qk.GemvConfig(4, 64, 1, 1, 1, True), qk.GemvConfig(8, 128, 2, 1, 1, True)])
+@pytest.mark.parametrize("config", [qk.GemvConfig(4, 64, 1, 1, 1), qk.GemvConfig(8, 128, 2, 1, 1)])
 def test_int4_gemv_blocks_of_several_groups_with_a_ragged_end(device, config):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 96, generator=g).to(device)  # K = 96: three groups of 32, blocks of 64 or 128 columns

@@ -128,47 +128,6 @@ def _kernels():
             tl.atomic_add(y_ptr + m * stride_ym + out, y, mask=out < N)
 
     @triton.jit
-    def int4_gemv_flat_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    ):  # fmt: skip
-        # int4_gemv_kernel without a reduction in the loop: each nibble is dequantized in registers,
-        # (q - z) · s, and multiplied into an elementwise accumulator (BLOCK_N, G, GROUP // 2) that is
-        # summed once at the end; x is read contiguously and split into its even and odd columns.
-        G: tl.constexpr = BLOCK_K // GROUP
-        HALF: tl.constexpr = GROUP // 2
-        m, pid_k, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-        offs_g = tl.arange(0, G)
-        offs_h = tl.arange(0, HALF)
-        byte = offs_g[:, None] * HALF + offs_h[None, :]  # (G, HALF)
-        offs_x = tl.arange(0, BLOCK_K)
-        k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
-        k_start = pid_k * k_per_split
-        acc = tl.zeros((BLOCK_N, G, HALF), dtype=tl.float32)
-        for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-            group_in = (k0 + offs_g * GROUP) < K
-            packed = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + (k0 // 2 + byte)[None, :, :],
-                             mask=group_in[None, :, None], other=0, eviction_policy="evict_first")  # fmt: skip
-            xx = tl.load(x_ptr + m * stride_xm + k0 + offs_x, mask=(k0 + offs_x) < K, other=0.0,
-                         eviction_policy="evict_last").to(tl.float32)  # fmt: skip
-            x_even, x_odd = tl.split(tl.reshape(xx, (G, HALF, 2)))  # columns k0 + 2j and k0 + 2j + 1
-            group = k0 // GROUP + offs_g
-            params = offs_n[:, None] * stride_sn + group[None, :]
-            scale = tl.load(s_ptr + params, mask=group_in[None, :], other=0.0).to(tl.float32)[:, :, None]
-            zero = tl.load(z_ptr + params, mask=group_in[None, :], other=0).to(tl.float32)[:, :, None]
-            bits = packed.to(tl.int32)
-            low = ((bits & 0x0F) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            high = (((bits & 0xF0) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0) * 0.0625
-            acc += ((low - zero) * scale) * x_even[None, :, :] + ((high - zero) * scale) * x_odd[None, :, :]
-        y = tl.sum(tl.sum(acc, axis=2), axis=1)
-        out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if SPLIT_K == 1:
-            tl.store(y_ptr + m * stride_ym + out, y.to(y_ptr.dtype.element_ty), mask=out < N)
-        else:
-            tl.atomic_add(y_ptr + m * stride_ym + out, y, mask=out < N)
-
-    @triton.jit
     def weight_only_gemm_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
         INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -251,7 +210,6 @@ def _kernels():
         tl.store(c_ptr + out_m[:, None] * stride_cm + out_n[None, :], c.to(c_ptr.dtype.element_ty),
                  mask=(out_m[:, None] < M) & (out_n[None, :] < N))  # fmt: skip
 
-    globals()["_int4_gemv_flat"] = int4_gemv_flat_kernel  # the launcher picks it by config
     return triton, int8_gemv_kernel, int4_gemv_kernel, weight_only_gemm_kernel, int8_gemm_kernel
 
 
@@ -268,7 +226,6 @@ class GemvConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    flat: bool = False  # int4 only: int4_gemv_flat_kernel (no reduction inside the loop)
 
 
 # At K=8192, N=28672 there are thousands of output channels: many small programs keep every SM
@@ -281,8 +238,6 @@ GEMV_CONFIGS = [GemvConfig(*c) for c in (
 INT4_GEMV_CONFIGS = [GemvConfig(*c) for c in (
     (8, 512, 1, 4, 3), (16, 512, 1, 4, 3), (16, 256, 1, 4, 3), (32, 256, 1, 4, 3), (8, 1024, 1, 4, 2),
     (16, 1024, 1, 8, 2), (32, 512, 1, 8, 3), (4, 1024, 1, 2, 3), (16, 512, 2, 4, 3),
-    (8, 512, 1, 4, 3, True), (16, 256, 1, 4, 3, True), (16, 512, 1, 4, 3, True), (32, 256, 1, 8, 3, True),
-    (8, 1024, 1, 4, 2, True), (16, 512, 1, 8, 2, True),
 )]  # fmt: skip
 # (block_m, block_n, block_k, stages, warps):
 WEIGHT_ONLY_GEMM_CONFIGS = [TileConfig(*c) for c in (
@@ -512,8 +467,6 @@ def int4_weight_only_linear_reference(x, w_packed, scales, zeros, group_size: in
 
 def _launch_int4_gemv(x2, w, scales, zeros, group, y, cfg: GemvConfig):
     triton, _, gemv, _, _ = _kernels()
-    if cfg.flat:
-        gemv = globals()["_int4_gemv_flat"]
     M, K = x2.shape
     N = w.shape[0]
     block_k = max(cfg.block_k, group)  # whole groups per K-block
