@@ -56,3 +56,41 @@ def test_bad_thresholds_and_heads_round_trip(tmp_path):
     assert torch.equal(loaded.maps[0].bias, heads.maps[0].bias)
     with pytest.raises(ValueError, match="exit-heads"):
         early_exit.load_exit_heads(model, labkit.DATA_DIR / "student.safetensors")
+
+
+def test_folded_exits_equal_the_heads_and_the_fill():
+    """FoldedExits is algebra: its exit logits and filled keys/values equal the unfolded ones (float rounding)."""
+    torch.manual_seed(0)
+    model = LabGPT(get_config("nano", n_layer=4)).eval()
+    heads = early_exit.ExitHeads(model)
+    with torch.no_grad():  # move the heads and norms off their identity start, so the folding is exercised
+        for module in list(heads.modules()) + [b.ln_1 for b in model.transformer.h]:
+            if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)):
+                module.weight.add_(0.1 * torch.randn_like(module.weight))
+                module.bias.add_(0.1 * torch.randn_like(module.bias))
+    folded = early_exit.FoldedExits(model, heads)
+    assert early_exit.FoldedExits.applies(model, heads)
+    hidden = torch.randn(1, 1, model.config.n_embd)
+    n = folded.normalise(hidden[:, -1])
+    for layer in range(model.config.n_layer - 1):
+        torch.testing.assert_close(folded.exit_logits(n, layer), heads.logits(model, hidden[:, -1], layer),
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+    ours, theirs = model.new_cache(1), model.new_cache(1)
+    folded.fill(ours, n, first=1, start=3)
+    early_exit._fill_skipped(model, theirs, hidden, first=1, start=3)
+    for layer in range(model.config.n_layer):
+        torch.testing.assert_close(ours.k[layer], theirs.k[layer], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.v[layer], theirs.v[layer], rtol=1e-5, atol=1e-5)
+
+
+def test_folded_and_plain_exits_decode_the_same_tokens():
+    model, tok = labkit.load_model("tiny")
+    heads = early_exit.load_exit_heads(model, labkit.DATA_DIR / "exit_heads" / "tiny.safetensors")
+    folded = early_exit.FoldedExits(model, heads)
+    for prompt in PROMPTS:
+        for threshold in (0.8, 0.95, 0.99):
+            plain = early_exit.generate(model, heads, tok.tensor(prompt), 20, threshold, folded=False)
+            fast = early_exit.generate(model, heads, tok.tensor(prompt), 20, threshold, folded=folded)
+            assert torch.equal(plain[0], fast[0]) and plain[1] == fast[1]
+    pruned = labkit.prune.prune_model(model, 0.5, "heads")  # fewer heads in a block: the plain path is used
+    assert not early_exit.FoldedExits.applies(pruned, heads)
