@@ -88,6 +88,78 @@ def train_exit_heads(model, steps: int = 200, batch_size: int = 8, seq_len: int 
     return heads.eval(), losses
 
 
+def tune_for_exits(model, heads: ExitHeads | None = None, steps: int = 300, lr: float = 3e-4, heads_lr: float = 1e-3,
+                   batch_size: int = 8, seq_len: int = 256, final_weight: float = 1.0, seed: int = 11,
+                   progress: bool = True) -> tuple:  # fmt: skip
+    """Lightly tune a copy of ``model`` together with its exit heads, so that early layers predict well.
+
+    Frozen-model exit heads can only read what the early layers happen to compute. Here the
+    layers learn too (as in LayerSkip, Elhoushi et al., 2024): every exit and the final layer
+    are pulled toward the *original* model's final distribution (self-distillation, KL), so
+    the tuned model keeps the original's behaviour while its early layers become confident
+    sooner. ``final_weight`` weighs the final layer's term against the mean of the exits'.
+    Returns (tuned copy, heads, losses); ``model`` itself is not modified.
+    """
+    import copy
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if final_weight < 0:
+        raise ValueError(f"final_weight must be >= 0, got {final_weight}")
+    device = next(model.parameters()).device
+    original = copy.deepcopy(model).requires_grad_(False).eval()
+    tuned = copy.deepcopy(model).requires_grad_(True).train()
+    heads = copy.deepcopy(heads) if heads is not None else ExitHeads(tuned).to(device)
+    heads.requires_grad_(True).train()
+    batches = Batches(data.corpus(2_000_000, seed=seed), CharTokenizer(), seq_len, seed)
+    optimizer = torch.optim.AdamW(
+        [{"params": tuned.parameters(), "lr": lr}, {"params": heads.parameters(), "lr": heads_lr}], weight_decay=0.0
+    )
+    torch.manual_seed(seed)
+    losses = []
+    for _ in tqdm(range(steps), desc="tune for exits", disable=not progress, mininterval=1.0):
+        x, _ = batches(batch_size, device)
+        with torch.no_grad():
+            target = F.log_softmax(original(x).float(), dim=-1)
+        final, hidden = tuned(x, return_hidden=True)
+
+        def kl(logits):
+            return F.kl_div(F.log_softmax(logits.float(), -1), target, log_target=True, reduction="batchmean") / seq_len
+
+        exits = sum(kl(heads.logits(tuned, h, k)) for k, h in enumerate(hidden[:-1])) / (len(hidden) - 1)
+        loss = exits + final_weight * kl(final)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return tuned.requires_grad_(False).eval(), heads.requires_grad_(False).eval(), losses
+
+
+def save_tuned(model, heads: ExitHeads, path) -> None:
+    """A tuned model and its heads: the heads at ``path``, the model beside it (``<stem>.model.safetensors``)."""
+    from pathlib import Path
+
+    from .model import save_checkpoint
+
+    path = Path(path)
+    save_exit_heads(heads, path)
+    save_checkpoint(model, path.with_name(path.stem + ".model.safetensors"), {"tuned_for": "early exit"})
+
+
+def load_tuned(path, device=None) -> tuple:
+    """(model, heads) written by ``save_tuned``; a missing or foreign file is a ValueError."""
+    from pathlib import Path
+
+    from .model import load_checkpoint
+
+    path = Path(path)
+    model_path = path.with_name(path.stem + ".model.safetensors")
+    if not path.is_file() or not model_path.is_file():
+        raise ValueError(f"a tuned exit model needs {path.name} and {model_path.name} in {path.parent}")
+    model = load_checkpoint(model_path, device=device).eval()
+    return model, load_exit_heads(model, path)
+
+
 def save_exit_heads(heads: ExitHeads, path) -> None:
     save_safetensors(
         {k: v.detach().cpu() for k, v in heads.state_dict().items()}, path, {"format": "labkit-exit-heads"}
