@@ -253,6 +253,10 @@ class FoldedExits:
         width = 2 * self.n_embd
         kv = torch.addmm(self.kv_b[first * width :], n, self.kv_w[:, first * width :])  # (1, skipped · 2C)
         kv = kv.view(self.n_layer - first, 2, self.n_head, self.head_size)
+        if hasattr(cache, "all_k"):  # KVCache: every layer in one tensor, so one copy for all of them
+            cache.all_k[first:, 0, :, start] = kv[:, 0]
+            cache.all_v[first:, 0, :, start] = kv[:, 1]
+            return
         for j, layer in enumerate(range(first, self.n_layer)):
             cache.k[layer][0, :, start] = kv[j, 0]
             cache.v[layer][0, :, start] = kv[j, 1]
@@ -266,7 +270,7 @@ def _affine(norm: nn.LayerNorm, C: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def generate(model, heads: ExitHeads, idx: torch.Tensor, max_new_tokens: int, threshold: float = 1.0,
-             stop_token: int | None = None, folded: FoldedExits | bool | None = None,
+             stop_token: int | None = None, folded: FoldedExits | bool | None = None, timings: dict | None = None,
              ) -> tuple[torch.Tensor, list[int]]:  # fmt: skip
     """Greedy decoding with confidence-based early exit; returns (tokens, layers used per new token).
 
@@ -274,7 +278,11 @@ def generate(model, heads: ExitHeads, idx: torch.Tensor, max_new_tokens: int, th
     the newest token up the stack and stops at the first layer k with max(p_k) >= threshold.
     ``folded``: the exits as ``FoldedExits`` (built here when None and the model allows it;
     pass one to reuse it across calls, or False for the plain heads: the readable version).
+    ``timings``: a dict that receives ``prefill_s`` (the prompt, every layer) and ``decode_s``
+    (the token-by-token loop, where exits act).
     """
+    import time
+
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold τ must be in (0, 1], got {threshold}")
     if idx.dim() != 2 or idx.size(0) != 1:
@@ -286,11 +294,13 @@ def generate(model, heads: ExitHeads, idx: torch.Tensor, max_new_tokens: int, th
         folded = threshold < 1.0 and FoldedExits.applies(model, heads)
     if folded is True:
         folded = FoldedExits(model, heads)
+    t0 = time.perf_counter()
     cache = model.new_cache(1)
     if idx.size(1) > 1:
         model(idx[:, :-1], cache=cache)
     token = idx[:, -1:]
     positions = torch.arange(model.config.block_size, device=idx.device)
+    t1 = time.perf_counter()
     out, layers_used = [idx], []
     for _ in range(max_new_tokens):
         start = cache.pos
@@ -321,27 +331,30 @@ def generate(model, heads: ExitHeads, idx: torch.Tensor, max_new_tokens: int, th
         out.append(token)
         if stop_token is not None and token.item() == stop_token:
             break
+    if timings is not None:
+        timings.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1)
     return torch.cat(out, dim=1), layers_used
 
 
 def evaluate_threshold(model, heads: ExitHeads, tokenizer: CharTokenizer, threshold: float, tasks=None,
                        n: int = 40, fmt: str = "specific", seed: int = 1234) -> dict:  # fmt: skip
-    """Task accuracy, mean layers per generated token and seconds per token of early-exit decoding."""
-    import time
-
+    """Task accuracy, mean layers per generated token, and time: ``seconds_per_token`` of the
+    decode loop (where exits act) and ``seconds_per_answer`` (prompt prefill included)."""
     correct = total = tokens = layer_sum = 0
-    seconds = 0.0
+    decode = answer = 0.0
     device = next(model.parameters()).device
     folded = FoldedExits(model, heads) if threshold < 1.0 and FoldedExits.applies(model, heads) else False
     for task in tasks or data.tasks():
         for ex in data.examples(task, fmt, 0, n=n, seed=seed):
             idx = tokenizer.tensor(ex.prompt, device=device)
-            t0 = time.perf_counter()
-            out, layers = generate(model, heads, idx, len(ex.answer) + 2, threshold, tokenizer.newline_id, folded)
-            seconds += time.perf_counter() - t0
+            timings = {}
+            out, layers = generate(model, heads, idx, len(ex.answer) + 2, threshold, tokenizer.newline_id, folded,
+                                   timings)  # fmt: skip
+            decode += timings["decode_s"]
+            answer += timings["prefill_s"] + timings["decode_s"]
             correct += tokenizer.decode(out[0, idx.size(1) :]) == f" {ex.answer}\n"
             total += 1
             tokens += len(layers)
             layer_sum += sum(layers)
     return {"threshold": threshold, "accuracy": correct / total, "mean_layers": layer_sum / tokens,
-            "seconds_per_token": seconds / tokens}  # fmt: skip
+            "seconds_per_token": decode / tokens, "seconds_per_answer": answer / total}  # fmt: skip

@@ -118,9 +118,13 @@ class KVCache:
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, device=None, dtype=torch.float32) -> None:
-        shape = (batch_size, config.n_head, config.block_size, config.head_size)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_size)
+        # one tensor for all layers, seen as a list of per-layer views: code that writes several
+        # layers at once (early exit's filled layers) does it in one copy
+        self.all_k = torch.zeros(shape, device=device, dtype=dtype)
+        self.all_v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = [self.all_k[layer] for layer in range(config.n_layer)]
+        self.v = [self.all_v[layer] for layer in range(config.n_layer)]
         self.pos = 0  # number of positions filled (all layers agree once a forward ends)
         self.block_size = config.block_size
 
