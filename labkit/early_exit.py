@@ -358,3 +358,24 @@ def evaluate_threshold(model, heads: ExitHeads, tokenizer: CharTokenizer, thresh
             layer_sum += sum(layers)
     return {"threshold": threshold, "accuracy": correct / total, "mean_layers": layer_sum / tokens,
             "seconds_per_token": decode / tokens, "seconds_per_answer": answer / total}  # fmt: skip
+
+
+def compare_thresholds(entries, tokenizer: CharTokenizer, n: int = 30, rounds: int = 3, **kwargs) -> list[dict]:
+    """``evaluate_threshold`` for each (label, model, heads, threshold) of ``entries``, side by side:
+    ``rounds`` passes over all of them in turn, each time taken as the median of its rounds (the
+    machine drifts; ratios of interleaved medians do not). Accuracy and layers are deterministic."""
+    import statistics
+
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    runs = [[] for _ in entries]
+    for _ in tqdm(range(rounds), desc="rounds", disable=rounds == 1, mininterval=1.0):
+        for i, (_, model, heads, threshold) in enumerate(entries):
+            runs[i].append(evaluate_threshold(model, heads, tokenizer, threshold, n=n, **kwargs))
+    out = []
+    for (label, *_), rs in zip(entries, runs):
+        row = dict(rs[0], label=label)
+        for key in ("seconds_per_token", "seconds_per_answer"):
+            row[key] = statistics.median(r[key] for r in rs)
+        out.append(row)
+    return out

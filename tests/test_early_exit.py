@@ -113,3 +113,17 @@ def test_tune_for_exits_trains_a_copy_and_round_trips(tmp_path):
         early_exit.load_tuned(tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match="steps"):
         early_exit.tune_for_exits(model, steps=0)
+
+
+def test_compare_thresholds_interleaves_and_keeps_the_deterministic_fields():
+    model, tok = labkit.load_model("student")
+    heads = early_exit.ExitHeads(model)
+    tasks = labkit.data.tasks()[:1]
+    rows = early_exit.compare_thresholds([("a", model, heads, 1.0), ("b", model, heads, 0.5)], tok, n=2, rounds=2,
+                                         tasks=tasks)  # fmt: skip
+    single = early_exit.evaluate_threshold(model, heads, tok, 0.5, tasks=tasks, n=2)
+    assert [r["label"] for r in rows] == ["a", "b"] and rows[0]["mean_layers"] == model.config.n_layer
+    assert rows[1]["accuracy"] == single["accuracy"] and rows[1]["mean_layers"] == single["mean_layers"]
+    assert all(r["seconds_per_token"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="rounds"):
+        early_exit.compare_thresholds([], tok, rounds=0)
