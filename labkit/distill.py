@@ -29,6 +29,11 @@ def distillation_loss(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if student_logits.size(-1) != teacher_logits.size(-1):
+        raise ValueError(
+            f"student and teacher vocabularies differ ({student_logits.size(-1)} vs {teacher_logits.size(-1)} "
+            "logits): distillation needs the same vocabulary"
+        )
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +28,18 @@ def test_distillation_loss_equals_the_hand_written_formula():
     torch.testing.assert_close(
         distillation_loss(s, t, y, alpha, T), alpha * hard + (1 - alpha) * T * T * soft, atol=1e-6, rtol=1e-6
     )
+
+
+def test_distillation_loss_rejects_bad_arguments_by_name():
+    s, t, y = torch.zeros(2, 3, 11), torch.zeros(2, 3, 11), torch.zeros(2, 3, dtype=torch.long)
+    for alpha in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+            distillation_loss(s, t, y, alpha, 2.0)
+    for temperature in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            distillation_loss(s, t, y, 0.5, temperature)
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        distillation_loss(s, torch.zeros(2, 3, 12), y, 0.5, 2.0)
 
 
 def test_forced_scoring_equals_real_greedy_generation():
