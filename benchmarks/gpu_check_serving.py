@@ -24,7 +24,7 @@ from labkit import hardware, serving
 from labkit.model import LabGPT, get_config
 
 
-def graph_decoding(model, prompt, tokens: int, compile_step: bool) -> dict:
+def graph_decoding(model, prompt, tokens: int, compile_step: bool, mode: str | None = None) -> dict:
     """Capture one decode step in a CUDA graph, decode ``tokens`` greedily by replaying it;
     tokens/s (median of 5 runs) and agreement with eager ``generate``."""
     cache = serving.SlotCache(model, 1)
@@ -33,7 +33,7 @@ def graph_decoding(model, prompt, tokens: int, compile_step: bool) -> dict:
         return serving.decode_step(model, cache, slice(None), tok, whole_cache=True)
 
     if compile_step:
-        step = torch.compile(step, fullgraph=True, dynamic=False)
+        step = torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
     t0 = time.perf_counter()
     with torch.no_grad():
         first = cache.admit(model, 0, prompt[0].tolist()).argmax().view(1)
@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--compile", action="store_true", help="also measure the torch.compile'd step")
+    parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs "
+                        "(Triton GEMV templates with fused epilogues; minutes to tune)")  # fmt: skip
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     dev = torch.device("cuda")
@@ -113,7 +115,8 @@ def main() -> None:
     for name, compiled in (("cuda_graph", False), ("compiled_cuda_graph", True)):
         if compiled and not args.compile:
             continue
-        r = graph_decoding(model, prompt, args.tokens, compiled)
+        r = graph_decoding(model, prompt, args.tokens, compiled, args.mode if compiled else None)
+        r["compile_mode"] = args.mode if compiled else None
         r["fraction_of_roofline"] = r["tokens_per_s"] / roofline
         result[name] = r
         print(f"{name}: {r['tokens_per_s']:.0f} tokens/s = {100 * r['fraction_of_roofline']:.1f}% of the roofline "
