@@ -53,6 +53,19 @@ class ExitHeads(nn.Module):
         return model.lm_head(self.maps[layer](self.norms[layer](hidden)))
 
 
+def kl_per_token(logits: torch.Tensor, target_log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(logits)) averaged over every position of a (B, T, vocab) batch."""
+    kl = F.kl_div(F.log_softmax(logits.float(), dim=-1), target_log_probs, log_target=True, reduction="batchmean")
+    return kl / logits.size(1)  # "batchmean" divides by B only: the T positions of a row are summed
+
+
+def exits_loss(model, heads: ExitHeads, hidden: list[torch.Tensor], target_log_probs: torch.Tensor) -> torch.Tensor:
+    """The mean over the exits (every layer but the last) of their per-token KL to the target distribution."""
+    return sum(kl_per_token(heads.logits(model, h, k), target_log_probs) for k, h in enumerate(hidden[:-1])) / (
+        len(hidden) - 1
+    )
+
+
 def train_exit_heads(model, steps: int = 200, batch_size: int = 8, seq_len: int = 256, lr: float = 1e-3, seed: int = 3,
                      progress: bool = True) -> tuple[ExitHeads, list[float]]:  # fmt: skip
     """Self-distillation on the frozen model: every exit matches the last layer's distribution (KL)."""
@@ -68,19 +81,7 @@ def train_exit_heads(model, steps: int = 200, batch_size: int = 8, seq_len: int 
         with torch.no_grad():
             final, hidden = model(x, return_hidden=True)
             target = F.log_softmax(final.float(), dim=-1)
-        loss = (
-            sum(
-                F.kl_div(
-                    F.log_softmax(heads.logits(model, h, k).float(), dim=-1),
-                    target,
-                    log_target=True,
-                    reduction="batchmean",
-                )
-                for k, h in enumerate(hidden[:-1])
-            )
-            / (len(hidden) - 1)
-            / seq_len
-        )  # per token
+        loss = exits_loss(model, heads, hidden, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -122,12 +123,7 @@ def tune_for_exits(model, heads: ExitHeads | None = None, steps: int = 300, lr: 
         with torch.no_grad():
             target = F.log_softmax(original(x).float(), dim=-1)
         final, hidden = tuned(x, return_hidden=True)
-
-        def kl(logits):
-            return F.kl_div(F.log_softmax(logits.float(), -1), target, log_target=True, reduction="batchmean") / seq_len
-
-        exits = sum(kl(heads.logits(tuned, h, k)) for k, h in enumerate(hidden[:-1])) / (len(hidden) - 1)
-        loss = exits + final_weight * kl(final)
+        loss = exits_loss(tuned, heads, hidden, target) + final_weight * kl_per_token(final, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
