@@ -210,14 +210,14 @@ class FoldedExits:
         self.eps = heads.norms[0].eps if len(heads.norms) else 1e-5
         self.exit_w, self.exit_b = [], []
         for norm, lin in zip(heads.norms, heads.maps):
-            gamma, beta = _affine(norm, C)
+            gamma, beta = _affine(norm, C, W.device)
             A = lin.weight.detach().float()
             a = lin.bias.detach().float() if lin.bias is not None else torch.zeros(C, device=A.device)
             self.exit_w.append((W @ (A * gamma[None, :])).t().contiguous())  # (C, vocab): n @ this
             self.exit_b.append(W @ (A @ beta + a))
         kv_w, kv_b = [], []
         for block in model.transformer.h:
-            gamma, beta = _affine(block.ln_1, C)
+            gamma, beta = _affine(block.ln_1, C, W.device)
             w = block.attn.c_attn.weight.detach().float()[C:]  # (2C, C): the key and value rows
             b = block.attn.c_attn.bias
             b = b.detach().float()[C:] if b is not None else torch.zeros(2 * C, device=w.device)
@@ -258,9 +258,10 @@ class FoldedExits:
             cache.v[layer][0, :, start] = kv[j, 1]
 
 
-def _affine(norm: nn.LayerNorm, C: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gamma = norm.weight.detach().float() if norm.weight is not None else torch.ones(C)
-    beta = norm.bias.detach().float() if norm.bias is not None else torch.zeros(C, device=gamma.device)
+def _affine(norm: nn.LayerNorm, C: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LayerNorm's scale and shift (ones and zeros where it has none)."""
+    gamma = norm.weight.detach().float() if norm.weight is not None else torch.ones(C, device=device)
+    beta = norm.bias.detach().float() if norm.bias is not None else torch.zeros(C, device=device)
     return gamma, beta
 
 

@@ -32,6 +32,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def tma_supported(t: torch.Tensor) -> bool:
+    """Can kernels use the Tensor Memory Accelerator for this tensor's device? CUDA compute
+    capability 9.0+ (Hopper and later), or the CPU interpreter, which emulates it."""
+    if t.is_cuda:
+        return torch.cuda.get_device_capability(t.device)[0] >= 9
+    return interpreting()
+
+
 def choose_backend(backend: str | None, *tensors: torch.Tensor) -> str:
     """Resolve ``backend`` ("auto", "triton", "reference") for these tensors."""
     backend = backend or "auto"

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import choose_backend, fastest, interpreting
+from . import choose_backend, fastest, interpreting, tma_supported
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x · log2(e))
@@ -350,11 +350,7 @@ def launch(
 def tma_possible(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Can K and V be read through tensor descriptors? Contiguous (B, H, S, D), 16-byte aligned
     rows, on a GPU of compute capability 9.0+ (or the CPU interpreter, which emulates TMA)."""
-    if k.is_cuda and torch.cuda.get_device_capability(k.device)[0] < 9:
-        return False
-    if not k.is_cuda and not interpreting():
-        return False
-    return all(t.is_contiguous() and (t.size(-1) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+    return tma_supported(k) and all(t.is_contiguous() and (t.size(-1) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
                for t in (k, v))  # fmt: skip
 
 

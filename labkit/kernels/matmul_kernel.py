@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import choose_backend, fastest, interpreting
+from . import choose_backend, fastest, interpreting, tma_supported
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -179,9 +179,7 @@ INTERPRETER_CONFIG = TileConfig(32, 32, 32, 1, 1)  # the interpreter is slow: sm
 def tma_possible(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Can the TMA kernel take these operands? Row-major, 16-byte aligned rows and bases, and
     a GPU of compute capability 9.0 or newer (or the CPU interpreter, which emulates TMA)."""
-    if a.is_cuda and torch.cuda.get_device_capability(a.device)[0] < 9:
-        return False
-    if not a.is_cuda and not interpreting():
+    if not tma_supported(a):
         return False
     item = a.element_size()
     return all(
