@@ -417,19 +417,96 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
         return super().extra_repr() + f", group_size={self.group_size}"
 
 
+# ---------------------------------------------------------------------------------------
+# W8A8 on a CPU: oneDNN's int8 linear with the weights packed once, where it is exact.
+# ---------------------------------------------------------------------------------------
+def _onednn_linear(x_int8, packed, w_scales, w_zeros) -> torch.Tensor:
+    """(x_int8 @ Wᵀ) · w_scales in fp32 from weights packed by ``torch.ops.onednn.qlinear_prepack``.
+
+    oneDNN's fast int8 path multiplies unsigned by signed bytes (the VNNI instruction), so the
+    activations go in as q + 128 with zero point 128 (flipping q's sign bit adds 128 to an int8,
+    one pass over bytes), and oneDNN subtracts 128 · Σ_k W[n, k] for us.
+    """
+    x_u8 = x_int8.view(torch.uint8).bitwise_xor(0x80)
+    return torch.ops.onednn.qlinear_pointwise(
+        x_u8, 1.0, 128, packed, w_scales, w_zeros, None, 1.0, 0, torch.float32, "none", [None], ""
+    )
+
+
+_ONEDNN_INT8: list[bool] = []  # the answer of cpu_int8_backend's self-check, once computed
+
+
+def cpu_int8_backend() -> str:
+    """Which integer matmul W8A8Linear uses on this CPU: ``"onednn"`` or ``"_int_mm"``.
+
+    ``"onednn"`` (``torch.ops.onednn.qlinear_pointwise`` on weights packed once, the per-channel
+    scales applied inside the GEMM) when this PyTorch has it and it is exact here. CPUs without
+    VNNI multiply bytes with an instruction whose int16 pair sums saturate at the extremes, so a
+    self-check multiplies extreme values once and compares them with ``torch._int_mm``; otherwise
+    ``"_int_mm"`` (oneDNN's int8 GEMM too, repacking the weights at every call).
+    """
+    if not _ONEDNN_INT8:
+        ok = False
+        try:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randint(-127, 128, (6, 64), generator=g, dtype=torch.int8)
+            w = torch.randint(-127, 128, (8, 64), generator=g, dtype=torch.int8)
+            x[:2], w[:2] = 127, 127  # every pair of products at the extreme: 2 · 255 · 127 > 2^15
+            x[1], w[1] = -127, -127
+            scales = torch.rand(8, generator=g) + 0.5
+            packed = torch.ops.onednn.qlinear_prepack(w, None)
+            got = _onednn_linear(x, packed, scales, torch.zeros(8, dtype=torch.int64))
+            ok = torch.allclose(got, torch._int_mm(x, w.t()).float() * scales, rtol=1e-6, atol=0.0)
+        except (AttributeError, RuntimeError, NotImplementedError):  # no such op in this build, or no oneDNN
+            ok = False
+        _ONEDNN_INT8.append(ok)
+    return "onednn" if _ONEDNN_INT8[0] else "_int_mm"
+
+
 class W8A8Linear(_Int8PerChannelLinear):
     """int8 weights (per channel) and int8 activations (per token, quantized on the fly): an integer matmul.
 
-    The integer matmul is ``torch._int_mm`` on CPUs and the Triton kernel on GPUs; rounding the
-    activations has no useful gradient, so this layer is for inference only.
+    The integer matmul is the Triton kernel on GPUs and oneDNN's on CPUs: ``cpu_int8_backend()``
+    says whether with weights packed once (``"onednn"``, packed at the first call and again
+    whenever the weights change) or through ``torch._int_mm``. Rounding the activations has no
+    useful gradient, so this layer is for inference only.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         x_int8, x_scales = quantize_per_token(x2)  # dynamic: a fresh scale for every token, every call
         bias = self.bias.detach() if self.bias is not None else None
-        y = int8_linear(x_int8, self.weight, x_scales, self.scales, bias, x.dtype, _kernel_backend(x_int8))
+        if self._use_onednn(x2):
+            y = _onednn_linear(x_int8, *self._packed())  # acc · w_scales, fused into the GEMM
+            y = torch.addcmul(bias, y, x_scales[:, None]) if bias is not None else y.mul_(x_scales[:, None])
+            y = y.to(x.dtype)
+        else:
+            y = int8_linear(x_int8, self.weight, x_scales, self.scales, bias, x.dtype, _kernel_backend(x_int8))
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _use_onednn(self, x2: torch.Tensor) -> bool:
+        """Packed weights pay where repacking them at every call would cost more than oneDNN's fixed cost
+        per call (about 40 µs on the kit's test CPU): big weights (1 MiB and more) and 16 rows and more."""
+        big = self.in_features * self.out_features >= 2**20 and x2.shape[0] >= 16
+        return big and x2.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_int8_backend() == "onednn"
+
+    def _packed(self) -> tuple:
+        """oneDNN's packed copy of the weights (and the scales it was packed with), made once per weight version."""
+        key = (self.weight.data_ptr(), self.weight._version, self.scales.data_ptr(), self.scales._version)
+        cached = self.__dict__.get("_onednn")
+        if cached is None or cached[0] != key:
+            zeros = torch.zeros(self.out_features, dtype=torch.int64)
+            packed = torch.ops.onednn.qlinear_prepack(self.weight, None)
+            cached = (key, (packed, self.scales.float().contiguous(), zeros))
+            self.__dict__["_onednn"] = cached
+        return cached[1]
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the packed weights behind (oneDNN's opaque tensor cannot be copied)."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_onednn", None)
+        return state
 
 
 def quantize_model(

@@ -220,6 +220,31 @@ def test_quantized_layers_compute_with_their_dequantized_weights(granularity):
         assert bool((int4.scales == int4.scales[0, 0]).all())
 
 
+def test_w8a8_packed_weights_on_cpu_equal_the_reference(monkeypatch):
+    """A layer big enough for oneDNN's packed path (1 MiB of int8 weights, 16+ rows) against int8_linear's
+    reference, with the per-token scales; then after the weights change (repacked), and copied."""
+    torch.manual_seed(0)
+    linear = nn.Linear(1024, 1024)
+    layer = quant.W8A8Linear.from_linear(linear)
+    x = torch.randn(2, 12, 1024) * 3
+    backend = quant.cpu_int8_backend()
+    assert backend in ("onednn", "_int_mm")
+    assert layer._use_onednn(x.reshape(-1, 1024)) == (backend == "onednn")
+    assert not layer._use_onednn(x[:1, :1].reshape(-1, 1024))  # one row: _int_mm's path
+    with torch.no_grad():
+        x_q, x_s = quant.quantize_per_token(x.reshape(-1, 1024))
+        expected = qk.int8_linear(x_q, layer.weight, x_s, layer.scales, linear.bias, backend="reference")
+        torch.testing.assert_close(layer(x), expected.reshape(2, 12, 1024), rtol=1e-5, atol=1e-4)
+        layer.weight.neg_()  # in place: the packed copy must follow
+        expected = qk.int8_linear(x_q, layer.weight, x_s, layer.scales, linear.bias, backend="reference")
+        torch.testing.assert_close(layer(x), expected.reshape(2, 12, 1024), rtol=1e-5, atol=1e-4)
+        twin = copy.deepcopy(layer)  # oneDNN's packed tensor cannot be copied: it is left behind
+        torch.testing.assert_close(twin(x), layer(x), rtol=0, atol=0)
+        monkeypatch.setattr(quant, "_ONEDNN_INT8", [False])  # the _int_mm path gives the same
+        assert quant.cpu_int8_backend() == "_int_mm" and not layer._use_onednn(x.reshape(-1, 1024))
+        torch.testing.assert_close(layer(x), expected.reshape(2, 12, 1024), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("scheme", quant.SCHEMES)
 def test_quantize_model_swaps_every_linear_but_the_tied_head(nano, scheme):
     reference = copy.deepcopy(nano)

@@ -155,7 +155,10 @@ plt.show()
 # - **int4 weight-only**: 4-bit weights, two per byte, with an fp16 scale and a 4-bit zero point
 #   per group of 32 (or per channel, or per tensor).
 # - **W8A8**: int8 weights per channel *and* int8 activations, quantized per token on the fly
-#   (dynamic), multiplied by an integer matmul (`torch._int_mm` on a CPU).
+#   (dynamic), multiplied by an integer matmul. On a CPU that is oneDNN's int8 GEMM:
+#   `torch._int_mm` for small layers and few rows, and for big ones weights packed once into
+#   oneDNN's layout with the per-channel scales applied inside the GEMM
+#   (`quant.cpu_int8_backend()` says whether this CPU runs that path exactly).
 
 # %%
 labkit.show_source(quant.W8A8Linear.forward)
@@ -248,12 +251,13 @@ print(f"recovered: {100 * (ptq_tensor['perplexity'] - tuned['perplexity']) / gap
 torch.manual_seed(0)
 layer = torch.nn.Linear(2048, 2048)
 weight_only, w8a8 = quant.Int8WeightOnlyLinear.from_linear(layer), quant.W8A8Linear.from_linear(layer)
-batches, speedups = (1, 4, 16, 64, 256), {"int8 weight-only (dequantize, then fp32)": [], "W8A8 (torch._int_mm)": []}
+print("W8A8's integer matmul on this CPU:", quant.cpu_int8_backend(), "(packed weights from 16 rows)")
+batches, speedups = (1, 4, 16, 64, 256), {"int8 weight-only (dequantize, then fp32)": [], "W8A8 (oneDNN int8)": []}
 with torch.no_grad():
     for b in batches:
         xb = torch.randn(b, 2048)
         rows = bench.compare({"fp32": lambda: layer(xb), "int8 weight-only (dequantize, then fp32)": lambda: weight_only(xb),
-                              "W8A8 (torch._int_mm)": lambda: w8a8(xb)}, warmup=2, repeat=5, show=False)
+                              "W8A8 (oneDNN int8)": lambda: w8a8(xb)}, warmup=2, repeat=5, show=False)
         for row in rows[1:]:
             speedups[row["variant"]].append(row["speedup"])
         print(f"batch {b:>3}: fp32 {1e3 * rows[0]['variant_s']:7.2f} ms, " + ", ".join(
@@ -267,9 +271,10 @@ ax.legend(fontsize=8)
 plt.show()
 
 # %% [markdown]
-# On this CPU W8A8 wins at every batch size: at large batch by its int8 arithmetic (about
-# 3× fp32 per layer from batch 64), and at batch 1 too, because its weights
-# are int8 and `torch._int_mm` reads them as they are (4× fewer bytes than fp32). The int8
+# On this CPU W8A8 wins at every batch size: at large batch by its int8 arithmetic (3.5–5.5×
+# fp32 per layer from batch 16 on the kit's test CPU, with the weights packed once), and at
+# batch 1 too, because its weights are int8 and `torch._int_mm` reads them as they are (4×
+# fewer bytes than fp32). The int8
 # weight-only layer never wins here: in PyTorch it converts its whole weight to fp32 on every
 # call, reading and writing more bytes than it saves. Weight-only needs a kernel that converts
 # in registers (section 6); on a GPU that kernel is where decoding gets faster.
@@ -302,8 +307,8 @@ print(f"Amdahl: 1 / ((1 - {share:.2f}) + {share:.2f} / {linear_speedup:.1f}) = {
 # integer matmul is small, so quantizing its input and dequantizing its output weigh more
 # than in a 2048-wide layer. The goal set for this lab was 2× on `tiny`'s prefill: on a
 # 2-core CPU it is out of reach by quantizing the linear layers: even infinitely fast linears
-# would give about 2.4×, and we measured 1.2–1.5× (what Amdahl's law allows with the integer
-# layers 1.3–2× faster than fp32 ones at this width). Wider models (GPT-2's 768) put more of their time in the matmuls,
+# would give 2.5–3×, and we measured 1.3–1.65× (what Amdahl's law allows with the integer
+# layers 2–2.5× faster than fp32 ones at this width). Wider models (GPT-2's 768) put more of their time in the matmuls,
 # and there W8A8 comes closer to its per-layer speedup.
 #
 # ## 6. The kernels
