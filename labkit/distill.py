@@ -10,6 +10,8 @@ gradients by 1/T^2).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -49,3 +51,102 @@ def distillation_loss(
     # KL(p_t || p_s) summed over the vocabulary, averaged over positions
     soft = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1).mean() * temperature**2
     return alpha * hard + (1 - alpha) * soft
+
+
+# ---------------------------------------------------------------------------------------
+# Distilling a draft for speculative decoding (DistillSpec, Zhou et al., 2023)
+# ---------------------------------------------------------------------------------------
+def target_continuations(
+    target,
+    text: str,
+    n: int,
+    prompt_lengths=(8, 16, 32, 48),
+    new_tokens: int = 192,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[tuple[int, torch.Tensor]]:
+    """``n`` prompts (document openings of ``text``) continued greedily by ``target``.
+
+    Returns ``(prompt_length, ids)`` batches, ids of shape (b, prompt_length + new_tokens):
+    the text a draft must predict in speculative decoding is the target's own output, not the
+    corpus, so that is what it trains on (on-policy data).
+    """
+    from tqdm.auto import tqdm
+
+    from .tokenizer import CharTokenizer
+    from .train import Batches
+
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if not prompt_lengths or min(prompt_lengths) < 1 or max(prompt_lengths) + new_tokens > target.config.block_size:
+        raise ValueError(
+            f"prompt_lengths {tuple(prompt_lengths)} + new_tokens {new_tokens} must fit the context "
+            f"(1 .. {target.config.block_size} tokens)"
+        )
+    tokenizer, device = CharTokenizer(), next(target.parameters()).device
+    windows = {length: Batches(text, tokenizer, length, seed + length) for length in prompt_lengths}
+    out, made = [], 0
+    with torch.no_grad(), tqdm(total=n, desc="target continuations", disable=not progress) as bar:
+        while made < n:
+            length = prompt_lengths[len(out) % len(prompt_lengths)]
+            b = min(batch_size, n - made)
+            prompts, _ = windows[length](b, device)
+            out.append((length, target.generate(prompts, new_tokens, temperature=0.0)))
+            made += b
+            bar.update(b)
+    return out
+
+
+def distill_draft(
+    draft,
+    target,
+    data: list[tuple[int, torch.Tensor]],
+    steps: int = 400,
+    batch_size: int = 16,
+    lr: float = 3e-4,
+    alpha: float = 0.5,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """Tune ``draft`` (in place) to agree with ``target`` on the target's own greedy text.
+
+    Speculative decoding keeps a draft token when it is the target's greedy choice, so the
+    acceptance rate is the draft's top-1 agreement with the target on the target's output. The
+    loss is ``distillation_loss`` at temperature 1 on the continuation positions of ``data``
+    (from ``target_continuations``): cross-entropy against the target's greedy tokens (weight
+    ``alpha``) plus KL from the target's full distribution. AdamW, cosine decay to lr / 10.
+    Returns the losses.
+    """
+    from tqdm.auto import tqdm
+
+    if steps < 1 or batch_size < 1 or not 0 < lr < 1:
+        raise ValueError(f"steps and batch_size must be >= 1 and lr in (0, 1); got {steps}, {batch_size}, {lr}")
+    if not data:
+        raise ValueError("data must hold at least one batch from target_continuations")
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(
+            f"draft vocabulary ({draft.config.vocab_size}) differs from the target's ({target.config.vocab_size})"
+        )
+    g = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=lr, weight_decay=0.0)
+    draft.train()
+    losses = []
+    for step in tqdm(range(steps), desc="distil the draft", disable=not progress, mininterval=1.0):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+        length, ids = data[int(torch.randint(len(data), (1,), generator=g))]
+        rows = torch.randint(ids.size(0), (min(batch_size, ids.size(0)),), generator=g)
+        seq = ids[rows]
+        x, targets = seq[:, :-1], seq[:, 1:].clone()
+        targets[:, : length - 1] = -1  # positions inside the prompt predict corpus text, not the target's
+        with torch.no_grad():
+            teacher = target(x)
+        loss = distillation_loss(draft(x), teacher, targets, alpha=alpha, temperature=1.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    draft.eval()
+    return losses

@@ -9,6 +9,7 @@ exit), ``inputs_embeds`` (soft prompts) and the cache (serving).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -103,7 +104,14 @@ def sdpa_attention(q, k, v, q_offset: int = 0):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if T == 1:  # one new token sees every cached key: no mask needed
         return F.scaled_dot_product_attention(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q_offset, q.device))
+    # several new tokens after a cache (speculative decoding's verify pass): every layer needs the same
+    # mask, so it is built once per shape rather than once per layer
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_shared_causal_mask(T, S, q_offset, q.device))
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_causal_mask(T: int, S: int, q_offset: int, device) -> torch.Tensor:
+    return causal_mask(T, S, q_offset, device)
 
 
 register_attention("manual", manual_attention)

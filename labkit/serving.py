@@ -373,6 +373,26 @@ def speculative_generate(target: LabGPT, draft: LabGPT, idx: torch.Tensor, max_n
     return torch.cat(out, dim=1)[:, : idx.size(1) + max_new_tokens]
 
 
+def greedy_agreement(target: LabGPT, draft: LabGPT, prompts, new_tokens: int = 128) -> float:
+    """The draft's per-token acceptance rate in greedy speculative decoding, measured directly.
+
+    Each prompt (1, T) is continued greedily by the target; the draft then reads that text
+    (teacher forcing) and we count the positions where its greedy choice is the target's. A
+    proposal is accepted exactly when it is, so this is alpha in Leviathan et al.'s formula.
+    """
+    check_same_vocabulary(target, draft)
+    agree = total = 0
+    with torch.no_grad():
+        for idx in prompts:
+            seq = target.generate(idx, new_tokens, temperature=0.0)
+            guess = draft(seq[:, :-1])[:, idx.size(1) - 1 :].argmax(-1)
+            agree += int((guess == seq[:, idx.size(1) :]).sum())
+            total += guess.numel()
+    if total == 0:
+        raise ValueError("prompts must hold at least one prompt, and new_tokens must be >= 1")
+    return agree / total
+
+
 def expected_speedup(acceptance: float, k: int, cost_ratio: float, verify_cost: float = 1.0) -> float:
     """Leviathan et al. (2023): tokens per round (1 − α^(k+1)) / (1 − α), over the round's cost
     k·c + v in units of one target step (c: draft step / target step; v: the verify pass)."""

@@ -58,6 +58,64 @@ def test_speculative_bad_input():
         serving.speculative_generate(target, draft, idx, 200, 2)
 
 
+def test_greedy_agreement_counts_the_drafts_greedy_hits():
+    target, draft = _pair()
+    prompts = [torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(n)) for n in (3, 7)]
+    assert serving.greedy_agreement(target, target, prompts, 20) == 1.0  # a model agrees with itself
+    hits = total = 0
+    with torch.no_grad():  # the same count, one token at a time
+        for idx in prompts:
+            seq = target.generate(idx, 20, temperature=0)
+            for t in range(idx.size(1), seq.size(1)):
+                hits += int(draft(seq[:, :t])[0, -1].argmax() == seq[0, t])
+                total += 1
+    assert serving.greedy_agreement(target, draft, prompts, 20) == pytest.approx(hits / total)
+    with pytest.raises(ValueError, match="prompts"):
+        serving.greedy_agreement(target, draft, [], 20)
+    with pytest.raises(ValueError, match="vocabulary"):
+        serving.greedy_agreement(target, LabGPT(get_config("nano", vocab_size=64)), prompts, 20)
+
+
+def test_distilling_the_draft_on_the_targets_text_raises_its_acceptance():
+    """DistillSpec in miniature: a random 1-layer draft learns the shipped tiny's greedy choices."""
+    import labkit
+    from labkit import data, distill
+
+    target, tokenizer = labkit.load_model("tiny")
+    torch.manual_seed(0)
+    draft = LabGPT(get_config("tiny", n_layer=1)).eval()
+    train = distill.target_continuations(target, data.corpus(20_000, seed=3), 48, prompt_lengths=(8, 16),
+                                         new_tokens=24, batch_size=16, progress=False)  # fmt: skip
+    assert [(length, tuple(ids.shape)) for length, ids in train] == [(8, (16, 32)), (16, (16, 40)), (8, (16, 32))]
+    with torch.no_grad():  # the continuations are the target's greedy output
+        length, ids = train[1]
+        assert torch.equal(ids, target.generate(ids[:, :length], 24, temperature=0))
+    held_out = [tokenizer.tensor(s).view(1, -1) for s in ("Once upon a time", "Translate to French: cat", "The dog")]
+    before = serving.greedy_agreement(target, draft, held_out, 24)
+    losses = distill.distill_draft(draft, target, train, steps=80, batch_size=16, lr=3e-3, progress=False)
+    after = serving.greedy_agreement(target, draft, held_out, 24)
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
+    assert after > before + 0.1, (before, after)
+    assert not draft.training
+
+
+def test_draft_distillation_bad_input():
+    from labkit import distill
+
+    target, draft = _pair()
+    with pytest.raises(ValueError, match="n must"):
+        distill.target_continuations(target, "some text\n\nmore text", 0)
+    with pytest.raises(ValueError, match="context"):
+        distill.target_continuations(target, "some text", 4, prompt_lengths=(100,), new_tokens=100)
+    with pytest.raises(ValueError, match="data"):
+        distill.distill_draft(draft, target, [], steps=1)
+    with pytest.raises(ValueError, match="steps"):
+        distill.distill_draft(draft, target, [(2, torch.zeros(1, 5, dtype=torch.long))], steps=0)
+    with pytest.raises(ValueError, match="vocabulary"):
+        other = LabGPT(get_config("nano", vocab_size=64))
+        distill.distill_draft(other, target, [(2, torch.zeros(1, 5, dtype=torch.long))], steps=1)
+
+
 def test_expected_speedup_formula():
     assert serving.expected_speedup(1.0, 4, 0.0) == pytest.approx(5.0)
     assert serving.expected_speedup(0.0, 4, 0.25) == pytest.approx(1 / 2)

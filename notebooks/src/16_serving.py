@@ -6,17 +6,18 @@
 # throughput and tail latency; make greedy decoding faster with a draft model without
 # changing a single output token; and count joules per token.
 #
-# **Expected run time.** About 1.5 minutes on a 2-core laptop CPU.
+# **Expected run time.** About 1.5 to 2 minutes on a 2-core laptop CPU.
 #
 # The survey stops at the model; this lab is what serving it takes. Everything runs LabGPT
-# `tiny` (the target) and `student-distilled` (the draft, notebook 10).
+# `tiny` (the target) and `student-distilled` (the draft, notebook 10), then `student-draft`,
+# the same student distilled again for drafting.
 
 # %%
 import matplotlib.pyplot as plt
 import torch
 
 import labkit
-from labkit import check, hardware, serving, widgets
+from labkit import check, distill, hardware, serving, widgets
 
 labkit.seed_everything(0)
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -148,43 +149,106 @@ print(f"acceptance at k=4: {stats['acceptance']:.2f} ({stats['accepted']} of {st
 print(tok.decode(fast[0].tolist())[:200])
 
 # %% [markdown]
-# Speed against the target decoding alone, for several `k`, side by side (median of 3):
+# ### The draft's acceptance rate, and a draft distilled for it
+#
+# Speed hangs on α, and α on the text. We measure on the kind of text LabGPT serves:
+# openings of held-out documents of its task mixture (`validation_text`), each continued
+# for 128 tokens. A proposal is accepted exactly when it is the target's greedy choice, so
+# α is the draft's top-1 agreement with the target *on the target's own output*:
+# `serving.greedy_agreement` counts it directly.
+#
+# `student-distilled` learned from the teacher on corpus text (notebook 10). A draft is
+# better served by learning on what it will be asked to predict: the target's own
+# continuations (on-policy data, as in DistillSpec, Zhou et al., 2023). `student-draft` is
+# `student-distilled` tuned that way for 500 steps (`tools/train_draft.py`, 8 minutes on
+# the kit's 2-core CPU): cross-entropy against the target's greedy tokens plus KL from its
+# distribution, on 2,048 of its continuations of training-mixture prompts.
+
+# %%
+labkit.show_source(distill.distill_draft)
+
+# %%
+from labkit.train import validation_text  # noqa: E402
+
+docs = [d for d in validation_text(40_000).split("\n\n") if len(d) > 48]
+workload = [tok.tensor(d[: 24 + 4 * i]).view(1, -1) for i, d in enumerate(docs[:6])]
+tuned, _ = labkit.load_model("student-draft")
+drafts = {"student-distilled": draft, "student-draft": tuned}
+alpha = {name: serving.greedy_agreement(model, d, workload, 128) for name, d in drafts.items()}
+for name, a in alpha.items():
+    print(f"{name:18s} alpha = {a:.3f}: it misses one target token in {1 / (1 - a):.0f}")
+
+# %% [markdown]
+# Speed against the target decoding alone, for several `k`, both drafts, side by side: three
+# interleaved rounds over the whole workload, medians (a burst of other work on the machine
+# slows every variant alike). The estimate is Leviathan's formula with the measured α and
+# `c` (a draft step's cost in target steps, from whole `generate` calls).
 
 # %%
 # NBVAL_IGNORE_OUTPUT
+import statistics  # noqa: E402
+import time  # noqa: E402
+
 from labkit.bench import measure  # noqa: E402
 
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+ks, n_new = (2, 4, 8, 16), 128
+times = {}
 with torch.no_grad():
-    base = measure(lambda: model.generate(prompt, 120, temperature=0), warmup=1, repeat=3).median_s
-    draft_step = measure(lambda: draft.generate(prompt, 120, temperature=0), warmup=1, repeat=3).median_s / base
-    spec = {}
-    for k in (1, 2, 4, 6):
-        st = {}
-        t = measure(lambda: serving.speculative_generate(model, draft, prompt, 120, k, st), warmup=1, repeat=3).median_s
-        spec[k] = (base / t, st["acceptance"])
-print(f"target alone: {1e3 * base / 120:.2f} ms/token; a draft step costs c = {draft_step:.2f} target steps")
-for k, (speedup, acc) in spec.items():
-    print(f"k={k}: acceptance {acc:.2f}, measured {speedup:.2f}x, Leviathan's estimate "
-          f"{serving.expected_speedup(acc, k, draft_step):.2f}x")
-best = max(spec, key=lambda k: spec[k][0])
-print(f"best: k={best}, {spec[best][0]:.2f}x faster than the target alone (the bar: 1.5x): {spec[best][0] >= 1.5}")
+    t_target = measure(lambda: model.generate(workload[0], 64, temperature=0), warmup=1, repeat=3).median_s
+    cost = {name: measure(lambda: d.generate(workload[0], 64, temperature=0), warmup=1, repeat=3).median_s / t_target
+            for name, d in drafts.items()}  # fmt: skip
+    for _ in range(3):
+        times.setdefault("target", []).append(timed(lambda: [model.generate(p, n_new, temperature=0) for p in workload]))
+        for name, d in drafts.items():
+            for k in ks:
+                run = lambda: [serving.speculative_generate(model, d, p, n_new, k) for p in workload]  # noqa: E731
+                times.setdefault((name, k), []).append(timed(run))
+    cache = model.new_cache(1)
+    model(workload[0], cache=cache)
+
+    def verify(n_tokens):  # the target on n_tokens new tokens after a cached prompt
+        cache.crop(workload[0].size(1))
+        model(workload[1][:, :n_tokens], cache=cache)
+
+    verify_cost = {n: measure(lambda: verify(n), warmup=3, repeat=15).median_s for n in (1, 9, 17)}
+print(f"a verify pass costs {verify_cost[9] / verify_cost[1]:.2f} target steps at k=8, "
+      f"{verify_cost[17] / verify_cost[1]:.2f} at k=16")  # fmt: skip
+base = statistics.median(times["target"])
+speedup = {key: base / statistics.median(v) for key, v in times.items() if key != "target"}
+print(f"target alone: {1e3 * base / (n_new * len(workload)):.2f} ms/token")
+for name in drafts:
+    print(f"{name} (c = {cost[name]:.2f}): " + ", ".join(
+        f"k={k} {speedup[name, k]:.2f}x (estimate {serving.expected_speedup(alpha[name], k, cost[name]):.2f}x)" for k in ks))
+best = max(speedup, key=speedup.get)
+print(f"best: {best[0]} at k={best[1]}, {speedup[best]:.2f}x faster than the target alone "
+      f"(the bar: 1.5x): {speedup[best] >= 1.5}")  # fmt: skip
 fig, ax = plt.subplots(figsize=(5, 3))
-ax.plot(list(spec), [v[0] for v in spec.values()], "o-", label="measured speedup")
-ax.plot(list(spec), [v[1] for v in spec.values()], "s--", label="acceptance rate")
+for name in drafts:
+    ax.plot(ks, [speedup[name, k] for k in ks], "o-", label=f"{name} (alpha {alpha[name]:.3f})")
 ax.axhline(1, color="k", lw=0.8)
-ax.set(xlabel="draft length k", title="speculative decoding, tiny + student-distilled")
-ax.legend()
+ax.set(xlabel="draft length k", ylabel="speedup vs the target alone", title="speculative decoding, tiny as target")
+ax.legend(fontsize=8)
 plt.show()
 
 # %% [markdown]
-# The estimate takes `c` from whole `generate` calls and assumes a verification pass costs
-# one target step. Inside a round it costs more on a CPU: the verify pass pushes `k+1`
-# tokens through matrix-matrix kernels, which at this size are slower per call than the
-# matrix-vector kernels of one token, and the draft's first call re-reads a token too. With
-# a draft that already costs about a third of the target, those overheads eat most of the
-# gain, and the measured speedup falls short of the estimate (whether it reaches the bar of
-# 1.5x is printed above; on the kit's 2-core test machine it did not). On a GPU at batch 1 both models are
-# memory-bound, `k+1` tokens cost what one does, and speculation pays much more.
+# Three things show. **α decides**: at α ≈ 0.96 one guess in 25 is wrong and a long
+# draft is often cut short; at α ≈ 0.997 a round of 16 guesses usually survives whole, so
+# the tuned draft gains most at large `k`. **The estimate
+# is optimistic on a CPU**: it assumes a verification pass costs one target step, but the
+# verify pass pushes `k+1` tokens through matrix-matrix kernels, which at this size cost
+# more per call than the matrix-vector kernels of one token (printed above: about 1.5 steps
+# at `k = 8` on the kit's test CPU), and the draft's steps are not free either (`c`,
+# printed above). **The
+# gain is real and exact**: every token is still the target's own greedy choice (checked
+# above). On a GPU at batch 1 both models are memory-bound, `k+1` tokens cost what one
+# does, and speculation pays more.
 #
 # ## 4. Energy per token
 #
@@ -241,14 +305,14 @@ def experiment(fig, what, load, k):
         return " | ".join(f"{p}: p95 {r['p95_latency']:.2f} s" for p, r in res.items())
     st = {}
     with torch.no_grad():
-        t_spec = measure(lambda: serving.speculative_generate(model, draft, prompt, 100, k, st), 1, 2).median_s
-        t_base = measure(lambda: model.generate(prompt, 100, temperature=0), 1, 2).median_s
+        t_spec = measure(lambda: serving.speculative_generate(model, tuned, workload[0], 100, k, st), 1, 2).median_s
+        t_base = measure(lambda: model.generate(workload[0], 100, temperature=0), 1, 2).median_s
     ax.bar(["target alone", f"speculative k={k}"], [1e3 * t_base, 1e3 * t_spec])
     ax.set(ylabel="ms for 100 tokens")
     return f"acceptance {st['acceptance']:.2f}, speedup {t_base / t_spec:.2f}x"
 
 
-widgets.explore(experiment, what=["speculative", "batching"], load=(1.0, 64.0, 1.0, 16.0), k=(1, 8, 1, 4))
+widgets.explore(experiment, what=["speculative", "batching"], load=(1.0, 64.0, 1.0, 16.0), k=(1, 16, 1, 8))
 
 # %% [markdown]
 # ## 6. Exercises
@@ -281,4 +345,5 @@ passed = check.percentile(percentile)
 # server's slots busy when answers differ in length, which is where throughput and tail
 # latency are won. Speculative decoding trades cheap guesses for fewer target steps with
 # bit-identical greedy output; its gain hangs on the acceptance rate and on how cheap the
-# draft really is on your hardware. Notebook 17 stacks every technique of the kit.
+# draft really is on your hardware, and a draft distilled on the target's own output
+# accepts far more. Notebook 17 stacks every technique of the kit.
