@@ -201,6 +201,7 @@ SUITE_MODULES = [  # modules that register suites
     "labkit.kernels.flash_attention",
     "labkit.prune",
     "labkit.quant",
+    "labkit.serving",
 ]
 
 
@@ -211,6 +212,26 @@ def recorded_results(filename: str) -> dict | None:
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / filename
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def compare_rounds(variants: dict, rounds: int = 3, repeat: int = 5, warmup: int = 2, suite: str = "adhoc") -> list[dict]:
+    """``compare`` in ``rounds`` interleaved rounds, keeping each variant's median round.
+
+    On a shared machine another program's burst of work slows whichever variant is being
+    timed during it; interleaving spreads such a burst over all of them (as the GPU scripts do).
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    runs = [compare(variants, warmup=warmup, repeat=repeat, suite=suite, show=False) for _ in range(rounds)]
+    rows = []
+    for i in range(len(variants)):
+        kept = sorted((run[i] for run in runs), key=lambda row: row["variant_s"])[rounds // 2]
+        rows.append(dict(kept))
+    base = rows[0]["variant_s"]
+    for row in rows:
+        row.update(baseline_s=base, speedup=base / row["variant_s"])
+    print_table(rows)
+    return rows
 
 
 def register_suite(name: str):

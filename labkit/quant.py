@@ -816,28 +816,8 @@ class NoOpLinear(nn.Module):
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
-def _rounds(variants: dict, rounds: int, repeat: int, warmup: int = 2) -> list[dict]:
-    """``bench.compare`` in ``rounds`` interleaved rounds, keeping each variant's median round.
-
-    On a shared machine another program's burst of work can slow whichever variant is being
-    timed during it; interleaving spreads such a burst over all of them (as the GPU scripts do).
-    """
-    from .bench import compare, print_table
-
-    runs = [compare(variants, warmup=warmup, repeat=repeat, suite="quant", show=False) for _ in range(rounds)]
-    rows = []
-    for i in range(len(variants)):
-        kept = sorted((run[i] for run in runs), key=lambda row: row["variant_s"])[rounds // 2]
-        rows.append(dict(kept))
-    base = rows[0]["variant_s"]
-    for row in rows:
-        row.update(baseline_s=base, speedup=base / row["variant_s"])
-    print_table(rows)
-    return rows
-
-
 def _register() -> None:
-    from .bench import register_suite
+    from .bench import compare_rounds, register_suite
 
     @register_suite("quant")
     def quant_suite(quick: bool = False) -> list[dict]:
@@ -862,7 +842,7 @@ def _register() -> None:
             "torch._int_mm alone (no quantize/dequantize)": lambda: torch._int_mm(x_int8, w_t),
         }
         with torch.no_grad():
-            rows = _rounds(variants, rounds, repeat)
+            rows = compare_rounds(variants, rounds, repeat, suite="quant")
             exact = linear(x)
             for row in rows[:3]:  # how far each output is from fp32's (per-token activations vs per-tensor)
                 row["relative_error"] = ((variants[row["variant"]]() - exact).norm() / exact.norm()).item()
@@ -873,7 +853,7 @@ def _register() -> None:
         instant = replace_linears(copy.deepcopy(model), lambda name, linear: NoOpLinear(linear.out_features))
         idx = torch.randint(0, 100, (4, 256), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            prefill = _rounds(
+            prefill = compare_rounds(
                 {
                     "tiny fp32 prefill 4x256": lambda: model(idx),
                     "tiny W8A8 prefill 4x256": lambda: quantized(idx),
@@ -881,6 +861,7 @@ def _register() -> None:
                 },
                 rounds,
                 repeat,
+                suite="quant",
             )
         text = validation_text(5_000 if quick else 40_000)
         ppl_fp32, ppl_w8a8 = perplexity(model, tokenizer, text), perplexity(quantized, tokenizer, text)

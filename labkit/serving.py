@@ -373,6 +373,19 @@ def speculative_generate(target: LabGPT, draft: LabGPT, idx: torch.Tensor, max_n
     return torch.cat(out, dim=1)[:, : idx.size(1) + max_new_tokens]
 
 
+def held_out_prompts(n: int = 6) -> list[torch.Tensor]:
+    """``n`` prompts (1, T) of the kind LabGPT serves: openings (24, 28, 32… characters) of held-out
+    documents of its task mixture, from text no checkpoint or draft was trained on."""
+    from .tokenizer import CharTokenizer
+    from .train import validation_text
+
+    if not isinstance(n, int) or not 1 <= n <= 100:
+        raise ValueError(f"n must be an int in 1..100, got {n!r}")
+    tokenizer = CharTokenizer()
+    docs = [d for d in validation_text(40_000 + 2_000 * n).split("\n\n") if len(d) > 24 + 4 * n]
+    return [tokenizer.tensor(d[: 24 + 4 * i]).view(1, -1) for i, d in enumerate(docs[:n])]
+
+
 def greedy_agreement(target: LabGPT, draft: LabGPT, prompts, new_tokens: int = 128) -> float:
     """The draft's per-token acceptance rate in greedy speculative decoding, measured directly.
 
@@ -458,3 +471,29 @@ def estimated_joules(flops: float, peak_flops: float, watts: float, utilisation:
         raise ValueError("peak_flops and watts must be > 0 and utilisation in (0, 1]")
     return flops / (peak_flops * utilisation) * watts
 
+
+
+def _register() -> None:
+    from .bench import compare_rounds, register_suite
+
+    @register_suite("serving")
+    def serving_suite(quick: bool = False) -> list[dict]:
+        """Speculative decoding of LabGPT tiny (student-draft, student-distilled; k = 4, 8, 16) vs tiny alone."""
+        from . import load_model
+
+        target, _ = load_model("tiny")
+        drafts = {name: load_model(name)[0] for name in ("student-draft", "student-distilled")}
+        prompts, n_new = held_out_prompts(6), 64 if quick else 128
+        for name, draft in drafts.items():
+            print(f"{name}: alpha = {greedy_agreement(target, draft, prompts, n_new):.4f} on the held-out prompts")
+        variants = {f"tiny alone, {len(prompts)} prompts x {n_new} tokens": lambda: [
+            target.generate(p, n_new, temperature=0.0) for p in prompts]}  # fmt: skip
+        for name, draft in drafts.items():
+            for k in (4, 8, 16):
+                variants[f"speculative, {name}, k={k}"] = lambda d=draft, k=k: [
+                    speculative_generate(target, d, p, n_new, k) for p in prompts]  # fmt: skip
+        with torch.no_grad():
+            return compare_rounds(variants, rounds=1 if quick else 3, repeat=1 if quick else 3, warmup=1, suite="serving")
+
+
+_register()

@@ -37,6 +37,17 @@ def test_compare_prints_a_table_with_ratios(capsys):
         assert key in rows[1]
 
 
+def test_compare_rounds_keeps_each_variants_median_round(capsys):
+    calls = []
+    rows = bench.compare_rounds({"slow": lambda: time.sleep(0.004), "fast": lambda: calls.append(1)}, rounds=3,
+                                repeat=2, warmup=1, suite="t")  # fmt: skip
+    assert len(calls) == 3 * (1 + 2)  # every round times every variant
+    assert [r["variant"] for r in rows] == ["slow", "fast"] and rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 1
+    assert rows[1]["baseline_s"] == rows[0]["variant_s"] and "vs slow" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="rounds"):
+        bench.compare_rounds({"a": lambda: None}, rounds=0)
+
+
 def test_command_line_writes_json_rows(tmp_path, capsys):
     @bench.register_suite("unit-test")
     def suite(quick=False):
@@ -57,7 +68,7 @@ def test_command_line_writes_json_rows(tmp_path, capsys):
         bench.main(["no-such-suite"])
 
 
-@pytest.mark.parametrize("suite", ["labgpt", "kernels", "hardware", "lowrank", "prompting", "parallel", "sparse", "flash", "prune", "quant"])
+@pytest.mark.parametrize("suite", ["labgpt", "kernels", "hardware", "lowrank", "prompting", "parallel", "sparse", "flash", "prune", "quant", "serving"])
 def test_every_registered_suite_runs_and_returns_rows(suite, tmp_path, capsys):
     assert suite in bench.load_suites()
     out = tmp_path / f"{suite}.json"

@@ -58,6 +58,14 @@ def test_speculative_bad_input():
         serving.speculative_generate(target, draft, idx, 200, 2)
 
 
+def test_held_out_prompts_are_document_openings_of_growing_length():
+    prompts = serving.held_out_prompts(3)
+    assert [tuple(p.shape) for p in prompts] == [(1, 24), (1, 28), (1, 32)]
+    assert all(p.dtype == torch.long for p in prompts)
+    with pytest.raises(ValueError, match="n must"):
+        serving.held_out_prompts(0)
+
+
 def test_greedy_agreement_counts_the_drafts_greedy_hits():
     target, draft = _pair()
     prompts = [torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(n)) for n in (3, 7)]

@@ -152,7 +152,7 @@ print(tok.decode(fast[0].tolist())[:200])
 # ### The draft's acceptance rate, and a draft distilled for it
 #
 # Speed hangs on α, and α on the text. We measure on the kind of text LabGPT serves:
-# openings of held-out documents of its task mixture (`validation_text`), each continued
+# openings of held-out documents of its task mixture (`serving.held_out_prompts`), each continued
 # for 128 tokens. A proposal is accepted exactly when it is the target's greedy choice, so
 # α is the draft's top-1 agreement with the target *on the target's own output*:
 # `serving.greedy_agreement` counts it directly.
@@ -168,10 +168,7 @@ print(tok.decode(fast[0].tolist())[:200])
 labkit.show_source(distill.distill_draft)
 
 # %%
-from labkit.train import validation_text  # noqa: E402
-
-docs = [d for d in validation_text(40_000).split("\n\n") if len(d) > 48]
-workload = [tok.tensor(d[: 24 + 4 * i]).view(1, -1) for i, d in enumerate(docs[:6])]
+workload = serving.held_out_prompts(6)  # openings of 6 held-out documents, 24 to 44 characters
 tuned, _ = labkit.load_model("student-draft")
 drafts = {"student-distilled": draft, "student-draft": tuned}
 alpha = {name: serving.greedy_agreement(model, d, workload, 128) for name, d in drafts.items()}
