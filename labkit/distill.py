@@ -108,6 +108,7 @@ def distill_draft(
     alpha: float = 0.5,
     seed: int = 0,
     progress: bool = True,
+    stats: dict | None = None,
 ) -> list[float]:
     """Tune ``draft`` (in place) to agree with ``target`` on the target's own greedy text.
 
@@ -116,7 +117,7 @@ def distill_draft(
     loss is ``distillation_loss`` at temperature 1 on the continuation positions of ``data``
     (from ``target_continuations``): cross-entropy against the target's greedy tokens (weight
     ``alpha``) plus KL from the target's full distribution. AdamW, cosine decay to lr / 10.
-    Returns the losses.
+    Returns the losses; ``stats`` (a dict), if given, receives the token positions read.
     """
     from tqdm.auto import tqdm
 
@@ -131,7 +132,7 @@ def distill_draft(
     g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(draft.parameters(), lr=lr, weight_decay=0.0)
     draft.train()
-    losses = []
+    losses, positions = [], 0
     for step in tqdm(range(steps), desc="distil the draft", disable=not progress, mininterval=1.0):
         for group in optimizer.param_groups:
             group["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
@@ -139,6 +140,7 @@ def distill_draft(
         rows = torch.randint(ids.size(0), (min(batch_size, ids.size(0)),), generator=g)
         seq = ids[rows]
         x, targets = seq[:, :-1], seq[:, 1:].clone()
+        positions += x.numel()
         targets[:, : length - 1] = -1  # positions inside the prompt predict corpus text, not the target's
         with torch.no_grad():
             teacher = target(x)
@@ -149,4 +151,6 @@ def distill_draft(
         optimizer.step()
         losses.append(loss.item())
     draft.eval()
+    if stats is not None:
+        stats["tokens"] = positions
     return losses

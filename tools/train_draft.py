@@ -16,6 +16,7 @@ import torch
 
 import labkit
 from labkit import data, distill, serving
+from labkit.memory import load_safetensors
 from labkit.model import save_checkpoint
 from labkit.train import machine_name, validation_text
 
@@ -37,13 +38,18 @@ before = serving.greedy_agreement(target, draft, held_out)
 t0 = time.perf_counter()
 continuations = distill.target_continuations(target, data.corpus(3_000_000, seed=7), args.sequences)
 t_data = time.perf_counter() - t0
-losses = distill.distill_draft(draft, target, continuations, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+stats = {}
+losses = distill.distill_draft(draft, target, continuations, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                               stats=stats)  # fmt: skip
 seconds = time.perf_counter() - t0
 after = serving.greedy_agreement(target, draft, held_out)
 command = "python tools/train_draft.py " + " ".join(
     f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"
 )
+_, start_meta = load_safetensors(labkit.DATA_DIR / f"{args.draft}.safetensors", with_metadata=True)
+tokens_seen = int(start_meta.get("tokens_seen", 0)) + stats["tokens"]  # the start's training, then this tuning
 meta = {"train_command": command, "teacher": args.target, "initialised_from": args.draft, "seed": "0",
+        "tokens_seen": str(tokens_seen), "tuning_tokens": str(stats["tokens"]),
         "steps": str(args.steps), "wall_time_s": f"{seconds:.1f}", "machine": machine_name(), "torch": torch.__version__}  # fmt: skip
 save_checkpoint(draft, args.out, meta)
 history = {"step": list(range(len(losses))), "loss": losses, "agreement_before": before, "agreement_after": after,

@@ -149,7 +149,10 @@ print(
 #   student, and the pruned, quantized model drifts from them: perplexity pays.
 # * **Speculation** restores the teacher's quality exactly and holds both models. Its speed
 #   depends on how often the teacher accepts the draft's guesses and on what a draft step
-#   costs compared with a teacher step; notebook 16 measured this on its own.
+#   costs compared with a teacher step. Notebook 16 measured it on its own, and found that
+#   a draft distilled on the teacher's own output (`student-draft`) agrees with the teacher
+#   on 99.7% of tokens and makes speculation pay on a CPU; a compressed draft that drifts
+#   from the teacher does the opposite.
 #
 # ## 3. The Pareto front
 #
