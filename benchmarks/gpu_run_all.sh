@@ -5,7 +5,7 @@
 #
 # Each check writes its JSON (and a log) into OUT; a check that fails or runs past its time
 # limit is reported and the next one still runs. Copy the figures into benchmarks/RESULTS.md
-# with the card's name. Order: the cheapest and the ones with open bars first.
+# with the card's name. Order: the checks of the open bars first.
 set -u
 OUT="${1:-gpu_out}"
 mkdir -p "$OUT"
@@ -19,14 +19,22 @@ run() {  # name, seconds, command...
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "   exit $? after $((SECONDS - start)) s; tail:"; tail -n 5 "$OUT/$name.log"
 }
-# name:limit in seconds; the open bars first (matmul: issue 3), about 8 minutes in all at most
-for entry in gpu_check:150 gpu_check_attention:120 gpu_check_serving:75 gpu_check_quant:110; do
-  script=${entry%%:*} limit=${entry##*:}
+# The open bars first (issue 5: int4 GEMV; issue 10: GPT-2-small decode vs the bandwidth roofline),
+# about 7 minutes; the resolved matmul and attention checks only with ALL=1 (4.5 minutes more).
+check() {  # name, seconds, script, arguments...
+  local name=$1 limit=$2 script=$3; shift 3
   if [ -f "benchmarks/$script.py" ]; then
-    run "$script" "$limit" python3 "benchmarks/$script.py" --out "$OUT"
+    run "$name" "$limit" python3 "benchmarks/$script.py" "$@"
   else
     echo "== $script: not in this checkout"
   fi
-done
+}
+check gpu_check_quant 110 gpu_check_quant --out "$OUT"
+check gpu_check_serving 90 gpu_check_serving --out "$OUT" --compile
+check gpu_check_serving_autotune 200 gpu_check_serving --out "$OUT/autotune" --compile --mode max-autotune-no-cudagraphs
+if [ "${ALL:-0}" = 1 ]; then
+  check gpu_check 150 gpu_check --out "$OUT"
+  check gpu_check_attention 120 gpu_check_attention --out "$OUT"
+fi
 # the kernel tests on CUDA (they run under the CPU interpreter everywhere else)
 run pytest_cuda 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py
