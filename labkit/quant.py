@@ -488,7 +488,8 @@ class W8A8Linear(_Int8PerChannelLinear):
         """Packed weights pay where repacking them at every call would cost more than oneDNN's fixed cost
         per call (about 40 µs on the kit's test CPU): big weights (1 MiB and more) and 16 rows and more."""
         big = self.in_features * self.out_features >= 2**20 and x2.shape[0] >= 16
-        return big and x2.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_int8_backend() == "onednn"
+        tracing = torch.compiler.is_compiling() or getattr(torch.compiler, "is_exporting", lambda: False)()
+        return big and x2.device.type == "cpu" and not tracing and cpu_int8_backend() == "onednn"
 
     def _packed(self) -> tuple:
         """oneDNN's packed copy of the weights (and the scales it was packed with), made once per weight version."""

@@ -240,6 +240,8 @@ def test_w8a8_packed_weights_on_cpu_equal_the_reference(monkeypatch):
         torch.testing.assert_close(layer(x), expected.reshape(2, 12, 1024), rtol=1e-5, atol=1e-4)
         twin = copy.deepcopy(layer)  # oneDNN's packed tensor cannot be copied: it is left behind
         torch.testing.assert_close(twin(x), layer(x), rtol=0, atol=0)
+        exported = torch.export.export(layer, (x,)).module()  # traced through the _int_mm path
+        torch.testing.assert_close(exported(x), layer(x), rtol=1e-5, atol=1e-4)
         monkeypatch.setattr(quant, "_ONEDNN_INT8", [False])  # the _int_mm path gives the same
         assert quant.cpu_int8_backend() == "_int_mm" and not layer._use_onednn(x.reshape(-1, 1024))
         torch.testing.assert_close(layer(x), expected.reshape(2, 12, 1024), rtol=1e-5, atol=1e-4)
