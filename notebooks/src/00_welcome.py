@@ -62,8 +62,9 @@ info = labkit.doctor()
 # stories and five tasks), so nothing is downloaded and every answer can be checked.
 #
 # The shipped checkpoints: `tiny` (the teacher every lab studies), `student` (half the
-# layers) and `student-distilled`. Their training commands and measured accuracy are in
-# `data/MODEL_CARD.md`.
+# layers), `student-distilled` (distilled from `tiny`, notebook 10) and `student-draft` (that
+# student tuned to guess `tiny`'s next token, for speculative decoding in notebook 16). Their
+# training commands and measured accuracy are in `data/MODEL_CARD.md`.
 
 # %%
 model, tokenizer = labkit.load_model("tiny")
