@@ -307,7 +307,7 @@ def check_same_vocabulary(target: LabGPT, draft: LabGPT) -> None:
 
 @torch.no_grad()
 def speculative_generate(target: LabGPT, draft: LabGPT, idx: torch.Tensor, max_new_tokens: int, k: int = 4,
-                         stats: dict | None = None) -> torch.Tensor:
+                         stats: dict | None = None, stop_below: float | None = None) -> torch.Tensor:
     """Greedy decoding of ``target``, accelerated by ``draft`` guessing ``k`` tokens at a time.
 
     Each round: the draft proposes d_1..d_k greedily (k cheap steps with its own cache); the
@@ -316,11 +316,15 @@ def speculative_generate(target: LabGPT, draft: LabGPT, idx: torch.Tensor, max_n
     token at the first disagreement (or after d_k if all agree). Both caches are cropped
     back to the accepted length. Every kept token is the target's own greedy choice, so
     the output equals ``target.generate(idx, n, temperature=0)`` exactly.
-    If ``stats`` is a dict, it receives the rounds, proposals and accepted proposals.
+    With ``stop_below``, the draft stops a round early once its own top probability falls below
+    it (a guess it is unsure of is likely wrong: no point guessing past it), so ``k`` is an upper
+    bound. If ``stats`` is a dict, it receives the rounds, proposals and accepted proposals.
     """
     check_same_vocabulary(target, draft)
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k (draft tokens per round) must be an int >= 1, got {k!r}")
+    if stop_below is not None and not 0.0 < stop_below < 1.0:
+        raise ValueError(f"stop_below must be a probability in (0, 1) or None, got {stop_below!r}")
     if idx.dim() != 2 or idx.size(0) != 1:
         raise ValueError(f"idx must be one sequence, shape (1, T); got {tuple(idx.shape)}")
     total = idx.size(1) + max_new_tokens
@@ -344,8 +348,11 @@ def speculative_generate(target: LabGPT, draft: LabGPT, idx: torch.Tensor, max_n
         for i in range(kk):
             g = logits.argmax(-1, keepdim=True)
             guesses.append(g)
+            if stop_below is not None and float(logits.softmax(-1).max()) < stop_below:
+                break  # the draft doubts this guess: let the target check what we have
             if i + 1 < kk:
                 logits = draft(g, cache=d_cache)[:, -1]
+        kk = len(guesses)
         guess = torch.cat(guesses, dim=1)  # (1, kk)
         # the target checks all kk guesses in one forward
         start = t_cache.pos

@@ -25,11 +25,12 @@ def test_cached_and_uncached_decoding_give_identical_tokens(nano):
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
 @pytest.mark.parametrize("n", [1, 2, 9, 40])
-def test_speculative_greedy_output_equals_the_target_alone(k, n):
+@pytest.mark.parametrize("stop_below", [None, 0.0116])  # the random draft: top probabilities 0.010-0.013
+def test_speculative_greedy_output_equals_the_target_alone(k, n, stop_below):
     target, draft = _pair()  # two random models: they disagree often, every branch runs
     idx = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(k * 100 + n))
     stats = {}
-    out = serving.speculative_generate(target, draft, idx, n, k, stats)
+    out = serving.speculative_generate(target, draft, idx, n, k, stats, stop_below)
     with torch.no_grad():
         ref = target.generate(idx, n, temperature=0)
     assert torch.equal(out, ref)
@@ -56,6 +57,8 @@ def test_speculative_bad_input():
         serving.speculative_generate(target, other, idx, 5, 2)
     with pytest.raises(ValueError, match="context"):
         serving.speculative_generate(target, draft, idx, 200, 2)
+    with pytest.raises(ValueError, match="stop_below"):
+        serving.speculative_generate(target, draft, idx, 5, 2, stop_below=1.5)
 
 
 def test_held_out_prompts_are_document_openings_of_growing_length():
