@@ -485,7 +485,7 @@ def _register() -> None:
 
     @register_suite("serving")
     def serving_suite(quick: bool = False) -> list[dict]:
-        """Speculative decoding of LabGPT tiny (student-draft, student-distilled; k = 4, 8, 16) vs tiny alone."""
+        """Speculative decoding of LabGPT tiny (student-draft, student-distilled; k = 4, 8, 16; adaptive) vs tiny alone."""
         from . import load_model
 
         target, _ = load_model("tiny")
@@ -499,6 +499,8 @@ def _register() -> None:
             for k in (4, 8, 16):
                 variants[f"speculative, {name}, k={k}"] = lambda d=draft, k=k: [
                     speculative_generate(target, d, p, n_new, k) for p in prompts]  # fmt: skip
+        variants["speculative, student-draft, k<=32, stop below p=0.5"] = lambda d=drafts["student-draft"]: [
+            speculative_generate(target, d, p, n_new, 32, stop_below=0.5) for p in prompts]  # fmt: skip
         with torch.no_grad():
             return compare_rounds(variants, rounds=1 if quick else 3, repeat=1 if quick else 3, warmup=1, suite="serving")
 
