@@ -181,13 +181,14 @@ for name, a in alpha.items():
           f"perplexity on held-out corpus text {perplexity(drafts[name], tok, text):.3f}")  # fmt: skip
 
 free_form = [tok.tensor(s).view(1, -1) for s in ("Once upon a time", "The weather today", "My favourite food is")]
-print(f"on free-form prompts unlike the training mixture: alpha = "
-      f"{serving.greedy_agreement(model, tuned, free_form, 128):.3f} (student-draft)")  # fmt: skip
+print("on free-form prompts unlike the training mixture: " + ", ".join(
+    f"{name} alpha = {serving.greedy_agreement(model, d, free_form, 128):.3f}" for name, d in drafts.items()))
 
 # %% [markdown]
 # The tuned draft predicts the target far better and the corpus a little worse: it traded
 # modelling text for modelling the target's choices, which is all a draft is for. It learned
-# them on the kind of text it serves; on text unlike it, α falls, and so does the gain.
+# them on the kind of text it serves; on text unlike it, α falls for both drafts, and so
+# does the gain.
 #
 # A draft also knows when it is unsure. With `stop_below`, a round ends as soon as the
 # draft's top probability drops below the threshold (a doubtful guess is likely wrong, and
