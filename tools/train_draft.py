@@ -18,7 +18,7 @@ import labkit
 from labkit import data, distill, serving
 from labkit.memory import load_safetensors
 from labkit.model import save_checkpoint
-from labkit.train import machine_name, validation_text
+from labkit.train import machine_name
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--target", default="tiny")
@@ -31,9 +31,9 @@ parser.add_argument("--out", default=str(labkit.DATA_DIR / "student-draft.safete
 args = parser.parse_args()
 
 torch.manual_seed(0)
-target, tokenizer = labkit.load_model(args.target)
+target, _ = labkit.load_model(args.target)
 draft, _ = labkit.load_model(args.draft)
-held_out = [tokenizer.tensor(doc[:32]).view(1, -1) for doc in validation_text(60_000).split("\n\n")[:40] if len(doc) > 32]
+held_out = serving.held_out_prompts(20)  # the workload notebook 16 and the serving bench measure on
 before = serving.greedy_agreement(target, draft, held_out)
 t0 = time.perf_counter()
 continuations = distill.target_continuations(target, data.corpus(3_000_000, seed=7), args.sequences)

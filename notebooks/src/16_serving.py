@@ -203,33 +203,20 @@ print("on free-form prompts unlike the training mixture: " + ", ".join(
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-from labkit.bench import measure  # noqa: E402
-
-
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
+from labkit.bench import compare_rounds, measure  # noqa: E402
 
 ks, n_new = (2, 4, 8, 16), 128
-times = {}
+variants = {"target alone": lambda: [model.generate(p, n_new, temperature=0) for p in workload]}
+for name, d in drafts.items():
+    for k in ks:
+        variants[f"{name}, k={k}"] = lambda d=d, k=k: [serving.speculative_generate(model, d, p, n_new, k) for p in workload]
+variants["student-draft, k<=32, stop below 0.5"] = lambda: [
+    serving.speculative_generate(model, tuned, p, n_new, 32, stop_below=0.5) for p in workload]  # fmt: skip
 with torch.no_grad():
     t_target = measure(lambda: model.generate(workload[0], 64, temperature=0), warmup=1, repeat=3).median_s
     cost = {name: measure(lambda: d.generate(workload[0], 64, temperature=0), warmup=1, repeat=3).median_s / t_target
             for name, d in drafts.items()}  # fmt: skip
-    for _ in range(3):
-        times.setdefault("target", []).append(timed(lambda: [model.generate(p, n_new, temperature=0) for p in workload]))
-        for name, d in drafts.items():
-            for k in ks:
-                run = lambda: [serving.speculative_generate(model, d, p, n_new, k) for p in workload]  # noqa: E731
-                times.setdefault((name, k), []).append(timed(run))
-        adaptive = lambda: [serving.speculative_generate(model, tuned, p, n_new, 32, stop_below=0.5)  # noqa: E731
-                            for p in workload]  # fmt: skip
-        times.setdefault("adaptive", []).append(timed(adaptive))
+    rows = compare_rounds(variants, rounds=3, repeat=1, warmup=0, suite="serving")
     cache = model.new_cache(1)
     model(workload[0], cache=cache)
 
@@ -240,17 +227,16 @@ with torch.no_grad():
     verify_cost = {n: measure(lambda: verify(n), warmup=3, repeat=15).median_s for n in (1, 9, 17)}
 print(f"a verify pass costs {verify_cost[9] / verify_cost[1]:.2f} target steps at k=8, "
       f"{verify_cost[17] / verify_cost[1]:.2f} at k=16")  # fmt: skip
-base = statistics.median(times["target"])
-speedup = {key: base / statistics.median(v) for key, v in times.items() if key not in ("target", "adaptive")}
-adaptive_speedup = base / statistics.median(times["adaptive"])
-print(f"target alone: {1e3 * base / (n_new * len(workload)):.2f} ms/token")
+by_variant = {row["variant"]: row["speedup"] for row in rows}
+speedup = {(name, k): by_variant[f"{name}, k={k}"] for name in drafts for k in ks}
+adaptive_speedup = by_variant["student-draft, k<=32, stop below 0.5"]
+print(f"target alone: {1e3 * rows[0]['variant_s'] / (n_new * len(workload)):.2f} ms/token")
 for name in drafts:
     print(f"{name} (c = {cost[name]:.2f}): " + ", ".join(
         f"k={k} {speedup[name, k]:.2f}x (estimate {serving.expected_speedup(alpha[name], k, cost[name]):.2f}x)" for k in ks))
 print(f"student-draft, k up to 32, stopping below p = 0.5: {adaptive_speedup:.2f}x")
-best = max(speedup, key=speedup.get)
-print(f"best: {best[0]} at k={best[1]}, {speedup[best]:.2f}x faster than the target alone "
-      f"(the bar: 1.5x): {speedup[best] >= 1.5}")  # fmt: skip
+best = max(by_variant, key=by_variant.get)
+print(f"best: {best}, {by_variant[best]:.2f}x faster than the target alone (the bar: 1.5x): {by_variant[best] >= 1.5}")
 fig, ax = plt.subplots(figsize=(5, 3))
 for name in drafts:
     ax.plot(ks, [speedup[name, k] for k in ks], "o-", label=f"{name} (alpha {alpha[name]:.3f})")
