@@ -1,13 +1,23 @@
 """GPU check for the serving lab: LabGPT in the GPT-2-small shape decoding at batch 1 with the
 KV cache, replayed from a CUDA graph, against the memory-bandwidth roofline.
 
-    PYTHONPATH=. python3 benchmarks/gpu_check_serving.py --out OUT_DIR [--compile]
+    PYTHONPATH=. python3 benchmarks/gpu_check_serving.py --out OUT_DIR [--variants ...] [--mode ...]
 
 The roofline: a decode step must read every weight and the cached keys and values once,
 so tokens/s <= measured bandwidth / bytes per token. The bar (issue 10): at least 40%.
 Also checks that the graph-replayed step gives the same tokens as ``LabGPT.generate``.
-With ``--compile`` the step is also compiled by ``torch.compile`` (Inductor fuses the layer
-norms, residual adds, GELU and cache writes into fewer kernels) before the graph is captured.
+Variants (``--variants``, comma-separated):
+
+- ``cuda_graph``: ``serving.decode_step`` (eager PyTorch ops, about 14 kernels a layer) in a graph;
+- ``compiled_cuda_graph``: the same step compiled by ``torch.compile`` first (Inductor fuses the
+  layer norms, residual adds, GELU and cache writes), ``--mode`` picks its mode;
+- ``fused_cuda_graph``: ``serving.fused_decode_step``, the kit's own Triton kernels (5 a layer:
+  LayerNorm fused into the GEMVs, the cache write into the qkv GEMV, split attention merged
+  in the output projection, bias, GELU and residual adds in the epilogues), autotuned per
+  shape during the warm-up, then captured. Its activations are fp32 where eager ones are
+  bf16, so its greedy tokens may part from ``generate``'s on a random model's near-ties; the
+  check also runs both steps teacher-forced on the same tokens and reports how often their
+  argmax agrees and how far the logits are apart.
 """
 
 from __future__ import annotations
@@ -24,15 +34,17 @@ from labkit import hardware, serving
 from labkit.model import LabGPT, get_config
 
 
-def graph_decoding(model, prompt, tokens: int, compile_step: bool, mode: str | None = None) -> dict:
+def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = None) -> dict:
     """Capture one decode step in a CUDA graph, decode ``tokens`` greedily by replaying it;
     tokens/s (median of 5 runs) and agreement with eager ``generate``."""
     cache = serving.SlotCache(model, 1)
 
     def step(tok):
+        if variant == "fused_cuda_graph":
+            return serving.fused_decode_step(model, cache, tok)
         return serving.decode_step(model, cache, slice(None), tok, whole_cache=True)
 
-    if compile_step:
+    if variant == "compiled_cuda_graph":
         step = torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -75,11 +87,28 @@ def graph_decoding(model, prompt, tokens: int, compile_step: bool, mode: str | N
     return {"tokens_per_s": 1 / statistics.median(times), "agreement_with_generate": agree, "prepare_s": prepare_s}
 
 
+def teacher_forced(model, prompt, tokens: int) -> dict:
+    """Eager ``decode_step`` and ``fused_decode_step`` fed the same tokens (eager greedy's): how often their
+    argmax agrees, and the largest logit difference relative to the largest logit."""
+    caches = [serving.SlotCache(model, 1) for _ in range(2)]
+    with torch.no_grad():
+        first = [c.admit(model, 0, prompt[0].tolist()) for c in caches][0].argmax().view(1)
+        tok, same, worst = first, 0, 0.0
+        for _ in range(tokens):
+            ref = serving.decode_step(model, caches[0], slice(None), tok).float()
+            got = serving.fused_decode_step(model, caches[1], tok)
+            same += int(ref.argmax(-1) == got.argmax(-1))
+            worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
+            tok = ref.argmax(-1)
+    return {"argmax_agreement": same / tokens, "max_relative_logit_difference": worst}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--compile", action="store_true", help="also measure the torch.compile'd step")
+    parser.add_argument("--variants", default="fused_cuda_graph,cuda_graph,compiled_cuda_graph",
+                        help="comma-separated: fused_cuda_graph, cuda_graph, compiled_cuda_graph")  # fmt: skip
     parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs "
                         "(Triton GEMV templates with fused epilogues; minutes to tune)")  # fmt: skip
     args = parser.parse_args()
@@ -112,11 +141,17 @@ def main() -> None:
             torch.cuda.synchronize()
             eager.append((time.perf_counter() - t0) / 64)
     result["eager_generate_tokens_per_s"] = 1 / statistics.median(eager)
-    for name, compiled in (("cuda_graph", False), ("compiled_cuda_graph", True)):
-        if compiled and not args.compile:
-            continue
-        r = graph_decoding(model, prompt, args.tokens, compiled, args.mode if compiled else None)
+    for name in args.variants.split(","):
+        if name not in ("fused_cuda_graph", "cuda_graph", "compiled_cuda_graph"):
+            raise SystemExit(f"unknown variant {name!r}")
+        compiled = name == "compiled_cuda_graph"
+        r = graph_decoding(model, prompt, args.tokens, name, args.mode if compiled else None)
         r["compile_mode"] = args.mode if compiled else None
+        if name == "fused_cuda_graph":
+            r.update(teacher_forced(model, prompt, 64))
+            r["kernels_per_token"] = 5 * cfg.n_layer + 2
+            print(f"fused step vs eager step, teacher-forced: argmax agreement {r['argmax_agreement']:.3f}, "
+                  f"largest logit difference {r['max_relative_logit_difference']:.2e} of the largest logit")
         r["fraction_of_roofline"] = r["tokens_per_s"] / roofline
         result[name] = r
         print(f"{name}: {r['tokens_per_s']:.0f} tokens/s = {100 * r['fraction_of_roofline']:.1f}% of the roofline "

@@ -19,8 +19,9 @@ run() {  # name, seconds, command...
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "   exit $? after $((SECONDS - start)) s; tail:"; tail -n 5 "$OUT/$name.log"
 }
-# The open bars first (issue 5: int4 GEMV; issue 10: GPT-2-small decode vs the bandwidth roofline),
-# about 7 minutes; the resolved matmul and attention checks only with ALL=1 (4.5 minutes more).
+# The open bars first (issue 10: GPT-2-small decode vs the bandwidth roofline, with the fused Triton
+# step; issue 5: int4 GEMV), about 6 minutes; with ALL=1 also torch.compile's max-autotune mode of the
+# decode step and the resolved matmul and attention checks (about 8 minutes more).
 check() {  # name, seconds, script, arguments...
   local name=$1 limit=$2 script=$3; shift 3
   if [ -f "benchmarks/$script.py" ]; then
@@ -29,12 +30,13 @@ check() {  # name, seconds, script, arguments...
     echo "== $script: not in this checkout"
   fi
 }
+check gpu_check_serving 240 gpu_check_serving --out "$OUT" --variants fused_cuda_graph,cuda_graph,compiled_cuda_graph
 check gpu_check_quant 110 gpu_check_quant --out "$OUT"
-check gpu_check_serving 90 gpu_check_serving --out "$OUT" --compile
-check gpu_check_serving_autotune 200 gpu_check_serving --out "$OUT/autotune" --compile --mode max-autotune-no-cudagraphs
 if [ "${ALL:-0}" = 1 ]; then
+  check gpu_check_serving_autotune 200 gpu_check_serving --out "$OUT/autotune" --variants compiled_cuda_graph \
+    --mode max-autotune-no-cudagraphs
   check gpu_check 150 gpu_check --out "$OUT"
   check gpu_check_attention 120 gpu_check_attention --out "$OUT"
 fi
 # the kernel tests on CUDA (they run under the CPU interpreter everywhere else)
-run pytest_cuda 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py
+run pytest_cuda 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_decode_kernels.py

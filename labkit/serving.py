@@ -180,6 +180,50 @@ def decode_step(model: LabGPT, cache: SlotCache, slots, tokens: torch.Tensor, wh
     return model.lm_head(t.ln_f(x))[:, 0]
 
 
+@torch.no_grad()
+def fused_decode_step(model: LabGPT, cache: SlotCache, tokens: torch.Tensor, splits: int | None = None,
+                      backend: str | None = None) -> torch.Tensor:  # fmt: skip
+    """``decode_step`` for every slot of ``cache`` in 5 · n_layer + 2 fused kernels; returns (B, vocab) fp32 logits.
+
+    The kernels of ``labkit.kernels.decode_kernels``: LayerNorm fused into the GEMV after it,
+    the new key and value written by the qkv GEMV, attention split along the cache
+    (flash-decoding) and merged in the output projection's prologue, bias, GELU and residual
+    adds in the epilogues. The residual stream stays in fp32. Attention reads only each
+    row's filled positions, and no shape depends on them: a CUDA graph can capture the step.
+    On a CPU without ``TRITON_INTERPRET=1`` the same chain runs the PyTorch references.
+    """
+    from .kernels import decode_kernels as dk
+
+    _check_fusable(model)
+    t = model.transformer
+    if tokens.shape != cache.length.shape:
+        raise ValueError(f"tokens must have one entry per cache slot, shape {tuple(cache.length.shape)}, "
+                         f"got {tuple(tokens.shape)}")  # fmt: skip
+    x, pos = dk.embed(tokens, cache.length, t.wte.weight, t.wpe.weight, backend)  # length moves on here
+    for layer, block in enumerate(t.h):
+        a, mlp = block.attn, block.mlp
+        ln_1 = (block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
+        qkv = dk.decode_linear(x, a.c_attn.weight, a.c_attn.bias, ln=ln_1, kv=(cache.k[layer], cache.v[layer], pos),
+                               backend=backend)  # fmt: skip
+        parts = dk.decode_attention(qkv, cache.k[layer], cache.v[layer], pos, a.n_head, splits, backend)
+        dk.decode_linear(parts, a.c_proj.weight, a.c_proj.bias, out=x, backend=backend)
+        ln_2 = (block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
+        h = dk.decode_linear(x, mlp.c_fc.weight, mlp.c_fc.bias, ln=ln_2, gelu=True, backend=backend)
+        dk.decode_linear(h, mlp.c_proj.weight, mlp.c_proj.bias, out=x, backend=backend)
+    ln_f = (t.ln_f.weight, t.ln_f.bias, t.ln_f.eps)
+    return dk.decode_linear(x, model.lm_head.weight, None, ln=ln_f, backend=backend)
+
+
+def _check_fusable(model: LabGPT) -> None:
+    """The fused step knows LabGPT's own layers only: plain linears, tanh GELU, no dropout at work."""
+    for name, module in model.named_modules():
+        if name.endswith(("c_attn", "c_proj", "c_fc")) and type(module) is not torch.nn.Linear:
+            raise ValueError(f"fused_decode_step needs LabGPT's plain nn.Linear layers; {name} is "
+                             f"{type(module).__name__} (use decode_step)")  # fmt: skip
+        if name.endswith("gelu") and getattr(module, "approximate", None) != "tanh":
+            raise ValueError(f"fused_decode_step computes tanh GELU; {name} is {module!r} (use decode_step)")
+
+
 def _finish_token(req: Request, token: int, now: float) -> bool:
     if req.first_token_at is None:
         req.first_token_at = now

@@ -1,0 +1,228 @@
+"""The fused decoding kernels against their PyTorch references (and the references against PyTorch's own ops),
+under the Triton interpreter on CPU and on CUDA when present; the fused decode step against LabGPT's."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from labkit import kernels, load_model, serving
+from labkit.kernels import decode_kernels as dk
+from labkit.kernels.quant_kernels import GemvConfig
+from labkit.model import LabGPT, get_config
+
+triton_params = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not kernels.interpreting(), reason="needs TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+]
+requires_triton = pytest.mark.skipif(not kernels.triton_installed(), reason="needs triton")
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _cache(rows=2, heads=3, positions=40, hs=8, dtype=torch.float32, device="cpu", seed=0):
+    g = _gen(seed)
+    k = torch.randn(rows, heads, positions, hs, generator=g).to(device, dtype)
+    v = torch.randn(rows, heads, positions, hs, generator=g).to(device, dtype)
+    return k, v
+
+
+# ------------------------------------------------------------------ the references are right
+def test_attention_reference_merged_equals_sdpa_over_the_visible_keys():
+    k, v = _cache()
+    qkv = torch.randn(2, 3 * 24, generator=_gen(1))
+    pos = torch.tensor([5, 37])
+    for splits in (1, 2, 8):
+        y = dk.merge_attention(dk.decode_attention_reference(qkv, k, v, pos, 3, splits))
+        for b in range(2):
+            q = qkv[b, :24].view(3, 1, 8)
+            ref = F.scaled_dot_product_attention(q, k[b, :, : pos[b] + 1], v[b, :, : pos[b] + 1])
+            torch.testing.assert_close(y[b], ref.flatten(), rtol=1e-5, atol=1e-6)
+
+
+def test_linear_reference_equals_layernorm_linear_gelu_and_writes_the_cache():
+    g = _gen(2)
+    x, w, b = torch.randn(2, 24, generator=g), torch.randn(72, 24, generator=g), torch.randn(72, generator=g)
+    ln = (torch.randn(24, generator=g), torch.randn(24, generator=g), 1e-5)
+    ref = F.linear(F.layer_norm(x, (24,), ln[0], ln[1], 1e-5), w, b)
+    torch.testing.assert_close(dk.decode_linear(x, w, b, ln=ln, backend="reference"), ref)
+    torch.testing.assert_close(dk.decode_linear(x, w, b, gelu=True, backend="reference"),
+                               F.gelu(F.linear(x, w, b), approximate="tanh"))  # fmt: skip
+    k, v = torch.zeros(2, 3, 10, 8), torch.zeros(2, 3, 10, 8)
+    pos = torch.tensor([0, 9])
+    y = dk.decode_linear(x, w, b, kv=(k, v, pos), backend="reference")
+    for row in range(2):
+        assert torch.equal(k[row, :, pos[row]], y[row, 24:48].view(3, 8))
+        assert torch.equal(v[row, :, pos[row]], y[row, 48:].view(3, 8))
+    assert k.abs().sum() == y[:, 24:48].abs().sum()  # nothing else written
+    out = torch.ones(2, 72)
+    assert dk.decode_linear(x, w, b, out=out, backend="reference") is out
+    torch.testing.assert_close(out, 1 + F.linear(x, w, b))
+
+
+# ------------------------------------------------------------------ kernels vs references
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-3, atol=2e-3)}
+
+
+@requires_triton
+@pytest.mark.parametrize("device", triton_params)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["plain", "ln", "ln_gelu", "out", "out_split_k", "kv", "parts"])
+def test_decode_linear_kernel_matches_reference(device, dtype, mode):
+    g = _gen(3)
+    B, K, N = 2, 48, 72  # K is not a multiple of the interpreter's 32-wide blocks: the edges are masked
+    x = torch.randn(B, K, generator=g).to(device)
+    w = (torch.randn(N, K, generator=g) / math.sqrt(K)).to(device, dtype)
+    b = torch.randn(N, generator=g).to(device, dtype)
+    kw = {}
+    if mode.startswith("ln"):
+        kw["ln"] = (torch.randn(K, generator=g).to(device, dtype), torch.randn(K, generator=g).to(device, dtype), 1e-5)
+        x = x * 3 + 2  # a mean and a spread the normalization must remove
+    if mode == "ln_gelu":
+        kw["gelu"] = True
+    if mode == "parts":
+        k, v = _cache(B, 6, 30, 8, dtype, device)
+        qkv = torch.randn(B, 3 * K, generator=g).to(device)
+        x = dk.decode_attention_reference(qkv, k, v, torch.tensor([3, 29], device=device), 6, 4)
+    if mode == "kv":
+        w, b = w[:48], b[:48]  # 48 outputs: q, k and v of 2 heads x 8
+        kv_ref = [torch.zeros(B, 2, 12, 8, device=device, dtype=dtype) for _ in range(2)]
+        kv_new = [t.clone() for t in kv_ref]
+        pos = torch.tensor([0, 11], device=device)
+        kw_ref, kw_new = dict(kw, kv=(*kv_ref, pos)), dict(kw, kv=(*kv_new, pos))
+    else:
+        kw_ref = kw_new = kw
+    config = GemvConfig(8, 32, 3 if mode == "out_split_k" else 1, 1, 1)  # 3 K-slices: two full, one partial
+    if mode.startswith("out"):
+        start = torch.randn(B, N, generator=g).to(device)
+        kw_ref, kw_new = dict(kw, out=start.clone()), dict(kw, out=start.clone())
+    ref = dk.decode_linear(x, w, b, backend="reference", **kw_ref)
+    got = dk.decode_linear(x, w, b, backend="triton", config=config, **kw_new)
+    torch.testing.assert_close(got, ref, **TOL[dtype])
+    if mode == "kv":
+        cache_tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-3)  # one bf16 ulp
+        for r, n in zip(kv_ref, kv_new):
+            torch.testing.assert_close(n, r, **cache_tol)
+
+
+@requires_triton
+@pytest.mark.parametrize("device", triton_params)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [1, 4, 16])
+def test_decode_attention_kernel_matches_reference(device, dtype, splits):
+    k, v = _cache(3, 2, 70, 12, dtype, device, seed=4)  # head size 12: not a power of two
+    qkv = torch.randn(3, 3 * 24, generator=_gen(5)).to(device)
+    pos = torch.tensor([0, 16, 69], device=device)  # one key; a split boundary; the whole cache
+    ref = dk.decode_attention_reference(qkv, k, v, pos, 2, splits)
+    got = dk.decode_attention(qkv, k, v, pos, 2, splits, backend="triton")
+    assert torch.equal(got.m.isinf(), ref.m.isinf())  # the same splits are empty
+    finite = ~ref.m.isinf()
+    torch.testing.assert_close(got.m[finite], ref.m[finite], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.denom, ref.denom, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.acc, ref.acc, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dk.merge_attention(got), dk.merge_attention(ref), rtol=1e-5, atol=1e-5)
+
+
+@requires_triton
+@pytest.mark.parametrize("device", triton_params)
+def test_embed_kernel_matches_reference_and_clamps_at_the_context_end(device):
+    g = _gen(6)
+    wte, wpe = torch.randn(50, 40, generator=g).to(device), torch.randn(16, 40, generator=g).to(device)
+    tokens = torch.tensor([3, 49, 0], device=device)
+    length = torch.tensor([0, 7, 16], device=device)
+    x_ref, pos_ref = dk.embed(tokens, length.clone(), wte, wpe, backend="reference")
+    moved = length.clone()
+    x, pos = dk.embed(tokens, moved, wte, wpe, backend="triton")
+    torch.testing.assert_close(x, x_ref)
+    assert pos.tolist() == pos_ref.tolist() == [0, 7, 15]
+    assert moved.tolist() == [1, 8, 16]
+
+
+# ------------------------------------------------------------------ the whole step
+def _decode(model, step, prompt, n):
+    cache = serving.SlotCache(model, 1)
+    tok = cache.admit(model, 0, prompt).argmax().view(1)
+    out = [int(tok)]
+    for _ in range(n - 1):
+        tok = step(cache, tok).argmax(-1)
+        out.append(int(tok))
+    return out
+
+
+def test_fused_step_reference_decodes_tinys_greedy_tokens():
+    model, tok = load_model("tiny")
+    prompt = tok.encode("Q: 12 + 30 = ")
+    fused = _decode(model, lambda c, t: serving.fused_decode_step(model, c, t, backend="reference"), prompt, 40)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([prompt]), 40, temperature=0)[0, len(prompt) :].tolist()
+    assert fused == ref
+
+
+@requires_triton
+@pytest.mark.parametrize("device", triton_params)
+def test_fused_step_kernels_equal_decode_step(device):
+    torch.manual_seed(0)
+    model = LabGPT(get_config("nano")).to(device).eval()
+    caches = [serving.SlotCache(model, 2) for _ in range(2)]
+    for cache in caches:
+        cache.admit(model, 0, [1, 5, 7])
+        cache.admit(model, 1, list(range(20, 40)))  # rows at different positions
+    tokens = torch.tensor([4, 9], device=device)
+    for _ in range(6):  # row 0 leaves its second split empty, row 1 fills both
+        ref = serving.decode_step(model, caches[0], slice(None), tokens)
+        got = serving.fused_decode_step(model, caches[1], tokens, splits=2, backend="triton")
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        tokens = ref.argmax(-1)
+    assert torch.equal(caches[0].length, caches[1].length)
+    for layer in range(2):
+        torch.testing.assert_close(caches[1].k[layer], caches[0].k[layer], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_kernels_bad_input():
+    x, w = torch.randn(2, 8), torch.randn(12, 8)
+    with pytest.raises(ValueError, match="x must have 8 columns"):
+        dk.decode_linear(torch.randn(2, 7), w)
+    with pytest.raises(ValueError, match="gelu and out"):
+        dk.decode_linear(x, w, gelu=True, out=torch.zeros(2, 12))
+    with pytest.raises(ValueError, match="out must be"):
+        dk.decode_linear(x, w, out=torch.zeros(2, 12, dtype=torch.float64))
+    with pytest.raises(ValueError, match="bias"):
+        dk.decode_linear(x, w, torch.zeros(5))
+    k, v = _cache(2, 2, 10, 2)
+    with pytest.raises(ValueError, match="splits"):
+        dk.decode_attention(x[:, :6].repeat(1, 2), k, v, torch.tensor([1, 2]), 2, splits=3)
+    with pytest.raises(ValueError, match="pos"):
+        dk.decode_attention(x[:, :6].repeat(1, 2), k, v, torch.tensor([1.0, 2.0]), 2)
+    with pytest.raises(ValueError, match="n_head"):
+        dk.decode_attention(x[:, :6].repeat(1, 2), k, v, torch.tensor([1, 2]), 5)
+    model = LabGPT(get_config("nano")).eval()
+    cache = serving.SlotCache(model, 1)
+    with pytest.raises(ValueError, match="one entry per cache slot"):
+        serving.fused_decode_step(model, cache, torch.tensor([1, 2]))
+    from labkit.quant import quantize_model
+
+    with pytest.raises(ValueError, match="plain nn.Linear"):
+        serving.fused_decode_step(quantize_model(model, "w8a8"), cache, torch.tensor([1]))
+
+
+@requires_triton
+@pytest.mark.skipif(not kernels.interpreting(), reason="needs TRITON_INTERPRET=1")
+def test_decode_linear_autotunes_without_adding_into_out_twice(monkeypatch):
+    # on a GPU each shape's launch configuration is timed once; here the interpreter stands in for it
+    monkeypatch.setattr(dk, "_on_interpreter", lambda t: False)
+    monkeypatch.setattr(dk, "DECODE_GEMV_CONFIGS", [GemvConfig(8, 32, 1, 1, 1), GemvConfig(4, 32, 2, 1, 1)])
+    monkeypatch.setattr(dk, "_tuned", {})
+    g = _gen(7)
+    x, w, b = torch.randn(1, 64, generator=g), torch.randn(24, 64, generator=g), torch.randn(24, generator=g)
+    out = torch.randn(1, 24, generator=g)
+    expected = out + F.linear(x, w, b)
+    dk.decode_linear(x, w, b, out=out, backend="triton")
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    (key,) = dk._tuned
+    assert len(dk.autotune_log[key]) == 2  # both configs timed
+    y = dk.decode_linear(x, w, b, backend="triton")  # without out: split-K configs are not candidates
+    torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert all(c.split_k == 1 for c in dk._tuned.values() if c is not dk._tuned[key])
