@@ -11,10 +11,11 @@ Variants (``--variants``, comma-separated):
 - ``cuda_graph``: ``serving.decode_step`` (eager PyTorch ops, about 14 kernels a layer) in a graph;
 - ``compiled_cuda_graph``: the same step compiled by ``torch.compile`` first (Inductor fuses the
   layer norms, residual adds, GELU and cache writes), ``--mode`` picks its mode;
-- ``fused_cuda_graph``: ``serving.fused_decode_step``, the kit's own Triton kernels (5 a layer:
-  LayerNorm fused into the GEMVs, the cache write into the qkv GEMV, split attention merged
-  in the output projection, bias, GELU and residual adds in the epilogues), autotuned per
-  shape during the warm-up, then captured. Its activations are fp32 where eager ones are
+- ``fused_cuda_graph``: ``serving.fused_decode_step``, the kit's own Triton kernels, 3 a layer
+  (LayerNorm + qkv GEMV writing the cache; attention fused with the output projection; the
+  whole MLP in one kernel), autotuned per shape during the warm-up, then captured;
+- ``fused5_cuda_graph``: the same with 5 kernels a layer (split attention merged in the output
+  projection's prologue, the MLP's two linears apart). Its activations are fp32 where eager ones are
   bf16, so its greedy tokens may part from ``generate``'s on a random model's near-ties; the
   check also runs both steps teacher-forced on the same tokens and reports how often their
   argmax agrees and how far the logits are apart.
@@ -33,6 +34,8 @@ import torch
 from labkit import hardware, serving
 from labkit.model import LabGPT, get_config
 
+VARIANTS = ("fused_cuda_graph", "fused5_cuda_graph", "cuda_graph", "compiled_cuda_graph")
+
 
 def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = None) -> dict:
     """Capture one decode step in a CUDA graph, decode ``tokens`` greedily by replaying it;
@@ -40,8 +43,8 @@ def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = 
     cache = serving.SlotCache(model, 1)
 
     def step(tok):
-        if variant == "fused_cuda_graph":
-            return serving.fused_decode_step(model, cache, tok)
+        if variant.startswith("fused"):
+            return serving.fused_decode_step(model, cache, tok, 5 if variant == "fused5_cuda_graph" else 3)
         return serving.decode_step(model, cache, slice(None), tok, whole_cache=True)
 
     if variant == "compiled_cuda_graph":
@@ -87,7 +90,7 @@ def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = 
     return {"tokens_per_s": 1 / statistics.median(times), "agreement_with_generate": agree, "prepare_s": prepare_s}
 
 
-def teacher_forced(model, prompt, tokens: int) -> dict:
+def teacher_forced(model, prompt, tokens: int, kernels_per_layer: int = 3) -> dict:
     """Eager ``decode_step`` and ``fused_decode_step`` fed the same tokens (eager greedy's): how often their
     argmax agrees, and the largest logit difference relative to the largest logit."""
     caches = [serving.SlotCache(model, 1) for _ in range(2)]
@@ -96,7 +99,7 @@ def teacher_forced(model, prompt, tokens: int) -> dict:
         tok, same, worst = first, 0, 0.0
         for _ in range(tokens):
             ref = serving.decode_step(model, caches[0], slice(None), tok).float()
-            got = serving.fused_decode_step(model, caches[1], tok)
+            got = serving.fused_decode_step(model, caches[1], tok, kernels_per_layer)
             same += int(ref.argmax(-1) == got.argmax(-1))
             worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
             tok = ref.argmax(-1)
@@ -107,8 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--variants", default="fused_cuda_graph,cuda_graph,compiled_cuda_graph",
-                        help="comma-separated: fused_cuda_graph, cuda_graph, compiled_cuda_graph")  # fmt: skip
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS))
     parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs "
                         "(Triton GEMV templates with fused epilogues; minutes to tune)")  # fmt: skip
     args = parser.parse_args()
@@ -142,14 +144,15 @@ def main() -> None:
             eager.append((time.perf_counter() - t0) / 64)
     result["eager_generate_tokens_per_s"] = 1 / statistics.median(eager)
     for name in args.variants.split(","):
-        if name not in ("fused_cuda_graph", "cuda_graph", "compiled_cuda_graph"):
+        if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}")
         compiled = name == "compiled_cuda_graph"
         r = graph_decoding(model, prompt, args.tokens, name, args.mode if compiled else None)
         r["compile_mode"] = args.mode if compiled else None
-        if name == "fused_cuda_graph":
-            r.update(teacher_forced(model, prompt, 64))
-            r["kernels_per_token"] = 5 * cfg.n_layer + 2
+        if name.startswith("fused"):
+            per_layer = 5 if name == "fused5_cuda_graph" else 3
+            r.update(teacher_forced(model, prompt, 64, per_layer))
+            r["kernels_per_token"] = per_layer * cfg.n_layer + 2
             print(f"fused step vs eager step, teacher-forced: argmax agreement {r['argmax_agreement']:.3f}, "
                   f"largest logit difference {r['max_relative_logit_difference']:.2e} of the largest logit")
         r["fraction_of_roofline"] = r["tokens_per_s"] / roofline

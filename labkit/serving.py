@@ -181,35 +181,51 @@ def decode_step(model: LabGPT, cache: SlotCache, slots, tokens: torch.Tensor, wh
 
 
 @torch.no_grad()
-def fused_decode_step(model: LabGPT, cache: SlotCache, tokens: torch.Tensor, splits: int | None = None,
-                      backend: str | None = None) -> torch.Tensor:  # fmt: skip
-    """``decode_step`` for every slot of ``cache`` in 5 · n_layer + 2 fused kernels; returns (B, vocab) fp32 logits.
+def fused_decode_step(model: LabGPT, cache: SlotCache, tokens: torch.Tensor, kernels_per_layer: int = 3,
+                      splits: int | None = None, backend: str | None = None) -> torch.Tensor:  # fmt: skip
+    """``decode_step`` for every slot of ``cache`` in a few fused kernels a layer; returns (B, vocab) fp32 logits.
 
-    The kernels of ``labkit.kernels.decode_kernels``: LayerNorm fused into the GEMV after it,
-    the new key and value written by the qkv GEMV, attention split along the cache
-    (flash-decoding) and merged in the output projection's prologue, bias, GELU and residual
-    adds in the epilogues. The residual stream stays in fp32. Attention reads only each
-    row's filled positions, and no shape depends on them: a CUDA graph can capture the step.
-    On a CPU without ``TRITON_INTERPRET=1`` the same chain runs the PyTorch references.
+    The kernels of ``labkit.kernels.decode_kernels``. With ``kernels_per_layer=5``:
+    LayerNorm + qkv GEMV (the new key and value written into the cache), attention split
+    along the cache (flash-decoding, ``splits`` parts), the parts merged in the output
+    projection's prologue and added into the residual stream, LayerNorm + c_fc + GELU, and
+    c_proj added into the residual stream. With ``kernels_per_layer=3``: LayerNorm + qkv;
+    each head's attention times its slice of the output projection, added atomically; the
+    whole MLP in one kernel, each program a block of hidden units. The MLP reads the
+    residual stream while it adds into a second buffer (zeroed by the layer's first kernel),
+    and the two buffers swap roles every layer.
+
+    The residual stream stays in fp32. Attention reads only each row's filled positions, and
+    no shape depends on them: a CUDA graph can capture the step. On a CPU without
+    ``TRITON_INTERPRET=1`` the same chain runs the PyTorch references.
     """
     from .kernels import decode_kernels as dk
 
+    if kernels_per_layer not in (3, 5):
+        raise ValueError(f"kernels_per_layer must be 3 or 5, got {kernels_per_layer!r}")
     _check_fusable(model)
     t = model.transformer
     if tokens.shape != cache.length.shape:
         raise ValueError(f"tokens must have one entry per cache slot, shape {tuple(cache.length.shape)}, "
                          f"got {tuple(tokens.shape)}")  # fmt: skip
     x, pos = dk.embed(tokens, cache.length, t.wte.weight, t.wpe.weight, backend)  # length moves on here
+    spare = torch.empty_like(x) if kernels_per_layer == 3 else None
     for layer, block in enumerate(t.h):
         a, mlp = block.attn, block.mlp
         ln_1 = (block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
-        qkv = dk.decode_linear(x, a.c_attn.weight, a.c_attn.bias, ln=ln_1, kv=(cache.k[layer], cache.v[layer], pos),
-                               backend=backend)  # fmt: skip
-        parts = dk.decode_attention(qkv, cache.k[layer], cache.v[layer], pos, a.n_head, splits, backend)
-        dk.decode_linear(parts, a.c_proj.weight, a.c_proj.bias, out=x, backend=backend)
         ln_2 = (block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
-        h = dk.decode_linear(x, mlp.c_fc.weight, mlp.c_fc.bias, ln=ln_2, gelu=True, backend=backend)
-        dk.decode_linear(h, mlp.c_proj.weight, mlp.c_proj.bias, out=x, backend=backend)
+        kv = (cache.k[layer], cache.v[layer], pos)
+        qkv = dk.decode_linear(x, a.c_attn.weight, a.c_attn.bias, ln=ln_1, kv=kv, zero=spare, backend=backend)
+        if kernels_per_layer == 3:
+            dk.decode_attention_proj(qkv, *kv, a.n_head, a.c_proj.weight, a.c_proj.bias, out=x, backend=backend)
+            proj_t = dk.transposed_weight(mlp.c_proj)
+            dk.decode_mlp(x, ln_2, mlp.c_fc.weight, mlp.c_fc.bias, proj_t, mlp.c_proj.bias, out=spare, backend=backend)
+            x, spare = spare, x
+        else:
+            parts = dk.decode_attention(qkv, *kv, a.n_head, splits, backend)
+            dk.decode_linear(parts, a.c_proj.weight, a.c_proj.bias, out=x, backend=backend)
+            h = dk.decode_linear(x, mlp.c_fc.weight, mlp.c_fc.bias, ln=ln_2, gelu=True, backend=backend)
+            dk.decode_linear(h, mlp.c_proj.weight, mlp.c_proj.bias, out=x, backend=backend)
     ln_f = (t.ln_f.weight, t.ln_f.bias, t.ln_f.eps)
     return dk.decode_linear(x, model.lm_head.weight, None, ln=ln_f, backend=backend)
 

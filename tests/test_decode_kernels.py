@@ -141,6 +141,71 @@ def test_embed_kernel_matches_reference_and_clamps_at_the_context_end(device):
     assert moved.tolist() == [1, 8, 16]
 
 
+@requires_triton
+@pytest.mark.parametrize("device", triton_params)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_proj_kernel_matches_reference_and_sdpa(device, dtype):
+    k, v = _cache(3, 2, 70, 12, dtype, device, seed=8)
+    g = _gen(9)
+    qkv = torch.randn(3, 72, generator=g).to(device)
+    w = (torch.randn(40, 24, generator=g) / 5).to(device, dtype)
+    b = torch.randn(40, generator=g).to(device, dtype)
+    pos = torch.tensor([0, 16, 69], device=device)
+    start = torch.randn(3, 40, generator=g).to(device)
+    ref = dk.decode_attention_proj(qkv, k, v, pos, 2, w, b, start.clone(), backend="reference")
+    got = dk.decode_attention_proj(qkv, k, v, pos, 2, w, b, start.clone(), backend="triton")
+    torch.testing.assert_close(got, ref, **TOL[dtype])
+    for row in range(3):  # the oracle: PyTorch's attention over the visible keys, then the projection
+        n = int(pos[row]) + 1
+        att = F.scaled_dot_product_attention(qkv[row, :24].view(2, 1, 12), k[row, :, :n].float(), v[row, :, :n].float())
+        torch.testing.assert_close(ref[row], start[row] + F.linear(att.flatten(), w.float(), b.float()),
+                                   rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+@requires_triton
+@pytest.mark.parametrize("device", triton_params)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mlp_kernel_matches_reference_and_labgpts_block(device, dtype):
+    torch.manual_seed(10)
+    model = LabGPT(get_config("nano", n_embd=48, n_head=4)).to(device, dtype)
+    block = model.transformer.h[0]
+    with torch.no_grad():
+        block.ln_2.weight.normal_()
+        block.ln_2.bias.normal_()
+    x = (torch.randn(2, 48, generator=_gen(11)) * 2 + 1).to(device)
+    ln = (block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
+    mlp = block.mlp
+    args = (ln, mlp.c_fc.weight, mlp.c_fc.bias, dk.transposed_weight(mlp.c_proj), mlp.c_proj.bias)
+    ref = dk.decode_mlp(x, *args, torch.zeros(2, 48, device=device), backend="reference")
+    got = dk.decode_mlp(x, *args, torch.zeros(2, 48, device=device), backend="triton")
+    torch.testing.assert_close(got, ref, **TOL[dtype])
+    with torch.no_grad():  # the oracle: LabGPT's own modules, in fp32
+        oracle = x + mlp.float()(block.ln_2.float()(x))
+    torch.testing.assert_close(ref, oracle, rtol=1e-4, atol=1e-4)
+
+
+@requires_triton
+@pytest.mark.parametrize("device", triton_params)
+def test_decode_linear_zeroes_the_spare_buffer(device):
+    g = _gen(12)
+    x, w = torch.randn(2, 16, generator=g).to(device), torch.randn(48, 16, generator=g).to(device)
+    for backend in ("reference", "triton"):
+        spare = torch.randn(2, 16, generator=g).to(device)
+        y = dk.decode_linear(x, w, zero=spare, backend=backend)
+        assert torch.equal(spare, torch.zeros_like(spare))
+        torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_transposed_weight_is_made_once_per_weight_version():
+    linear = torch.nn.Linear(4, 6)
+    t1 = dk.transposed_weight(linear)
+    assert torch.equal(t1, linear.weight.t()) and t1.is_contiguous()
+    assert dk.transposed_weight(linear) is t1
+    with torch.no_grad():
+        linear.weight.mul_(2)
+    assert torch.equal(dk.transposed_weight(linear), linear.weight.t())
+
+
 # ------------------------------------------------------------------ the whole step
 def _decode(model, step, prompt, n):
     cache = serving.SlotCache(model, 1)
@@ -152,10 +217,12 @@ def _decode(model, step, prompt, n):
     return out
 
 
-def test_fused_step_reference_decodes_tinys_greedy_tokens():
+@pytest.mark.parametrize("kernels_per_layer", [3, 5])
+def test_fused_step_reference_decodes_tinys_greedy_tokens(kernels_per_layer):
     model, tok = load_model("tiny")
     prompt = tok.encode("Q: 12 + 30 = ")
-    fused = _decode(model, lambda c, t: serving.fused_decode_step(model, c, t, backend="reference"), prompt, 40)
+    step = lambda c, t: serving.fused_decode_step(model, c, t, kernels_per_layer, backend="reference")  # noqa: E731
+    fused = _decode(model, step, prompt, 40)
     with torch.no_grad():
         ref = model.generate(torch.tensor([prompt]), 40, temperature=0)[0, len(prompt) :].tolist()
     assert fused == ref
@@ -163,7 +230,8 @@ def test_fused_step_reference_decodes_tinys_greedy_tokens():
 
 @requires_triton
 @pytest.mark.parametrize("device", triton_params)
-def test_fused_step_kernels_equal_decode_step(device):
+@pytest.mark.parametrize("kernels_per_layer", [3, 5])
+def test_fused_step_kernels_equal_decode_step(device, kernels_per_layer):
     torch.manual_seed(0)
     model = LabGPT(get_config("nano")).to(device).eval()
     caches = [serving.SlotCache(model, 2) for _ in range(2)]
@@ -173,7 +241,7 @@ def test_fused_step_kernels_equal_decode_step(device):
     tokens = torch.tensor([4, 9], device=device)
     for _ in range(6):  # row 0 leaves its second split empty, row 1 fills both
         ref = serving.decode_step(model, caches[0], slice(None), tokens)
-        got = serving.fused_decode_step(model, caches[1], tokens, splits=2, backend="triton")
+        got = serving.fused_decode_step(model, caches[1], tokens, kernels_per_layer, splits=2, backend="triton")
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         tokens = ref.argmax(-1)
     assert torch.equal(caches[0].length, caches[1].length)
@@ -202,6 +270,17 @@ def test_decode_kernels_bad_input():
     cache = serving.SlotCache(model, 1)
     with pytest.raises(ValueError, match="one entry per cache slot"):
         serving.fused_decode_step(model, cache, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="kernels_per_layer"):
+        serving.fused_decode_step(model, cache, torch.tensor([1]), kernels_per_layer=4)
+    mlp = model.transformer.h[0].mlp
+    ln = (torch.ones(32), torch.zeros(32), 1e-5)
+    x = torch.randn(1, 32)
+    with pytest.raises(ValueError, match="out must not be x"):
+        dk.decode_mlp(x, ln, mlp.c_fc.weight, mlp.c_fc.bias, dk.transposed_weight(mlp.c_proj), mlp.c_proj.bias, x)
+    with pytest.raises(ValueError, match="proj_weight_t"):
+        dk.decode_mlp(x, ln, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias, torch.zeros(1, 32))
+    with pytest.raises(ValueError, match="zero must be"):
+        dk.decode_linear(x, mlp.c_fc.weight, zero=torch.zeros(1, 500))
     from labkit.quant import quantize_model
 
     with pytest.raises(ValueError, match="plain nn.Linear"):

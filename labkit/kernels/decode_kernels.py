@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -57,137 +58,10 @@ class AttentionParts(NamedTuple):
 def _kernels():
     """Build the kernels on first use, so that importing labkit never imports Triton."""
     import triton
-    import triton.language as tl
 
-    @triton.jit
-    def embed_kernel(tok_ptr, length_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, C, T_MAX, BLOCK: tl.constexpr):
-        # x[b] = wte[token] + wpe[pos], pos = the row's length (clamped to the context); the length moves on here
-        b, blk = tl.program_id(0), tl.program_id(1)
-        pos = tl.minimum(tl.load(length_ptr + b), T_MAX - 1)
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < C
-        tok = tl.load(tok_ptr + b)
-        x = tl.load(wte_ptr + tok * C + offs, mask=inside, other=0.0).to(tl.float32)
-        x += tl.load(wpe_ptr + pos * C + offs, mask=inside, other=0.0).to(tl.float32)
-        tl.store(x_ptr + b * C + offs, x, mask=inside)
-        if blk == 0:
-            tl.store(pos_ptr + b, pos)
-            tl.store(length_ptr + b, pos + 1)
+    from . import decode_triton as t
 
-    @triton.jit
-    def linear_kernel(
-        x_ptr, w_ptr, b_ptr, y_ptr, lnw_ptr, lnb_ptr, m_ptr, l_ptr, a_ptr, kc_ptr, vc_ptr, pos_ptr,
-        N, K, eps, stride_xm, stride_wn, stride_ym, stride_cb, stride_ch, stride_ct,
-        C: tl.constexpr, HS: tl.constexpr, SPLITS: tl.constexpr, PROLOGUE: tl.constexpr,
-        HAS_BIAS: tl.constexpr, GELU: tl.constexpr, ACCUMULATE: tl.constexpr, KV_WRITE: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    ):  # fmt: skip
-        # program (m, pid_k, pid_n): row m, K-slice pid_k, outputs pid_n*BLOCK_N..; a GEMV as in
-        # quant_kernels.int8_gemv_kernel, with a prologue (PROLOGUE 1: LayerNorm of the row; 2: merge the
-        # attention parts into the row) and an epilogue (bias, GELU, add into y, write k and v to the cache)
-        m, pid_k, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # rows past the edge wrap: computed, never stored
-        offs_k = tl.arange(0, BLOCK_K)
-        k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
-        k_start = pid_k * k_per_split
-        mean = 0.0
-        rstd = 1.0
-        if PROLOGUE == 1:  # LayerNorm statistics of the whole row, two passes (as exact as torch's)
-            s1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k in range(0, K, BLOCK_K):
-                s1 += tl.load(x_ptr + m * stride_xm + k + offs_k, mask=k + offs_k < K, other=0.0).to(tl.float32)
-            mean = tl.sum(s1, axis=0) / K
-            s2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k in range(0, K, BLOCK_K):
-                xk = tl.load(x_ptr + m * stride_xm + k + offs_k, mask=k + offs_k < K, other=0.0).to(tl.float32)
-                d = tl.where(k + offs_k < K, xk - mean, 0.0)
-                s2 += d * d
-            rstd = 1.0 / tl.sqrt(tl.sum(s2, axis=0) / K + eps)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # elementwise products, summed once at the end
-        for k in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-            kk = k + offs_k
-            inside = kk < K
-            if PROLOGUE == 2:  # x_k = Σ_p 2^(m_p - M) a_pk / Σ_p 2^(m_p - M) l_p for head k // HS
-                offs_s = tl.arange(0, SPLITS)
-                part = (m * (K // HS) + kk // HS)[None, :] * SPLITS + offs_s[:, None]  # (SPLITS, BLOCK_K)
-                mx = tl.load(m_ptr + part, mask=inside[None, :], other=0.0)
-                wgt = tl.exp2(mx - tl.max(mx, axis=0)[None, :])  # an empty split has m = -inf: weight 0
-                lsum = tl.load(l_ptr + part, mask=inside[None, :], other=1.0)
-                a = tl.load(a_ptr + part * HS + (kk % HS)[None, :], mask=inside[None, :], other=0.0)
-                xk = tl.sum(wgt * a, axis=0) / tl.sum(wgt * lsum, axis=0)
-            else:
-                xk = tl.load(x_ptr + m * stride_xm + kk, mask=inside, other=0.0).to(tl.float32)
-                if PROLOGUE == 1:
-                    g = tl.load(lnw_ptr + kk, mask=inside, other=0.0).to(tl.float32)
-                    beta = tl.load(lnb_ptr + kk, mask=inside, other=0.0).to(tl.float32)
-                    xk = (xk - mean) * rstd * g + beta
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=inside[None, :], other=0.0,
-                        eviction_policy="evict_first").to(tl.float32)  # fmt: skip
-            acc += w * xk[None, :]
-        y = tl.sum(acc, axis=1)
-        out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        keep = out < N
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + offs_n).to(tl.float32)
-            y += tl.where(pid_k == 0, bias, 0.0)  # once, by the first K-slice
-        if GELU:  # tanh GELU (GPT-2's): 0.5 y (1 + tanh u) = y / (1 + e^(-2u))
-            u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
-            y = y / (1.0 + tl.exp(-2.0 * u))
-        dst = y_ptr + m * stride_ym + out
-        if ACCUMULATE:  # the residual stream: y += result
-            if SPLIT_K == 1:
-                tl.store(dst, tl.load(dst, mask=keep, other=0.0) + y, mask=keep)
-            else:
-                tl.atomic_add(dst, y, mask=keep)
-        else:
-            tl.store(dst, y.to(y_ptr.dtype.element_ty), mask=keep)
-        if KV_WRITE:  # outputs C..2C are the new key, 2C..3C the new value: into the cache at the row's position
-            pos = tl.load(pos_ptr + m)
-            c = out % C
-            slot = m * stride_cb + (c // HS) * stride_ch + pos * stride_ct + c % HS
-            tl.store(kc_ptr + slot, y.to(kc_ptr.dtype.element_ty), mask=keep & (out // C == 1))
-            tl.store(vc_ptr + slot, y.to(vc_ptr.dtype.element_ty), mask=keep & (out // C == 2))
-
-    @triton.jit
-    def attention_kernel(
-        qkv_ptr, kc_ptr, vc_ptr, pos_ptr, m_ptr, l_ptr, a_ptr, qk_scale,
-        stride_qm, stride_cb, stride_ch, stride_ct,
-        H: tl.constexpr, HS: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_T: tl.constexpr,
-    ):  # fmt: skip
-        # program (b·H + h, s): positions [s·chunk, (s+1)·chunk) ∩ [0, pos] of row b, head h; online softmax
-        bh, s = tl.program_id(0), tl.program_id(1)
-        b, h = bh // H, bh % H
-        length = tl.load(pos_ptr + b) + 1
-        chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_T) * BLOCK_T
-        start = s * chunk
-        end = tl.minimum(start + chunk, length)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_in = offs_d < HS
-        q = tl.load(qkv_ptr + b * stride_qm + h * HS + offs_d, mask=d_in, other=0.0).to(tl.float32) * qk_scale
-        m_i = tl.full((), float("-inf"), tl.float32)
-        l_i = tl.zeros((), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        base = b * stride_cb + h * stride_ch
-        for t0 in range(start, end, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T)
-            t_in = offs_t < end
-            kv = base + offs_t[:, None] * stride_ct + offs_d[None, :]
-            both = t_in[:, None] & d_in[None, :]
-            keys = tl.load(kc_ptr + kv, mask=both, other=0.0).to(tl.float32)
-            scores = tl.where(t_in, tl.sum(keys * q[None, :], axis=1), float("-inf"))  # log2 units
-            m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(scores - m_new)
-            values = tl.load(vc_ptr + kv, mask=both, other=0.0).to(tl.float32)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * values, axis=0)
-            m_i = m_new
-        part = bh * SPLITS + s
-        tl.store(m_ptr + part, m_i)
-        tl.store(l_ptr + part, l_i)
-        tl.store(a_ptr + part * HS + offs_d, acc, mask=d_in)
-
-    return triton, embed_kernel, linear_kernel, attention_kernel
+    return triton, t.embed_kernel, t.linear_kernel, t.attention_kernel, t.attention_proj_kernel, t.mlp_kernel
 
 
 # ---------------------------------------------------------------------------------------
@@ -255,7 +129,7 @@ def embed(tokens: torch.Tensor, length: torch.Tensor, wte: torch.Tensor, wpe: to
     _check_2d("wpe", wpe, wte.shape[1])
     if _choose(backend, tokens, wte) == "reference":
         return embed_reference(tokens, length, wte, wpe)
-    triton, kernel, _, _ = _kernels()
+    triton, kernel, *_ = _kernels()
     B, C = tokens.shape[0], wte.shape[1]
     x = torch.empty(B, C, device=wte.device, dtype=torch.float32)
     pos = torch.empty_like(length)
@@ -320,7 +194,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         raise ValueError(f"splits must be a power of two >= 1, got {splits!r}")
     if _choose(backend, qkv, k_cache) == "reference":
         return decode_attention_reference(qkv, k_cache, v_cache, pos, n_head, splits)
-    triton, _, _, kernel = _kernels()
+    triton, _, _, kernel, *_ = _kernels()
     m = torch.empty(B, n_head, splits, device=qkv.device, dtype=torch.float32)
     lsum = torch.empty_like(m)
     acc = torch.empty(B, n_head, splits, hs, device=qkv.device, dtype=torch.float32)
@@ -336,7 +210,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 # ---------------------------------------------------------------------------------------
 # The GEMV with a prologue and an epilogue.
 # ---------------------------------------------------------------------------------------
-def decode_linear_reference(x, weight, bias=None, ln=None, gelu=False, out=None, kv=None) -> torch.Tensor:
+def decode_linear_reference(x, weight, bias=None, ln=None, gelu=False, out=None, kv=None, zero=None) -> torch.Tensor:
     h = merge_attention(x) if isinstance(x, AttentionParts) else x.float()
     if ln is not None:
         h = F.layer_norm(h, (h.shape[-1],), ln[0].float(), None if ln[1] is None else ln[1].float(), ln[2])
@@ -352,6 +226,8 @@ def decode_linear_reference(x, weight, bias=None, ln=None, gelu=False, out=None,
         rows = torch.arange(B, device=y.device)
         k_cache[rows, :, pos] = y[:, C : 2 * C].view(B, H, hs).to(k_cache.dtype)
         v_cache[rows, :, pos] = y[:, 2 * C :].view(B, H, hs).to(v_cache.dtype)
+    if zero is not None:
+        zero.zero_()
     if out is not None:
         return out.add_(y)
     return y
@@ -366,6 +242,7 @@ def decode_linear(
     gelu: bool = False,
     out: torch.Tensor | None = None,
     kv: tuple | None = None,
+    zero: torch.Tensor | None = None,
     backend: str | None = None,
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
@@ -376,6 +253,8 @@ def decode_linear(
     ``out`` (B, N), fp32: the result is added into it (the residual stream) and ``out`` is
     returned. ``kv=(k_cache, v_cache, pos)``: columns C..2C of y (the key) and 2C..3C (the
     value) are also written into the caches at each row's ``pos``, with C = N / 3.
+    ``zero`` (B, Z) fp32 with Z <= N is set to 0 on the side (the next residual accumulator
+    of ``fused_decode_step``'s three-kernel layer), saving a launch.
     """
     parts = isinstance(x, AttentionParts)
     _check_2d("weight", weight)
@@ -402,31 +281,42 @@ def decode_linear(
         if N % 3 or kv[0].shape[1] * kv[0].shape[3] != N // 3:
             raise ValueError(f"kv: the weight's {N} outputs must be q, k and v of {kv[0].shape[1]} heads x "
                              f"{kv[0].shape[3]}")  # fmt: skip
+    if zero is not None and (zero.dim() != 2 or zero.shape[0] != B or zero.shape[1] > N or zero.dtype != torch.float32
+                             or not zero.is_contiguous()):  # fmt: skip
+        raise ValueError(f"zero must be a contiguous fp32 tensor of shape ({B}, Z) with Z <= {N}, got "
+                         f"{zero.dtype} {tuple(zero.shape)}")  # fmt: skip
     anchor = x.acc if parts else x
     if _choose(backend, anchor, weight) == "reference":
-        return decode_linear_reference(x, weight, bias, ln, gelu, out, kv)
+        return decode_linear_reference(x, weight, bias, ln, gelu, out, kv, zero)
     y = out if out is not None else torch.empty(B, N, device=weight.device, dtype=torch.float32)
+    if config is not None and config.split_k > 1 and out is None:
+        raise ValueError("split_k > 1 needs out (the K-slices add into it)")
     key = ("decode_linear", B, N, K, weight.dtype, parts, ln is not None, gelu, out is not None, kv is not None,
            weight.device)  # fmt: skip
-    if config is None and _on_interpreter(weight):
-        config = INTERPRETER_DECODE_GEMV
-    elif config is None:
-        if key not in _tuned:
-            scratch = y.clone() if out is not None else y  # tuning must not add into the residual stream
-            candidates = [c for c in DECODE_GEMV_CONFIGS if out is not None or c.split_k == 1]
-            _tuned[key], autotune_log[key] = fastest(
-                candidates, lambda c: _launch_linear(x, weight, bias, ln, gelu, scratch, out is not None, kv, c),
-                weight.device,
-            )
-        config = _tuned[key]
-    elif config.split_k > 1 and out is None:
-        raise ValueError("split_k > 1 needs out (the K-slices add into it)")
-    _launch_linear(x, weight, bias, ln, gelu, y, out is not None, kv, config)
+    candidates = [c for c in DECODE_GEMV_CONFIGS if out is not None or c.split_k == 1]
+    config = _config(key, config, candidates, INTERPRETER_DECODE_GEMV, weight, y, out is not None,
+                     lambda c, y: _launch_linear(x, weight, bias, ln, gelu, y, out is not None, kv, zero, c))  # fmt: skip
+    _launch_linear(x, weight, bias, ln, gelu, y, out is not None, kv, zero, config)
     return y
 
 
-def _launch_linear(x, weight, bias, ln, gelu, y, accumulate, kv, cfg: GemvConfig) -> None:
-    triton, _, kernel, _ = _kernels()
+def _config(key: tuple, config, candidates: list, interpreter_config, weight: torch.Tensor, y: torch.Tensor,
+            accumulates: bool, launch):  # fmt: skip
+    """The launch configuration: ``config`` if given, a fixed small one under the interpreter, else the
+    fastest of ``candidates`` for this shape, timed once by ``launch(config, output)``. A kernel that
+    adds into its output is timed adding into a copy: tuning must not add into the residual stream."""
+    if config is not None:
+        return config
+    if _on_interpreter(weight):
+        return interpreter_config
+    if key not in _tuned:
+        target = y.clone() if accumulates else y
+        _tuned[key], autotune_log[key] = fastest(candidates, lambda c: launch(c, target), weight.device)
+    return _tuned[key]
+
+
+def _launch_linear(x, weight, bias, ln, gelu, y, accumulate, kv, zero, cfg: GemvConfig) -> None:
+    triton, _, kernel, *_ = _kernels()
     parts = isinstance(x, AttentionParts)
     w = weight if weight.stride(1) == 1 else weight.contiguous()
     N, K = w.shape
@@ -454,9 +344,166 @@ def _launch_linear(x, weight, bias, ln, gelu, y, accumulate, kv, cfg: GemvConfig
     grid = (B, cfg.split_k, triton.cdiv(N, cfg.block_n))
     kernel[grid](
         xs, w, bias if bias is not None else dummy, y, lnw, lnb if lnb is not None else torch.zeros_like(lnw),
-        m, lsum, acc, k_cache, v_cache, pos, N, K, float(eps), stride_xm, w.stride(0), y.stride(0), *cache_strides,
+        m, lsum, acc, k_cache, v_cache, pos, zero if zero is not None else dummy, N, K, float(eps), stride_xm,
+        w.stride(0), y.stride(0), *cache_strides, zero.shape[1] if zero is not None else 0,
         C=N // 3 if kv is not None else 1, HS=hs, SPLITS=splits, PROLOGUE=2 if parts else (1 if ln is not None else 0),
-        HAS_BIAS=bias is not None, GELU=gelu, ACCUMULATE=accumulate, KV_WRITE=kv is not None,
+        HAS_BIAS=bias is not None, GELU=gelu, ACCUMULATE=accumulate, KV_WRITE=kv is not None, ZERO=zero is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
+# The three-kernel layer: attention fused with its output projection; the whole MLP in one kernel.
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttentionProjConfig:
+    """Outputs of the projection per program, positions per step of the attention loop, warps."""
+
+    block_n: int
+    block_t: int
+    num_warps: int = 4
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    """Hidden units per program, columns per step along the model width, warps."""
+
+    block_h: int
+    block_k: int
+    num_warps: int = 4
+
+
+ATTENTION_PROJ_CONFIGS = [AttentionProjConfig(*c) for c in (
+    (64, 16, 2), (64, 32, 4), (128, 32, 4), (32, 16, 2), (128, 64, 4), (256, 32, 8), (64, 64, 4), (32, 32, 2),
+)]  # fmt: skip
+MLP_CONFIGS = [MLPConfig(*c) for c in (
+    (8, 256, 4), (16, 256, 4), (32, 256, 8), (16, 128, 4), (4, 256, 2), (32, 128, 4), (64, 128, 8), (8, 128, 2),
+)]  # fmt: skip
+INTERPRETER_ATTENTION_PROJ = AttentionProjConfig(32, 16, 1)
+INTERPRETER_MLP = MLPConfig(8, 32, 1)
+
+
+def transposed_weight(linear: torch.nn.Module) -> torch.Tensor:
+    """``linear.weight`` transposed and contiguous (in, out), made once per weight version and kept on the module.
+
+    The fused MLP kernel reads a block of hidden units' columns of W_proj: stored transposed, each is a
+    contiguous row.
+    """
+    w = linear.weight
+    key = (w.data_ptr(), w._version, w.dtype, w.device)
+    cached = linear.__dict__.get("_transposed_weight")
+    if cached is None or cached[0] != key:
+        cached = (key, w.detach().t().contiguous())
+        linear.__dict__["_transposed_weight"] = cached
+    return cached[1]
+
+
+def decode_attention_proj_reference(qkv, k_cache, v_cache, pos, n_head, weight, bias, out) -> torch.Tensor:
+    y = merge_attention(decode_attention_reference(qkv, k_cache, v_cache, pos, n_head, 1))
+    return decode_linear_reference(y, weight, bias, out=out)
+
+
+def decode_attention_proj(
+    qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, n_head: int,
+    weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, backend: str | None = None,
+    config: AttentionProjConfig | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """out += attention(q over the cache, positions 0..pos) Wᵀ + b: attention and output projection, one kernel.
+
+    A program takes one head of one row and a block of the projection's outputs: it runs the
+    head's attention over the row's positions (recomputed by each block of outputs: cheap
+    next to reading the weights), multiplies by that head's columns of W, and adds the result
+    into ``out`` atomically (every head adds into the same outputs).
+    """
+    _check_2d("qkv", qkv)
+    B, C3 = qkv.shape
+    if not isinstance(n_head, int) or n_head < 1 or C3 % (3 * n_head):
+        raise ValueError(f"n_head must be a positive int dividing qkv's width / 3 ({C3 // 3}), got {n_head!r}")
+    _check_cache(k_cache, v_cache, pos, B)
+    C = C3 // 3
+    _check_2d("weight", weight, C)
+    N = weight.shape[0]
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    if out.shape != (B, N) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous fp32 tensor of shape ({B}, {N}), got {out.dtype} {tuple(out.shape)}")
+    if _choose(backend, qkv, k_cache) == "reference":
+        return decode_attention_proj_reference(qkv, k_cache, v_cache, pos, n_head, weight, bias, out)
+    key = ("decode_attention_proj", B, N, C, n_head, weight.dtype, k_cache.shape[2], weight.device)
+    config = _config(key, config, ATTENTION_PROJ_CONFIGS, INTERPRETER_ATTENTION_PROJ, weight, out, True,
+                     lambda c, y: _launch_attention_proj(qkv, k_cache, v_cache, pos, n_head, weight, bias, y, c))  # fmt: skip
+    _launch_attention_proj(qkv, k_cache, v_cache, pos, n_head, weight, bias, out, config)
+    return out
+
+
+def _launch_attention_proj(qkv, k_cache, v_cache, pos, n_head, weight, bias, out, cfg: AttentionProjConfig) -> None:
+    triton, *_, kernel, _ = _kernels()
+    B, N = out.shape
+    hs = qkv.shape[1] // 3 // n_head
+    w = weight if weight.stride(1) == 1 else weight.contiguous()
+    kernel[(B * n_head, triton.cdiv(N, cfg.block_n))](
+        qkv, k_cache, v_cache, pos, w, bias if bias is not None else out, out, LOG2E / math.sqrt(hs), N,
+        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), w.stride(0), out.stride(0),
+        H=n_head, HS=hs, BLOCK_D=triton.next_power_of_2(hs), BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
+        HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
+    )  # fmt: skip
+
+
+def decode_mlp_reference(x, ln, fc_weight, fc_bias, proj_weight_t, proj_bias, out) -> torch.Tensor:
+    h = decode_linear_reference(x, fc_weight, fc_bias, ln=ln, gelu=True)
+    return out.add_(x.float()).add_(decode_linear_reference(h, proj_weight_t.t(), proj_bias))
+
+
+def decode_mlp(
+    x: torch.Tensor, ln: tuple, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None, proj_weight_t: torch.Tensor,
+    proj_bias: torch.Tensor | None, out: torch.Tensor, backend: str | None = None, config: MLPConfig | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """out += x + MLP(LayerNorm(x)), the MLP = GELU(· W_fcᵀ + b_fc) W_projᵀ + b_proj: one kernel.
+
+    ``proj_weight_t`` is W_proj transposed, (hidden, C) (``transposed_weight(mlp.c_proj)``).
+    A program takes a block of hidden units: their rows of W_fc give their activations, and
+    their rows of W_projᵀ what they add to each output, atomically (every block adds into
+    the same outputs). The residual x is added once, so with ``out`` zeroed beforehand it
+    becomes the residual stream after the block. ``out`` must not be ``x``.
+    """
+    _check_2d("x", x)
+    B, C = x.shape
+    _check_2d("fc_weight", fc_weight, C)
+    hidden = fc_weight.shape[0]
+    _check_2d("proj_weight_t", proj_weight_t, C)
+    if proj_weight_t.shape[0] != hidden:
+        raise ValueError(f"proj_weight_t must be ({hidden}, {C}) (W_proj transposed), got {tuple(proj_weight_t.shape)}")
+    for name, b, n in (("fc_bias", fc_bias, hidden), ("proj_bias", proj_bias, C)):
+        if b is not None and b.shape != (n,):
+            raise ValueError(f"{name} must have shape ({n},), got {tuple(b.shape)}")
+    if len(ln) != 3 or ln[0].shape != (C,) or (ln[1] is not None and ln[1].shape != (C,)):
+        raise ValueError(f"ln must be (weight ({C},), bias ({C},) or None, eps)")
+    if out.shape != (B, C) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous fp32 tensor of shape ({B}, {C}), got {out.dtype} {tuple(out.shape)}")
+    if out.data_ptr() == x.data_ptr():
+        raise ValueError("out must not be x: the kernel reads x while other programs add into out")
+    if _choose(backend, x, fc_weight) == "reference":
+        return decode_mlp_reference(x, ln, fc_weight, fc_bias, proj_weight_t, proj_bias, out)
+    key = ("decode_mlp", B, C, hidden, fc_weight.dtype, fc_weight.device)
+    config = _config(key, config, MLP_CONFIGS, INTERPRETER_MLP, fc_weight, out, True,
+                     lambda c, y: _launch_mlp(x, ln, fc_weight, fc_bias, proj_weight_t, proj_bias, y, c))  # fmt: skip
+    _launch_mlp(x, ln, fc_weight, fc_bias, proj_weight_t, proj_bias, out, config)
+    return out
+
+
+def _launch_mlp(x, ln, fc_weight, fc_bias, proj_weight_t, proj_bias, out, cfg: MLPConfig) -> None:
+    triton, *_, kernel = _kernels()
+    B, C = x.shape
+    hidden = fc_weight.shape[0]
+    wfc = fc_weight if fc_weight.stride(1) == 1 else fc_weight.contiguous()
+    wpt = proj_weight_t if proj_weight_t.stride(1) == 1 else proj_weight_t.contiguous()
+    xs = x if x.stride(1) == 1 else x.contiguous()
+    lnb = ln[1] if ln[1] is not None else torch.zeros_like(ln[0])
+    fc_bias = fc_bias if fc_bias is not None else torch.zeros(hidden, device=x.device)  # a model without biases
+    proj_bias = proj_bias if proj_bias is not None else torch.zeros(C, device=x.device)
+    kernel[(B, triton.cdiv(hidden, cfg.block_h))](
+        xs, ln[0], lnb, wfc, fc_bias, wpt, proj_bias, out, float(ln[2]), C, hidden,
+        xs.stride(0), wfc.stride(0), wpt.stride(0), out.stride(0),
+        BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
     )  # fmt: skip

@@ -1,0 +1,219 @@
+"""The Triton side of ``decode_kernels`` (read that module first): imported only when a kernel is first
+launched, so that importing labkit never imports Triton. Kernels call the small ``@triton.jit``
+helpers at the top, which Triton looks up among this module's globals."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def layernorm_stats(row_ptr, K, eps, BLOCK_K: tl.constexpr):
+    # mean and 1/std of a row of K floats, in two passes (as exact as torch's LayerNorm)
+    offs = tl.arange(0, BLOCK_K)
+    s1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        s1 += tl.load(row_ptr + k + offs, mask=k + offs < K, other=0.0).to(tl.float32)
+    mean = tl.sum(s1, axis=0) / K
+    s2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        xk = tl.load(row_ptr + k + offs, mask=k + offs < K, other=0.0).to(tl.float32)
+        d = tl.where(k + offs < K, xk - mean, 0.0)
+        s2 += d * d
+    return mean, 1.0 / tl.sqrt(tl.sum(s2, axis=0) / K + eps)
+
+@triton.jit
+def attend(q, k_ptr, v_ptr, start, end, stride_t, offs_d, d_in, BLOCK_T: tl.constexpr):
+    # online softmax of q (scaled to log2 units) over the keys at positions start..end-1 of one head:
+    # (running max m, Σ 2^(s - m), Σ 2^(s - m) v); an empty range leaves (-inf, 0, 0)
+    m_i = tl.full((), float("-inf"), tl.float32)
+    l_i = tl.zeros((), dtype=tl.float32)
+    acc = tl.zeros(q.shape, dtype=tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_in = offs_t < end
+        kv = offs_t[:, None] * stride_t + offs_d[None, :]
+        both = t_in[:, None] & d_in[None, :]
+        keys = tl.load(k_ptr + kv, mask=both, other=0.0).to(tl.float32)
+        scores = tl.where(t_in, tl.sum(keys * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new)
+        values = tl.load(v_ptr + kv, mask=both, other=0.0).to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * values, axis=0)
+        m_i = m_new
+    return m_i, l_i, acc
+
+@triton.jit
+def gelu(y):  # tanh GELU (GPT-2's): 0.5 y (1 + tanh u) = y / (1 + e^(-2u))
+    u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+    return y / (1.0 + tl.exp(-2.0 * u))
+
+@triton.jit
+def embed_kernel(tok_ptr, length_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, C, T_MAX, BLOCK: tl.constexpr):
+    # x[b] = wte[token] + wpe[pos], pos = the row's length (clamped to the context); the length moves on here
+    b, blk = tl.program_id(0), tl.program_id(1)
+    pos = tl.minimum(tl.load(length_ptr + b), T_MAX - 1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < C
+    tok = tl.load(tok_ptr + b)
+    x = tl.load(wte_ptr + tok * C + offs, mask=inside, other=0.0).to(tl.float32)
+    x += tl.load(wpe_ptr + pos * C + offs, mask=inside, other=0.0).to(tl.float32)
+    tl.store(x_ptr + b * C + offs, x, mask=inside)
+    if blk == 0:
+        tl.store(pos_ptr + b, pos)
+        tl.store(length_ptr + b, pos + 1)
+
+@triton.jit
+def linear_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, lnw_ptr, lnb_ptr, m_ptr, l_ptr, a_ptr, kc_ptr, vc_ptr, pos_ptr, z_ptr,
+    N, K, eps, stride_xm, stride_wn, stride_ym, stride_cb, stride_ch, stride_ct, Z,
+    C: tl.constexpr, HS: tl.constexpr, SPLITS: tl.constexpr, PROLOGUE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, ACCUMULATE: tl.constexpr, KV_WRITE: tl.constexpr,
+    ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    # program (m, pid_k, pid_n): row m, K-slice pid_k, outputs pid_n*BLOCK_N..; a GEMV as in
+    # quant_kernels.int8_gemv_kernel, with a prologue (PROLOGUE 1: LayerNorm of the row; 2: merge the
+    # attention parts into the row) and an epilogue (bias, GELU, add into y, write k and v to the cache)
+    m, pid_k, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # rows past the edge wrap: computed, never stored
+    offs_k = tl.arange(0, BLOCK_K)
+    k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    mean = 0.0
+    rstd = 1.0
+    if PROLOGUE == 1:
+        mean, rstd = layernorm_stats(x_ptr + m * stride_xm, K, eps, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # elementwise products, summed once at the end
+    for k in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        kk = k + offs_k
+        inside = kk < K
+        if PROLOGUE == 2:  # x_k = Σ_p 2^(m_p - M) a_pk / Σ_p 2^(m_p - M) l_p for head k // HS
+            offs_s = tl.arange(0, SPLITS)
+            part = (m * (K // HS) + kk // HS)[None, :] * SPLITS + offs_s[:, None]  # (SPLITS, BLOCK_K)
+            mx = tl.load(m_ptr + part, mask=inside[None, :], other=0.0)
+            wgt = tl.exp2(mx - tl.max(mx, axis=0)[None, :])  # an empty split has m = -inf: weight 0
+            lsum = tl.load(l_ptr + part, mask=inside[None, :], other=1.0)
+            a = tl.load(a_ptr + part * HS + (kk % HS)[None, :], mask=inside[None, :], other=0.0)
+            xk = tl.sum(wgt * a, axis=0) / tl.sum(wgt * lsum, axis=0)
+        else:
+            xk = tl.load(x_ptr + m * stride_xm + kk, mask=inside, other=0.0).to(tl.float32)
+            if PROLOGUE == 1:
+                g = tl.load(lnw_ptr + kk, mask=inside, other=0.0).to(tl.float32)
+                beta = tl.load(lnb_ptr + kk, mask=inside, other=0.0).to(tl.float32)
+                xk = (xk - mean) * rstd * g + beta
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=inside[None, :], other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)  # fmt: skip
+        acc += w * xk[None, :]
+    y = tl.sum(acc, axis=1)
+    out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = out < N
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n).to(tl.float32)
+        y += tl.where(pid_k == 0, bias, 0.0)  # once, by the first K-slice
+    if GELU:
+        y = gelu(y)
+    dst = y_ptr + m * stride_ym + out
+    if ACCUMULATE:  # the residual stream: y += result
+        if SPLIT_K == 1:
+            tl.store(dst, tl.load(dst, mask=keep, other=0.0) + y, mask=keep)
+        else:
+            tl.atomic_add(dst, y, mask=keep)
+    else:
+        tl.store(dst, y.to(y_ptr.dtype.element_ty), mask=keep)
+    if KV_WRITE:  # outputs C..2C are the new key, 2C..3C the new value: into the cache at the row's position
+        pos = tl.load(pos_ptr + m)
+        c = out % C
+        slot = m * stride_cb + (c // HS) * stride_ch + pos * stride_ct + c % HS
+        tl.store(kc_ptr + slot, y.to(kc_ptr.dtype.element_ty), mask=keep & (out // C == 1))
+        tl.store(vc_ptr + slot, y.to(vc_ptr.dtype.element_ty), mask=keep & (out // C == 2))
+    if ZERO:  # on the side: set row m of a (B, Z) buffer to 0 (the next residual accumulator)
+        if pid_k == 0:
+            tl.store(z_ptr + m * Z + out, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=out < Z)
+
+@triton.jit
+def attention_kernel(
+    qkv_ptr, kc_ptr, vc_ptr, pos_ptr, m_ptr, l_ptr, a_ptr, qk_scale,
+    stride_qm, stride_cb, stride_ch, stride_ct,
+    H: tl.constexpr, HS: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    # program (b·H + h, s): positions [s·chunk, (s+1)·chunk) ∩ [0, pos] of row b, head h; online softmax
+    bh, s = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    length = tl.load(pos_ptr + b) + 1
+    chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_T) * BLOCK_T
+    start = s * chunk
+    end = tl.minimum(start + chunk, length)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_in = offs_d < HS
+    q = tl.load(qkv_ptr + b * stride_qm + h * HS + offs_d, mask=d_in, other=0.0).to(tl.float32) * qk_scale
+    m_i, l_i, acc = attend(q, kc_ptr + b * stride_cb + h * stride_ch, vc_ptr + b * stride_cb + h * stride_ch,
+                           start, end, stride_ct, offs_d, d_in, BLOCK_T)  # fmt: skip
+    part = bh * SPLITS + s
+    tl.store(m_ptr + part, m_i)
+    tl.store(l_ptr + part, l_i)
+    tl.store(a_ptr + part * HS + offs_d, acc, mask=d_in)
+
+@triton.jit
+def attention_proj_kernel(
+    qkv_ptr, kc_ptr, vc_ptr, pos_ptr, w_ptr, b_ptr, x_ptr, qk_scale, N,
+    stride_qm, stride_cb, stride_ch, stride_ct, stride_wn, stride_xm,
+    H: tl.constexpr, HS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    # program (b·H + h, pid_n): head h's attention over all of row b's positions, times its slice of the
+    # output projection, W[n, h·HS:(h+1)·HS] for BLOCK_N outputs n, added into x (atomically: H heads add)
+    bh, pid_n = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    d_in = offs_d < HS
+    q = tl.load(qkv_ptr + b * stride_qm + h * HS + offs_d, mask=d_in, other=0.0).to(tl.float32) * qk_scale
+    length = tl.load(pos_ptr + b) + 1
+    m_i, l_i, acc = attend(q, kc_ptr + b * stride_cb + h * stride_ch, vc_ptr + b * stride_cb + h * stride_ch,
+                           0, length, stride_ct, offs_d, d_in, BLOCK_T)  # fmt: skip
+    o = acc / l_i  # (BLOCK_D,): this head's output
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_in = offs_n < N
+    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + (h * HS + offs_d)[None, :], mask=n_in[:, None] & d_in[None, :],
+                other=0.0, eviction_policy="evict_first").to(tl.float32)  # fmt: skip
+    y = tl.sum(w * o[None, :], axis=1)
+    if HAS_BIAS:
+        y += tl.where(h == 0, tl.load(b_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32), 0.0)
+    tl.atomic_add(x_ptr + b * stride_xm + offs_n, y, mask=n_in)
+
+@triton.jit
+def mlp_kernel(
+    x_ptr, lnw_ptr, lnb_ptr, wfc_ptr, bfc_ptr, wpt_ptr, bp_ptr, out_ptr, eps, C, HIDDEN,
+    stride_xm, stride_fc, stride_pt, stride_om,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # program (m, pid): hidden units pid·BLOCK_H.. of the MLP of row m, start to end: LayerNorm, their rows
+    # of W_fc, bias, GELU, then their rows of W_projᵀ (each a column of W_proj), added into out. Program
+    # 0 also adds x itself and the projection's bias: out (zeroed before) becomes x + MLP(x).
+    m, pid = tl.program_id(0), tl.program_id(1)
+    offs_h = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_in = offs_h < HIDDEN
+    offs_k = tl.arange(0, BLOCK_K)
+    mean, rstd = layernorm_stats(x_ptr + m * stride_xm, C, eps, BLOCK_K)
+    acc = tl.zeros((BLOCK_H, BLOCK_K), dtype=tl.float32)
+    for k in range(0, C, BLOCK_K):
+        kk = k + offs_k
+        inside = kk < C
+        xk = tl.load(x_ptr + m * stride_xm + kk, mask=inside, other=0.0).to(tl.float32)
+        g = tl.load(lnw_ptr + kk, mask=inside, other=0.0).to(tl.float32)
+        beta = tl.load(lnb_ptr + kk, mask=inside, other=0.0).to(tl.float32)
+        w = tl.load(wfc_ptr + offs_h[:, None] * stride_fc + kk[None, :], mask=h_in[:, None] & inside[None, :],
+                    other=0.0, eviction_policy="evict_first").to(tl.float32)  # fmt: skip
+        acc += w * ((xk - mean) * rstd * g + beta)[None, :]
+    hidden = tl.sum(acc, axis=1) + tl.load(bfc_ptr + offs_h, mask=h_in, other=0.0).to(tl.float32)
+    hidden = tl.where(h_in, gelu(hidden), 0.0)  # (BLOCK_H,)
+    for n in range(0, C, BLOCK_K):
+        nn = n + offs_k
+        inside = nn < C
+        wt = tl.load(wpt_ptr + offs_h[:, None] * stride_pt + nn[None, :], mask=h_in[:, None] & inside[None, :],
+                     other=0.0, eviction_policy="evict_first").to(tl.float32)  # fmt: skip
+        y = tl.sum(wt * hidden[:, None], axis=0)  # (BLOCK_K,)
+        if pid == 0:
+            y += tl.load(bp_ptr + nn, mask=inside, other=0.0).to(tl.float32)
+            y += tl.load(x_ptr + m * stride_xm + nn, mask=inside, other=0.0).to(tl.float32)
+        tl.atomic_add(out_ptr + m * stride_om + nn, y, mask=inside)
