@@ -305,3 +305,64 @@ def test_decode_linear_autotunes_without_adding_into_out_twice(monkeypatch):
     y = dk.decode_linear(x, w, b, backend="triton")  # without out: split-K configs are not candidates
     torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     assert all(c.split_k == 1 for c in dk._tuned.values() if c is not dk._tuned[key])
+
+
+# ------------------------------------------------------------------ compiled for a Hopper GPU, here
+def _hopper_compiler():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU compiles the kernels for real in the tests above")
+    triton = pytest.importorskip("triton")
+    major, minor = (int(p) for p in triton.__version__.split(".")[:2])
+    if (major, minor) < (3, 4):
+        pytest.skip("ASTSource attributes as used here need triton >= 3.4")
+    from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401  (the backend, with its ptxas)
+
+
+P16, P32, I32 = "*bf16", "*fp32", "i32"
+LINEAR_SIG = dict(x_ptr=P32, w_ptr=P16, b_ptr=P16, y_ptr=P32, lnw_ptr=P16, lnb_ptr=P16, m_ptr=P32, l_ptr=P32, a_ptr=P32,
+                  kc_ptr=P16, vc_ptr=P16, pos_ptr="*i64", z_ptr=P32, N=I32, K=I32, eps="fp32", stride_xm=I32,
+                  stride_wn=I32, stride_ym=I32, stride_cb=I32, stride_ch=I32, stride_ct=I32, Z=I32)  # fmt: skip
+
+
+GEMV_VARIANTS = [(1, False, False, True, 1), (2, False, True, False, 1), (1, True, False, False, 1), (0, False, True, False, 4)]
+
+
+def test_decode_kernels_compile_for_hopper_with_vector_loads():
+    _hopper_compiler()
+    from labkit.kernels.ptx import memory_report
+
+    gemvs = [dict(name="linear_kernel", signature=LINEAR_SIG, constexprs=dict(
+        C=768, HS=64, SPLITS=8, PROLOGUE=prologue, HAS_BIAS=True, GELU=gelu, ACCUMULATE=accumulate, KV_WRITE=kv,
+        ZERO=kv, BLOCK_N=16, BLOCK_K=256, SPLIT_K=split_k)) for prologue, gelu, accumulate, kv, split_k in GEMV_VARIANTS]  # fmt: skip
+    layer = [
+        dict(name="attention_proj_kernel", signature=dict(
+            qkv_ptr=P32, kc_ptr=P16, vc_ptr=P16, pos_ptr="*i64", w_ptr=P16, b_ptr=P16, x_ptr=P32, qk_scale="fp32",
+            N=I32, stride_qm=I32, stride_cb=I32, stride_ch=I32, stride_ct=I32, stride_wn=I32, stride_xm=I32),
+            constexprs=dict(H=12, HS=64, BLOCK_D=64, BLOCK_T=32, BLOCK_N=64, HAS_BIAS=True)),
+        dict(name="mlp_kernel", signature=dict(
+            x_ptr=P32, lnw_ptr=P16, lnb_ptr=P16, wfc_ptr=P16, bfc_ptr=P16, wpt_ptr=P16, bp_ptr=P16, out_ptr=P32,
+            eps="fp32", C=I32, HIDDEN=I32, stride_xm=I32, stride_fc=I32, stride_pt=I32, stride_om=I32),
+            constexprs=dict(BLOCK_H=16, BLOCK_K=256)),
+        dict(name="attention_kernel", signature=dict(
+            qkv_ptr=P32, kc_ptr=P16, vc_ptr=P16, pos_ptr="*i64", m_ptr=P32, l_ptr=P32, a_ptr=P32, qk_scale="fp32",
+            stride_qm=I32, stride_cb=I32, stride_ch=I32, stride_ct=I32),
+            constexprs=dict(H=12, HS=64, BLOCK_D=64, SPLITS=8, BLOCK_T=16), num_warps=2),
+    ]  # fmt: skip
+    report = memory_report("labkit.kernels.decode_triton", gemvs + layer)
+    for (*_, split_k), ops in zip(GEMV_VARIANTS, report):
+        # a (16, 256) bf16 weight tile over 128 threads: 32 weights each, in 4 loads of 16 bytes
+        assert ops.get("ld.global.v4.b32", 0) >= 4, ops
+        if split_k > 1:
+            assert any(op.startswith("red.global.gpu.relaxed.add") for op in ops), ops  # fire-and-forget sums
+    for ops in report:
+        assert any(op.startswith("ld.global.v") for op in ops), ops  # weights and cache arrive in vector loads
+        assert not any(op.startswith("atom") for op in ops), ops
+
+
+def test_compile_for_gpu_names_missing_arguments():
+    _hopper_compiler()
+    from labkit.kernels import decode_triton
+    from labkit.kernels.ptx import compile_for_gpu
+
+    with pytest.raises(ValueError, match="missing"):
+        compile_for_gpu(decode_triton.mlp_kernel, {}, dict(BLOCK_H=16, BLOCK_K=256))

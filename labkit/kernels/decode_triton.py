@@ -118,7 +118,7 @@ def linear_kernel(
         if SPLIT_K == 1:
             tl.store(dst, tl.load(dst, mask=keep, other=0.0) + y, mask=keep)
         else:
-            tl.atomic_add(dst, y, mask=keep)
+            tl.atomic_add(dst, y, mask=keep, sem="relaxed")
     else:
         tl.store(dst, y.to(y_ptr.dtype.element_ty), mask=keep)
     if KV_WRITE:  # outputs C..2C are the new key, 2C..3C the new value: into the cache at the row's position
@@ -179,7 +179,7 @@ def attention_proj_kernel(
     y = tl.sum(w * o[None, :], axis=1)
     if HAS_BIAS:
         y += tl.where(h == 0, tl.load(b_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32), 0.0)
-    tl.atomic_add(x_ptr + b * stride_xm + offs_n, y, mask=n_in)
+    tl.atomic_add(x_ptr + b * stride_xm + offs_n, y, mask=n_in, sem="relaxed")
 
 @triton.jit
 def mlp_kernel(
@@ -216,4 +216,4 @@ def mlp_kernel(
         if pid == 0:
             y += tl.load(bp_ptr + nn, mask=inside, other=0.0).to(tl.float32)
             y += tl.load(x_ptr + m * stride_xm + nn, mask=inside, other=0.0).to(tl.float32)
-        tl.atomic_add(out_ptr + m * stride_om + nn, y, mask=inside)
+        tl.atomic_add(out_ptr + m * stride_om + nn, y, mask=inside, sem="relaxed")
