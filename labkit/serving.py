@@ -230,6 +230,26 @@ def fused_decode_step(model: LabGPT, cache: SlotCache, tokens: torch.Tensor, ker
     return dk.decode_linear(x, model.lm_head.weight, None, ln=ln_f, backend=backend)
 
 
+def count_ops(fn) -> dict[str, int]:
+    """Call ``fn()`` and count the PyTorch operators it runs that compute something (views and
+    reshapes left out): in eager mode on a GPU each is (at least) one kernel launch. Returns
+    {operator: calls}, most frequent first."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: dict[str, int] = {}
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                name = func.overloadpacket.__name__
+                counts[name] = counts.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        fn()
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def _check_fusable(model: LabGPT) -> None:
     """The fused step knows LabGPT's own layers only: plain linears, tanh GELU, no dropout at work."""
     for name, module in model.named_modules():

@@ -199,3 +199,19 @@ def test_whole_cache_decode_step_equals_the_trimmed_one(nano):
         assert torch.allclose(a, b, atol=1e-5)
         tokens = a.argmax(-1)
     assert torch.equal(caches[0].length, caches[1].length)
+
+
+def test_count_ops_counts_computing_operators_not_views():
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    counts = serving.count_ops(lambda: (a + b).relu().view(12).t().sum())
+    assert counts == {"add": 1, "relu": 1, "sum": 1}
+
+
+def test_decode_step_runs_about_17_operators_a_layer(nano):
+    cache = serving.SlotCache(nano, 1)
+    cache.admit(nano, 0, [1, 2, 3])
+    with torch.no_grad():
+        counts = serving.count_ops(lambda: serving.decode_step(nano, cache, slice(None), torch.tensor([4])))
+    assert counts["addmm"] == 4 * nano.config.n_layer  # qkv, attention projection and the MLP's two
+    assert counts["native_layer_norm"] == 2 * nano.config.n_layer + 1
+    assert 15 * nano.config.n_layer < sum(counts.values()) < 20 * nano.config.n_layer + 10

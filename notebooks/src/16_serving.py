@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import labkit
-from labkit import check, distill, hardware, serving, widgets
+from labkit import bench, check, distill, hardware, serving, widgets
 
 labkit.seed_everything(0)
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -49,6 +49,56 @@ ax.legend()
 plt.show()
 print(f"512-token context (16 prompt + 496 new): the cache is {rows[-1]['speedup']:.1f}x faster "
       f"(the bar: at least 5x): {rows[-1]['speedup'] >= 5}")
+
+# %% [markdown]
+# ### On a GPU, the cached step is bound by how many kernels it launches
+#
+# At batch 1 a step reads every weight once and does 2 FLOPs with each, so a GPU should
+# decode at its memory bandwidth: GPT-2-small in bf16 reads about 255 MB a token, 85 µs at an
+# H100's 3 TB/s. The kit measured 12% of that bound with the step replayed from a CUDA graph,
+# and 16.5% with it compiled by `torch.compile` first. Count what one step runs:
+
+# %%
+prompt = tok.encode("Q: 12 + 30 = ")
+cache = serving.SlotCache(model, 1)
+cache.admit(model, 0, prompt)
+with torch.no_grad():
+    ops = serving.count_ops(lambda: serving.decode_step(model, cache, slice(None), torch.tensor([5])))
+n_layer, total = model.config.n_layer, sum(ops.values())
+print(f"one decode step of tiny ({n_layer} layers): {total} operators, about {total / n_layer:.0f} a layer")
+print(", ".join(f"{name} {calls}" for name, calls in ops.items()))
+
+# %% [markdown]
+# On a GPU each operator is at least one kernel, and a kernel costs a few microseconds even
+# replayed from a graph, while the bytes of most of these take well under one. The fix is
+# fewer, fatter kernels. `serving.fused_decode_step` runs a layer in three Triton kernels
+# (`labkit/kernels/decode_kernels.py`): LayerNorm computed inside the qkv GEMV, whose epilogue
+# also writes the new key and value into the cache; each head's attention over its cache
+# times that head's slice of the output projection, added into the residual stream; and
+# the whole MLP, each program taking a block of hidden units through both linears. On this
+# CPU the same chain runs each kernel's PyTorch reference, and gives the same tokens:
+
+# %%
+cache = serving.SlotCache(model, 1)
+token = cache.admit(model, 0, prompt).argmax().view(1)
+fused = [int(token)]
+for _ in range(23):
+    token = serving.fused_decode_step(model, cache, token).argmax(-1)
+    fused.append(int(token))
+with torch.no_grad():
+    alone = model.generate(torch.tensor([prompt]), 24, temperature=0)[0, len(prompt) :].tolist()
+path = "Triton kernels" if torch.cuda.is_available() else "the kernels' PyTorch references"
+print(f"fused step ({path}): the same 24 tokens as model.generate: {fused == alone}")
+print(f"launches a token: {3 * n_layer + 2} fused (3 a layer, embedding and head) against {total} operators eager")
+run = bench.recorded_results("gpu_results_serving_h100_run4.json")
+if run is not None:
+    print(f"recorded on {run['device']}: roofline {run['roofline_tokens_per_s']:.0f} tokens/s; "
+          + "; ".join(f"{name} {100 * run[name]['fraction_of_roofline']:.1f}%"
+                      for name in ("cuda_graph", "compiled_cuda_graph", "fused_cuda_graph") if name in run))  # fmt: skip
+
+# %% [markdown]
+# `benchmarks/gpu_check_serving.py` measures the fused step on a GPU against the bandwidth
+# roofline (the bar: 40%); `benchmarks/RESULTS.md` has what each run gave.
 
 # %% [markdown]
 # The cache costs memory: `2 × layers × heads × head size × tokens` numbers per sequence
