@@ -14,8 +14,10 @@ Variants (``--variants``, comma-separated):
 - ``fused_cuda_graph``: ``serving.fused_decode_step``, the kit's own Triton kernels, 3 a layer
   (LayerNorm + qkv GEMV writing the cache; attention fused with the output projection; the
   whole MLP in one kernel), autotuned per shape during the warm-up, then captured;
-- ``fused5_cuda_graph``: the same with 5 kernels a layer (split attention merged in the output
-  projection's prologue, the MLP's two linears apart). Its activations are fp32 where eager ones are
+- ``fused_nopdl_cuda_graph``: the same without programmatic dependent launch (on Hopper the
+  fused kernels are launched with it by default: each starts while the previous finishes);
+- ``fused5_cuda_graph``: 5 kernels a layer (split attention merged in the output projection's
+  prologue, the MLP's two linears apart). Its activations are fp32 where eager ones are
   bf16, so its greedy tokens may part from ``generate``'s on a random model's near-ties; the
   check also runs both steps teacher-forced on the same tokens and reports how often their
   argmax agrees and how far the logits are apart.
@@ -34,7 +36,8 @@ import torch
 from labkit import hardware, serving
 from labkit.model import LabGPT, get_config
 
-VARIANTS = ("fused_cuda_graph", "fused5_cuda_graph", "cuda_graph", "compiled_cuda_graph")
+VARIANTS = ("fused_cuda_graph", "fused_nopdl_cuda_graph", "compiled_cuda_graph", "cuda_graph", "fused5_cuda_graph")
+FUSED = {"fused_cuda_graph": (3, None), "fused_nopdl_cuda_graph": (3, False), "fused5_cuda_graph": (5, None)}
 
 
 def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = None) -> dict:
@@ -43,8 +46,9 @@ def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = 
     cache = serving.SlotCache(model, 1)
 
     def step(tok):
-        if variant.startswith("fused"):
-            return serving.fused_decode_step(model, cache, tok, 5 if variant == "fused5_cuda_graph" else 3)
+        if variant in FUSED:
+            per_layer, pdl = FUSED[variant]
+            return serving.fused_decode_step(model, cache, tok, per_layer, pdl=pdl)
         return serving.decode_step(model, cache, slice(None), tok, whole_cache=True)
 
     if variant == "compiled_cuda_graph":
@@ -90,7 +94,13 @@ def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = 
     return {"tokens_per_s": 1 / statistics.median(times), "agreement_with_generate": agree, "prepare_s": prepare_s}
 
 
-def teacher_forced(model, prompt, tokens: int, kernels_per_layer: int = 3) -> dict:
+def serving_pdl(model) -> bool:
+    from labkit.kernels import decode_kernels
+
+    return decode_kernels.pdl_supported(model.transformer.wte.weight)
+
+
+def teacher_forced(model, prompt, tokens: int, kernels_per_layer: int = 3, pdl: bool | None = None) -> dict:
     """Eager ``decode_step`` and ``fused_decode_step`` fed the same tokens (eager greedy's): how often their
     argmax agrees, and the largest logit difference relative to the largest logit."""
     caches = [serving.SlotCache(model, 1) for _ in range(2)]
@@ -99,7 +109,7 @@ def teacher_forced(model, prompt, tokens: int, kernels_per_layer: int = 3) -> di
         tok, same, worst = first, 0, 0.0
         for _ in range(tokens):
             ref = serving.decode_step(model, caches[0], slice(None), tok).float()
-            got = serving.fused_decode_step(model, caches[1], tok, kernels_per_layer)
+            got = serving.fused_decode_step(model, caches[1], tok, kernels_per_layer, pdl=pdl)
             same += int(ref.argmax(-1) == got.argmax(-1))
             worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
             tok = ref.argmax(-1)
@@ -147,20 +157,29 @@ def main() -> None:
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}")
         compiled = name == "compiled_cuda_graph"
-        r = graph_decoding(model, prompt, args.tokens, name, args.mode if compiled else None)
+        try:
+            r = graph_decoding(model, prompt, args.tokens, name, args.mode if compiled else None)
+            if name in FUSED:
+                per_layer, pdl = FUSED[name]
+                r.update(teacher_forced(model, prompt, 64, per_layer, pdl))
+                r["kernels_per_token"] = per_layer * cfg.n_layer + 2
+                r["pdl"] = serving_pdl(model) if pdl is None else pdl
+                print(f"{name} vs the eager step, teacher-forced: argmax agreement {r['argmax_agreement']:.3f}, "
+                      f"largest logit difference {r['max_relative_logit_difference']:.2e} of the largest logit")
+        except Exception as err:  # one variant failing must not cost the others their measurement
+            print(f"{name}: FAILED: {type(err).__name__}: {err}", flush=True)
+            result[name] = {"error": f"{type(err).__name__}: {err}"}
+            continue
         r["compile_mode"] = args.mode if compiled else None
-        if name.startswith("fused"):
-            per_layer = 5 if name == "fused5_cuda_graph" else 3
-            r.update(teacher_forced(model, prompt, 64, per_layer))
-            r["kernels_per_token"] = per_layer * cfg.n_layer + 2
-            print(f"fused step vs eager step, teacher-forced: argmax agreement {r['argmax_agreement']:.3f}, "
-                  f"largest logit difference {r['max_relative_logit_difference']:.2e} of the largest logit")
         r["fraction_of_roofline"] = r["tokens_per_s"] / roofline
         result[name] = r
         print(f"{name}: {r['tokens_per_s']:.0f} tokens/s = {100 * r['fraction_of_roofline']:.1f}% of the roofline "
               f"({roofline:.0f} tokens/s); agreement with generate {r['agreement_with_generate']:.3f}; "
               f"prepared in {r['prepare_s']:.1f} s", flush=True)  # fmt: skip
         (out / "gpu_serving.json").write_text(json.dumps(result, indent=2))
+    from labkit.kernels import decode_kernels
+
+    result["decode_autotune"] = {str(k): [[str(c), t] for c, t in v] for k, v in decode_kernels.autotune_log.items()}
     print(json.dumps(result, indent=2))
     (out / "gpu_serving.json").write_text(json.dumps(result, indent=2))
 

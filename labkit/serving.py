@@ -182,7 +182,7 @@ def decode_step(model: LabGPT, cache: SlotCache, slots, tokens: torch.Tensor, wh
 
 @torch.no_grad()
 def fused_decode_step(model: LabGPT, cache: SlotCache, tokens: torch.Tensor, kernels_per_layer: int = 3,
-                      splits: int | None = None, backend: str | None = None) -> torch.Tensor:  # fmt: skip
+                      splits: int | None = None, backend: str | None = None, pdl: bool | None = None) -> torch.Tensor:  # fmt: skip
     """``decode_step`` for every slot of ``cache`` in a few fused kernels a layer; returns (B, vocab) fp32 logits.
 
     The kernels of ``labkit.kernels.decode_kernels``. With ``kernels_per_layer=5``:
@@ -197,7 +197,10 @@ def fused_decode_step(model: LabGPT, cache: SlotCache, tokens: torch.Tensor, ker
 
     The residual stream stays in fp32. Attention reads only each row's filled positions, and
     no shape depends on them: a CUDA graph can capture the step. On a CPU without
-    ``TRITON_INTERPRET=1`` the same chain runs the PyTorch references.
+    ``TRITON_INTERPRET=1`` the same chain runs the PyTorch references. ``pdl`` (default: where
+    supported, Hopper GPUs) launches each kernel with programmatic dependent launch: it starts
+    while the previous one finishes (loading weights, which no kernel writes) and waits for
+    its results only where it reads them.
     """
     from .kernels import decode_kernels as dk
 
@@ -208,26 +211,29 @@ def fused_decode_step(model: LabGPT, cache: SlotCache, tokens: torch.Tensor, ker
     if tokens.shape != cache.length.shape:
         raise ValueError(f"tokens must have one entry per cache slot, shape {tuple(cache.length.shape)}, "
                          f"got {tuple(tokens.shape)}")  # fmt: skip
-    x, pos = dk.embed(tokens, cache.length, t.wte.weight, t.wpe.weight, backend)  # length moves on here
+    pdl = dk.pdl_supported(tokens) if pdl is None else pdl
+    x, pos = dk.embed(tokens, cache.length, t.wte.weight, t.wpe.weight, backend, pdl)  # length moves on here
     spare = torch.empty_like(x) if kernels_per_layer == 3 else None
     for layer, block in enumerate(t.h):
         a, mlp = block.attn, block.mlp
         ln_1 = (block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
         ln_2 = (block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
         kv = (cache.k[layer], cache.v[layer], pos)
-        qkv = dk.decode_linear(x, a.c_attn.weight, a.c_attn.bias, ln=ln_1, kv=kv, zero=spare, backend=backend)
+        qkv = dk.decode_linear(x, a.c_attn.weight, a.c_attn.bias, ln=ln_1, kv=kv, zero=spare, backend=backend, pdl=pdl)
         if kernels_per_layer == 3:
-            dk.decode_attention_proj(qkv, *kv, a.n_head, a.c_proj.weight, a.c_proj.bias, out=x, backend=backend)
+            dk.decode_attention_proj(qkv, *kv, a.n_head, a.c_proj.weight, a.c_proj.bias, out=x, backend=backend,
+                                     pdl=pdl)  # fmt: skip
             proj_t = dk.transposed_weight(mlp.c_proj)
-            dk.decode_mlp(x, ln_2, mlp.c_fc.weight, mlp.c_fc.bias, proj_t, mlp.c_proj.bias, out=spare, backend=backend)
+            dk.decode_mlp(x, ln_2, mlp.c_fc.weight, mlp.c_fc.bias, proj_t, mlp.c_proj.bias, out=spare, backend=backend,
+                          pdl=pdl)  # fmt: skip
             x, spare = spare, x
         else:
-            parts = dk.decode_attention(qkv, *kv, a.n_head, splits, backend)
-            dk.decode_linear(parts, a.c_proj.weight, a.c_proj.bias, out=x, backend=backend)
-            h = dk.decode_linear(x, mlp.c_fc.weight, mlp.c_fc.bias, ln=ln_2, gelu=True, backend=backend)
-            dk.decode_linear(h, mlp.c_proj.weight, mlp.c_proj.bias, out=x, backend=backend)
+            parts = dk.decode_attention(qkv, *kv, a.n_head, splits, backend, pdl)
+            dk.decode_linear(parts, a.c_proj.weight, a.c_proj.bias, out=x, backend=backend, pdl=pdl)
+            h = dk.decode_linear(x, mlp.c_fc.weight, mlp.c_fc.bias, ln=ln_2, gelu=True, backend=backend, pdl=pdl)
+            dk.decode_linear(h, mlp.c_proj.weight, mlp.c_proj.bias, out=x, backend=backend, pdl=pdl)
     ln_f = (t.ln_f.weight, t.ln_f.bias, t.ln_f.eps)
-    return dk.decode_linear(x, model.lm_head.weight, None, ln=ln_f, backend=backend)
+    return dk.decode_linear(x, model.lm_head.weight, None, ln=ln_f, backend=backend, pdl=pdl)
 
 
 def count_ops(fn) -> dict[str, int]:

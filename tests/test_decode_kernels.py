@@ -325,6 +325,7 @@ LINEAR_SIG = dict(x_ptr=P32, w_ptr=P16, b_ptr=P16, y_ptr=P32, lnw_ptr=P16, lnb_p
 
 
 GEMV_VARIANTS = [(1, False, False, True, 1), (2, False, True, False, 1), (1, True, False, False, 1), (0, False, True, False, 4)]
+PDL = [False, True, False, True]  # programmatic dependent launch in some of them
 
 
 def test_decode_kernels_compile_for_hopper_with_vector_loads():
@@ -333,20 +334,24 @@ def test_decode_kernels_compile_for_hopper_with_vector_loads():
 
     gemvs = [dict(name="linear_kernel", signature=LINEAR_SIG, constexprs=dict(
         C=768, HS=64, SPLITS=8, PROLOGUE=prologue, HAS_BIAS=True, GELU=gelu, ACCUMULATE=accumulate, KV_WRITE=kv,
-        ZERO=kv, BLOCK_N=16, BLOCK_K=256, SPLIT_K=split_k)) for prologue, gelu, accumulate, kv, split_k in GEMV_VARIANTS]  # fmt: skip
+        ZERO=kv, BLOCK_N=16, BLOCK_K=256, SPLIT_K=split_k, USE_PDL=pdl))
+        for (prologue, gelu, accumulate, kv, split_k), pdl in zip(GEMV_VARIANTS, PDL)]  # fmt: skip
     layer = [
         dict(name="attention_proj_kernel", signature=dict(
             qkv_ptr=P32, kc_ptr=P16, vc_ptr=P16, pos_ptr="*i64", w_ptr=P16, b_ptr=P16, x_ptr=P32, qk_scale="fp32",
             N=I32, stride_qm=I32, stride_cb=I32, stride_ch=I32, stride_ct=I32, stride_wn=I32, stride_xm=I32),
-            constexprs=dict(H=12, HS=64, BLOCK_D=64, BLOCK_T=32, BLOCK_N=64, HAS_BIAS=True)),
+            constexprs=dict(H=12, HS=64, BLOCK_D=64, BLOCK_T=32, BLOCK_N=64, HAS_BIAS=True, USE_PDL=True)),
         dict(name="mlp_kernel", signature=dict(
             x_ptr=P32, lnw_ptr=P16, lnb_ptr=P16, wfc_ptr=P16, bfc_ptr=P16, wpt_ptr=P16, bp_ptr=P16, out_ptr=P32,
             eps="fp32", C=I32, HIDDEN=I32, stride_xm=I32, stride_fc=I32, stride_pt=I32, stride_om=I32),
-            constexprs=dict(BLOCK_H=16, BLOCK_K=256)),
+            constexprs=dict(BLOCK_H=16, BLOCK_K=256, USE_PDL=True)),
         dict(name="attention_kernel", signature=dict(
             qkv_ptr=P32, kc_ptr=P16, vc_ptr=P16, pos_ptr="*i64", m_ptr=P32, l_ptr=P32, a_ptr=P32, qk_scale="fp32",
             stride_qm=I32, stride_cb=I32, stride_ch=I32, stride_ct=I32),
-            constexprs=dict(H=12, HS=64, BLOCK_D=64, SPLITS=8, BLOCK_T=16), num_warps=2),
+            constexprs=dict(H=12, HS=64, BLOCK_D=64, SPLITS=8, BLOCK_T=16, USE_PDL=False), num_warps=2),
+        dict(name="embed_kernel", signature=dict(tok_ptr="*i64", length_ptr="*i64", pos_ptr="*i64", wte_ptr=P16,
+                                                 wpe_ptr=P16, x_ptr=P32, C=I32, T_MAX=I32),
+             constexprs=dict(BLOCK=1024, USE_PDL=True)),
     ]  # fmt: skip
     report = memory_report("labkit.kernels.decode_triton", gemvs + layer)
     for (*_, split_k), ops in zip(GEMV_VARIANTS, report):
@@ -354,9 +359,12 @@ def test_decode_kernels_compile_for_hopper_with_vector_loads():
         assert ops.get("ld.global.v4.b32", 0) >= 4, ops
         if split_k > 1:
             assert any(op.startswith("red.global.gpu.relaxed.add") for op in ops), ops  # fire-and-forget sums
-    for ops in report:
+    pdl = PDL + [True, True, False, True]
+    for ops, uses_pdl in zip(report, pdl):
         assert any(op.startswith("ld.global.v") for op in ops), ops  # weights and cache arrive in vector loads
         assert not any(op.startswith("atom") for op in ops), ops
+        # with PDL each kernel waits for its predecessor's writes and lets its successor launch; without, neither
+        assert ("griddepcontrol.wait" in ops) == ("griddepcontrol.launch_dependents" in ops) == uses_pdl, ops
 
 
 def test_compile_for_gpu_names_missing_arguments():
@@ -365,4 +373,4 @@ def test_compile_for_gpu_names_missing_arguments():
     from labkit.kernels.ptx import compile_for_gpu
 
     with pytest.raises(ValueError, match="missing"):
-        compile_for_gpu(decode_triton.mlp_kernel, {}, dict(BLOCK_H=16, BLOCK_K=256))
+        compile_for_gpu(decode_triton.mlp_kernel, {}, dict(BLOCK_H=16, BLOCK_K=256, USE_PDL=False))

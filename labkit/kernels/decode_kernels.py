@@ -79,6 +79,22 @@ _tuned: dict[tuple, GemvConfig] = {}
 autotune_log: dict[tuple, list] = {}
 
 
+def pdl_supported(t: torch.Tensor) -> bool:
+    """Programmatic dependent launch: a CUDA GPU of compute capability 9.0+ (Hopper) and a Triton that has it."""
+    if not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] < 9:
+        return False
+    try:
+        from triton.language.extra import cuda
+    except ImportError:
+        return False
+    return hasattr(cuda, "gdc_wait")
+
+
+def _pdl_args(pdl: bool) -> dict:
+    """Launch arguments: the kernel's USE_PDL switch, and the launch flag that lets it overlap its predecessor."""
+    return {"USE_PDL": True, "launch_pdl": True} if pdl else {"USE_PDL": False}
+
+
 def default_splits(x: torch.Tensor, rows_times_heads: int) -> int:
     """Sequence splits for decode attention: about two programs per SM on a GPU, 4 elsewhere (a power of two)."""
     if not x.is_cuda:
@@ -120,7 +136,8 @@ def embed_reference(tokens, length, wte, wpe) -> tuple[torch.Tensor, torch.Tenso
     return x, pos
 
 
-def embed(tokens: torch.Tensor, length: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor, backend=None):
+def embed(tokens: torch.Tensor, length: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor, backend=None,
+          pdl: bool = False):  # fmt: skip
     """(x (B, C) fp32, pos (B,)): each row's token and position embedded; ``length`` += 1 in place (clamped)."""
     if tokens.dim() != 1 or tokens.shape != length.shape:
         raise ValueError(f"tokens and length must be 1-D and of one shape, got {tuple(tokens.shape)} "
@@ -134,8 +151,8 @@ def embed(tokens: torch.Tensor, length: torch.Tensor, wte: torch.Tensor, wpe: to
     x = torch.empty(B, C, device=wte.device, dtype=torch.float32)
     pos = torch.empty_like(length)
     block = min(1024, triton.next_power_of_2(C))
-    kernel[(B, triton.cdiv(C, block))](tokens, length, pos, wte.contiguous(), wpe.contiguous(), x, C, wpe.shape[0],
-                                       BLOCK=block)  # fmt: skip
+    kernel[(B,)](tokens, length, pos, wte.contiguous(), wpe.contiguous(), x, C, wpe.shape[0], BLOCK=block,
+                 **_pdl_args(pdl))  # fmt: skip
     return x, pos
 
 
@@ -174,7 +191,7 @@ def merge_attention(parts: AttentionParts) -> torch.Tensor:
 
 
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     n_head: int, splits: int | None = None, backend=None) -> AttentionParts:  # fmt: skip
+                     n_head: int, splits: int | None = None, backend=None, pdl: bool = False) -> AttentionParts:  # fmt: skip
     """Attention of each row's new query (the first third of ``qkv``) over cache positions 0..pos, causal.
 
     The cache must already hold the row's new key and value at ``pos``. Returns the
@@ -202,7 +219,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         qkv, k_cache, v_cache, pos, m, lsum, acc, LOG2E / math.sqrt(hs),
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         H=n_head, HS=hs, BLOCK_D=triton.next_power_of_2(hs), SPLITS=splits, BLOCK_T=ATTENTION_BLOCK_T,
-        num_warps=2 if hs <= 64 else 4,
+        num_warps=2 if hs <= 64 else 4, **_pdl_args(pdl),
     )  # fmt: skip
     return AttentionParts(m, lsum, acc)
 
@@ -245,6 +262,7 @@ def decode_linear(
     zero: torch.Tensor | None = None,
     backend: str | None = None,
     config: GemvConfig | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """y = epilogue(prologue(x) Wᵀ + b) for a few rows (decoding): one kernel.
 
@@ -292,11 +310,11 @@ def decode_linear(
     if config is not None and config.split_k > 1 and out is None:
         raise ValueError("split_k > 1 needs out (the K-slices add into it)")
     key = ("decode_linear", B, N, K, weight.dtype, parts, ln is not None, gelu, out is not None, kv is not None,
-           weight.device)  # fmt: skip
+           weight.device, pdl)  # fmt: skip
     candidates = [c for c in DECODE_GEMV_CONFIGS if out is not None or c.split_k == 1]
     config = _config(key, config, candidates, INTERPRETER_DECODE_GEMV, weight, y, out is not None,
-                     lambda c, y: _launch_linear(x, weight, bias, ln, gelu, y, out is not None, kv, zero, c))  # fmt: skip
-    _launch_linear(x, weight, bias, ln, gelu, y, out is not None, kv, zero, config)
+                     lambda c, y: _launch_linear(x, weight, bias, ln, gelu, y, out is not None, kv, zero, c, pdl))  # fmt: skip
+    _launch_linear(x, weight, bias, ln, gelu, y, out is not None, kv, zero, config, pdl)
     return y
 
 
@@ -315,7 +333,7 @@ def _config(key: tuple, config, candidates: list, interpreter_config, weight: to
     return _tuned[key]
 
 
-def _launch_linear(x, weight, bias, ln, gelu, y, accumulate, kv, zero, cfg: GemvConfig) -> None:
+def _launch_linear(x, weight, bias, ln, gelu, y, accumulate, kv, zero, cfg: GemvConfig, pdl: bool = False) -> None:
     triton, _, kernel, *_ = _kernels()
     parts = isinstance(x, AttentionParts)
     w = weight if weight.stride(1) == 1 else weight.contiguous()
@@ -349,7 +367,7 @@ def _launch_linear(x, weight, bias, ln, gelu, y, accumulate, kv, zero, cfg: Gemv
         C=N // 3 if kv is not None else 1, HS=hs, SPLITS=splits, PROLOGUE=2 if parts else (1 if ln is not None else 0),
         HAS_BIAS=bias is not None, GELU=gelu, ACCUMULATE=accumulate, KV_WRITE=kv is not None, ZERO=zero is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        num_stages=cfg.num_stages, **_pdl_args(pdl),
     )  # fmt: skip
 
 
@@ -407,7 +425,7 @@ def decode_attention_proj_reference(qkv, k_cache, v_cache, pos, n_head, weight, 
 def decode_attention_proj(
     qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, n_head: int,
     weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, backend: str | None = None,
-    config: AttentionProjConfig | None = None,
+    config: AttentionProjConfig | None = None, pdl: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """out += attention(q over the cache, positions 0..pos) Wᵀ + b: attention and output projection, one kernel.
 
@@ -430,14 +448,15 @@ def decode_attention_proj(
         raise ValueError(f"out must be a contiguous fp32 tensor of shape ({B}, {N}), got {out.dtype} {tuple(out.shape)}")
     if _choose(backend, qkv, k_cache) == "reference":
         return decode_attention_proj_reference(qkv, k_cache, v_cache, pos, n_head, weight, bias, out)
-    key = ("decode_attention_proj", B, N, C, n_head, weight.dtype, k_cache.shape[2], weight.device)
+    key = ("decode_attention_proj", B, N, C, n_head, weight.dtype, k_cache.shape[2], weight.device, pdl)
     config = _config(key, config, ATTENTION_PROJ_CONFIGS, INTERPRETER_ATTENTION_PROJ, weight, out, True,
-                     lambda c, y: _launch_attention_proj(qkv, k_cache, v_cache, pos, n_head, weight, bias, y, c))  # fmt: skip
-    _launch_attention_proj(qkv, k_cache, v_cache, pos, n_head, weight, bias, out, config)
+                     lambda c, y: _launch_attention_proj(qkv, k_cache, v_cache, pos, n_head, weight, bias, y, c, pdl))  # fmt: skip
+    _launch_attention_proj(qkv, k_cache, v_cache, pos, n_head, weight, bias, out, config, pdl)
     return out
 
 
-def _launch_attention_proj(qkv, k_cache, v_cache, pos, n_head, weight, bias, out, cfg: AttentionProjConfig) -> None:
+def _launch_attention_proj(qkv, k_cache, v_cache, pos, n_head, weight, bias, out, cfg: AttentionProjConfig,
+                           pdl: bool = False) -> None:  # fmt: skip
     triton, *_, kernel, _ = _kernels()
     B, N = out.shape
     hs = qkv.shape[1] // 3 // n_head
@@ -446,7 +465,7 @@ def _launch_attention_proj(qkv, k_cache, v_cache, pos, n_head, weight, bias, out
         qkv, k_cache, v_cache, pos, w, bias if bias is not None else out, out, LOG2E / math.sqrt(hs), N,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), w.stride(0), out.stride(0),
         H=n_head, HS=hs, BLOCK_D=triton.next_power_of_2(hs), BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
-        HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
+        HAS_BIAS=bias is not None, num_warps=cfg.num_warps, **_pdl_args(pdl),
     )  # fmt: skip
 
 
@@ -458,6 +477,7 @@ def decode_mlp_reference(x, ln, fc_weight, fc_bias, proj_weight_t, proj_bias, ou
 def decode_mlp(
     x: torch.Tensor, ln: tuple, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None, proj_weight_t: torch.Tensor,
     proj_bias: torch.Tensor | None, out: torch.Tensor, backend: str | None = None, config: MLPConfig | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """out += x + MLP(LayerNorm(x)), the MLP = GELU(· W_fcᵀ + b_fc) W_projᵀ + b_proj: one kernel.
 
@@ -485,14 +505,14 @@ def decode_mlp(
         raise ValueError("out must not be x: the kernel reads x while other programs add into out")
     if _choose(backend, x, fc_weight) == "reference":
         return decode_mlp_reference(x, ln, fc_weight, fc_bias, proj_weight_t, proj_bias, out)
-    key = ("decode_mlp", B, C, hidden, fc_weight.dtype, fc_weight.device)
+    key = ("decode_mlp", B, C, hidden, fc_weight.dtype, fc_weight.device, pdl)
     config = _config(key, config, MLP_CONFIGS, INTERPRETER_MLP, fc_weight, out, True,
-                     lambda c, y: _launch_mlp(x, ln, fc_weight, fc_bias, proj_weight_t, proj_bias, y, c))  # fmt: skip
-    _launch_mlp(x, ln, fc_weight, fc_bias, proj_weight_t, proj_bias, out, config)
+                     lambda c, y: _launch_mlp(x, ln, fc_weight, fc_bias, proj_weight_t, proj_bias, y, c, pdl))  # fmt: skip
+    _launch_mlp(x, ln, fc_weight, fc_bias, proj_weight_t, proj_bias, out, config, pdl)
     return out
 
 
-def _launch_mlp(x, ln, fc_weight, fc_bias, proj_weight_t, proj_bias, out, cfg: MLPConfig) -> None:
+def _launch_mlp(x, ln, fc_weight, fc_bias, proj_weight_t, proj_bias, out, cfg: MLPConfig, pdl: bool = False) -> None:
     triton, *_, kernel = _kernels()
     B, C = x.shape
     hidden = fc_weight.shape[0]
@@ -505,5 +525,5 @@ def _launch_mlp(x, ln, fc_weight, fc_bias, proj_weight_t, proj_bias, out, cfg: M
     kernel[(B, triton.cdiv(hidden, cfg.block_h))](
         xs, ln[0], lnb, wfc, fc_bias, wpt, proj_bias, out, float(ln[2]), C, hidden,
         xs.stride(0), wfc.stride(0), wpt.stride(0), out.stride(0),
-        BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **_pdl_args(pdl),
     )  # fmt: skip

@@ -50,19 +50,39 @@ def gelu(y):  # tanh GELU (GPT-2's): 0.5 y (1 + tanh u) = y / (1 + e^(-2u))
     return y / (1.0 + tl.exp(-2.0 * u))
 
 @triton.jit
-def embed_kernel(tok_ptr, length_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, C, T_MAX, BLOCK: tl.constexpr):
-    # x[b] = wte[token] + wpe[pos], pos = the row's length (clamped to the context); the length moves on here
-    b, blk = tl.program_id(0), tl.program_id(1)
+def grid_dependency_wait(USE_PDL: tl.constexpr):
+    # with programmatic dependent launch (Hopper+), a kernel may start while the one before it finishes;
+    # it must wait for that one's writes before reading anything it produced
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def launch_dependents(USE_PDL: tl.constexpr):
+    # let the next kernel start launching (it will wait for this one's writes in grid_dependency_wait)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def embed_kernel(tok_ptr, length_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, C, T_MAX, BLOCK: tl.constexpr,
+                 USE_PDL: tl.constexpr):  # fmt: skip
+    # x[b] = wte[token] + wpe[pos], pos = the row's length (clamped to the context); the length moves on here.
+    # One program per row: the one that reads the length is the one that moves it on.
+    b = tl.program_id(0)
+    grid_dependency_wait(USE_PDL)
+    launch_dependents(USE_PDL)
     pos = tl.minimum(tl.load(length_ptr + b), T_MAX - 1)
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < C
     tok = tl.load(tok_ptr + b)
-    x = tl.load(wte_ptr + tok * C + offs, mask=inside, other=0.0).to(tl.float32)
-    x += tl.load(wpe_ptr + pos * C + offs, mask=inside, other=0.0).to(tl.float32)
-    tl.store(x_ptr + b * C + offs, x, mask=inside)
-    if blk == 0:
-        tl.store(pos_ptr + b, pos)
-        tl.store(length_ptr + b, pos + 1)
+    for c in range(0, C, BLOCK):
+        offs = c + tl.arange(0, BLOCK)
+        inside = offs < C
+        x = tl.load(wte_ptr + tok * C + offs, mask=inside, other=0.0).to(tl.float32)
+        x += tl.load(wpe_ptr + pos * C + offs, mask=inside, other=0.0).to(tl.float32)
+        tl.store(x_ptr + b * C + offs, x, mask=inside)
+    tl.store(pos_ptr + b, pos)
+    tl.store(length_ptr + b, pos + 1)
+
 
 @triton.jit
 def linear_kernel(
@@ -70,7 +90,7 @@ def linear_kernel(
     N, K, eps, stride_xm, stride_wn, stride_ym, stride_cb, stride_ch, stride_ct, Z,
     C: tl.constexpr, HS: tl.constexpr, SPLITS: tl.constexpr, PROLOGUE: tl.constexpr,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, ACCUMULATE: tl.constexpr, KV_WRITE: tl.constexpr,
-    ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # program (m, pid_k, pid_n): row m, K-slice pid_k, outputs pid_n*BLOCK_N..; a GEMV as in
     # quant_kernels.int8_gemv_kernel, with a prologue (PROLOGUE 1: LayerNorm of the row; 2: merge the
@@ -80,6 +100,7 @@ def linear_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
     k_start = pid_k * k_per_split
+    grid_dependency_wait(USE_PDL)
     mean = 0.0
     rstd = 1.0
     if PROLOGUE == 1:
@@ -105,6 +126,7 @@ def linear_kernel(
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=inside[None, :], other=0.0,
                     eviction_policy="evict_first").to(tl.float32)  # fmt: skip
         acc += w * xk[None, :]
+    launch_dependents(USE_PDL)
     y = tl.sum(acc, axis=1)
     out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = out < N
@@ -136,10 +158,12 @@ def attention_kernel(
     qkv_ptr, kc_ptr, vc_ptr, pos_ptr, m_ptr, l_ptr, a_ptr, qk_scale,
     stride_qm, stride_cb, stride_ch, stride_ct,
     H: tl.constexpr, HS: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_T: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # program (b·H + h, s): positions [s·chunk, (s+1)·chunk) ∩ [0, pos] of row b, head h; online softmax
     bh, s = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
+    grid_dependency_wait(USE_PDL)
     length = tl.load(pos_ptr + b) + 1
     chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_T) * BLOCK_T
     start = s * chunk
@@ -149,6 +173,7 @@ def attention_kernel(
     q = tl.load(qkv_ptr + b * stride_qm + h * HS + offs_d, mask=d_in, other=0.0).to(tl.float32) * qk_scale
     m_i, l_i, acc = attend(q, kc_ptr + b * stride_cb + h * stride_ch, vc_ptr + b * stride_cb + h * stride_ch,
                            start, end, stride_ct, offs_d, d_in, BLOCK_T)  # fmt: skip
+    launch_dependents(USE_PDL)
     part = bh * SPLITS + s
     tl.store(m_ptr + part, m_i)
     tl.store(l_ptr + part, l_i)
@@ -159,7 +184,7 @@ def attention_proj_kernel(
     qkv_ptr, kc_ptr, vc_ptr, pos_ptr, w_ptr, b_ptr, x_ptr, qk_scale, N,
     stride_qm, stride_cb, stride_ch, stride_ct, stride_wn, stride_xm,
     H: tl.constexpr, HS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # program (b·H + h, pid_n): head h's attention over all of row b's positions, times its slice of the
     # output projection, W[n, h·HS:(h+1)·HS] for BLOCK_N outputs n, added into x (atomically: H heads add)
@@ -167,15 +192,18 @@ def attention_proj_kernel(
     b, h = bh // H, bh % H
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < HS
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_in = offs_n < N
+    # the weights depend on no earlier kernel: with PDL they load while the previous kernel finishes
+    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + (h * HS + offs_d)[None, :], mask=n_in[:, None] & d_in[None, :],
+                other=0.0, eviction_policy="evict_first").to(tl.float32)  # fmt: skip
+    grid_dependency_wait(USE_PDL)
     q = tl.load(qkv_ptr + b * stride_qm + h * HS + offs_d, mask=d_in, other=0.0).to(tl.float32) * qk_scale
     length = tl.load(pos_ptr + b) + 1
     m_i, l_i, acc = attend(q, kc_ptr + b * stride_cb + h * stride_ch, vc_ptr + b * stride_cb + h * stride_ch,
                            0, length, stride_ct, offs_d, d_in, BLOCK_T)  # fmt: skip
+    launch_dependents(USE_PDL)
     o = acc / l_i  # (BLOCK_D,): this head's output
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_in = offs_n < N
-    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + (h * HS + offs_d)[None, :], mask=n_in[:, None] & d_in[None, :],
-                other=0.0, eviction_policy="evict_first").to(tl.float32)  # fmt: skip
     y = tl.sum(w * o[None, :], axis=1)
     if HAS_BIAS:
         y += tl.where(h == 0, tl.load(b_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32), 0.0)
@@ -185,7 +213,7 @@ def attention_proj_kernel(
 def mlp_kernel(
     x_ptr, lnw_ptr, lnb_ptr, wfc_ptr, bfc_ptr, wpt_ptr, bp_ptr, out_ptr, eps, C, HIDDEN,
     stride_xm, stride_fc, stride_pt, stride_om,
-    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # program (m, pid): hidden units pid·BLOCK_H.. of the MLP of row m, start to end: LayerNorm, their rows
     # of W_fc, bias, GELU, then their rows of W_projᵀ (each a column of W_proj), added into out. Program
@@ -194,6 +222,7 @@ def mlp_kernel(
     offs_h = pid * BLOCK_H + tl.arange(0, BLOCK_H)
     h_in = offs_h < HIDDEN
     offs_k = tl.arange(0, BLOCK_K)
+    grid_dependency_wait(USE_PDL)
     mean, rstd = layernorm_stats(x_ptr + m * stride_xm, C, eps, BLOCK_K)
     acc = tl.zeros((BLOCK_H, BLOCK_K), dtype=tl.float32)
     for k in range(0, C, BLOCK_K):
@@ -207,6 +236,7 @@ def mlp_kernel(
         acc += w * ((xk - mean) * rstd * g + beta)[None, :]
     hidden = tl.sum(acc, axis=1) + tl.load(bfc_ptr + offs_h, mask=h_in, other=0.0).to(tl.float32)
     hidden = tl.where(h_in, gelu(hidden), 0.0)  # (BLOCK_H,)
+    launch_dependents(USE_PDL)
     for n in range(0, C, BLOCK_K):
         nn = n + offs_k
         inside = nn < C

@@ -55,9 +55,10 @@ def compile_for_gpu(fn, signature: dict, constexprs: dict, arch: int = 90, num_w
 
 
 def memory_instructions(kernel) -> dict[str, int]:
-    """How many of each global-memory instruction the kernel's PTX holds (cache hints left out)."""
+    """How many of each global-memory instruction the kernel's PTX holds (cache hints left out), and of the
+    grid-dependency controls of programmatic dependent launch (``griddepcontrol.wait``, ``.launch_dependents``)."""
     ptx = kernel.asm["ptx"]
-    found = re.findall(r"\b((?:ld|st|red|atom)\.global[\w.:]*)", ptx)
+    found = re.findall(r"\b((?:ld|st|red|atom)\.global[\w.:]*|griddepcontrol\.\w+)", ptx)
     return dict(collections.Counter(re.sub(r"\.L[12]::[\w]+", "", f) for f in found))
 
 
