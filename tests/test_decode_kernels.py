@@ -70,7 +70,8 @@ TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-3
 @requires_triton
 @pytest.mark.parametrize("device", triton_params)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["plain", "ln", "ln_gelu", "out", "out_split_k", "kv", "parts"])
+@pytest.mark.parametrize("mode", ["plain", "ln", "ln_gelu", "out", "out_split_k", "kv", "parts", "prefetch_ln",
+                                  "prefetch_parts"])
 def test_decode_linear_kernel_matches_reference(device, dtype, mode):
     g = _gen(3)
     B, K, N = 2, 48, 72  # K is not a multiple of the interpreter's 32-wide blocks: the edges are masked
@@ -78,12 +79,12 @@ def test_decode_linear_kernel_matches_reference(device, dtype, mode):
     w = (torch.randn(N, K, generator=g) / math.sqrt(K)).to(device, dtype)
     b = torch.randn(N, generator=g).to(device, dtype)
     kw = {}
-    if mode.startswith("ln"):
+    if "ln" in mode:
         kw["ln"] = (torch.randn(K, generator=g).to(device, dtype), torch.randn(K, generator=g).to(device, dtype), 1e-5)
         x = x * 3 + 2  # a mean and a spread the normalization must remove
     if mode == "ln_gelu":
         kw["gelu"] = True
-    if mode == "parts":
+    if mode.endswith("parts"):
         k, v = _cache(B, 6, 30, 8, dtype, device)
         qkv = torch.randn(B, 3 * K, generator=g).to(device)
         x = dk.decode_attention_reference(qkv, k, v, torch.tensor([3, 29], device=device), 6, 4)
@@ -96,6 +97,8 @@ def test_decode_linear_kernel_matches_reference(device, dtype, mode):
     else:
         kw_ref = kw_new = kw
     config = GemvConfig(8, 32, 3 if mode == "out_split_k" else 1, 1, 1)  # 3 K-slices: two full, one partial
+    if mode.startswith("prefetch"):
+        config = GemvConfig(8, 64, 1, 1, 1)  # one 64-wide tile covers K = 48: loaded whole, before the wait
     if mode.startswith("out"):
         start = torch.randn(B, N, generator=g).to(device)
         kw_ref, kw_new = dict(kw, out=start.clone()), dict(kw, out=start.clone())
@@ -165,7 +168,8 @@ def test_attention_proj_kernel_matches_reference_and_sdpa(device, dtype):
 @requires_triton
 @pytest.mark.parametrize("device", triton_params)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mlp_kernel_matches_reference_and_labgpts_block(device, dtype):
+@pytest.mark.parametrize("config", [dk.MLPConfig(8, 32, 1), dk.MLPConfig(8, 64, 1)])  # a loop along C; one tile
+def test_mlp_kernel_matches_reference_and_labgpts_block(device, dtype, config):
     torch.manual_seed(10)
     model = LabGPT(get_config("nano", n_embd=48, n_head=4)).to(device, dtype)
     block = model.transformer.h[0]
@@ -177,7 +181,7 @@ def test_mlp_kernel_matches_reference_and_labgpts_block(device, dtype):
     mlp = block.mlp
     args = (ln, mlp.c_fc.weight, mlp.c_fc.bias, dk.transposed_weight(mlp.c_proj), mlp.c_proj.bias)
     ref = dk.decode_mlp(x, *args, torch.zeros(2, 48, device=device), backend="reference")
-    got = dk.decode_mlp(x, *args, torch.zeros(2, 48, device=device), backend="triton")
+    got = dk.decode_mlp(x, *args, torch.zeros(2, 48, device=device), backend="triton", config=config)
     torch.testing.assert_close(got, ref, **TOL[dtype])
     with torch.no_grad():  # the oracle: LabGPT's own modules, in fp32
         oracle = x + mlp.float()(block.ln_2.float()(x))
@@ -334,7 +338,8 @@ def test_decode_kernels_compile_for_hopper_with_vector_loads():
 
     gemvs = [dict(name="linear_kernel", signature=LINEAR_SIG, constexprs=dict(
         C=768, HS=64, SPLITS=8, PROLOGUE=prologue, HAS_BIAS=True, GELU=gelu, ACCUMULATE=accumulate, KV_WRITE=kv,
-        ZERO=kv, BLOCK_N=16, BLOCK_K=256, SPLIT_K=split_k, USE_PDL=pdl))
+        ZERO=kv, BLOCK_N=16, BLOCK_K=1024 if pdl and split_k == 1 else 256, SPLIT_K=split_k, USE_PDL=pdl,
+        PREFETCH=pdl and split_k == 1))
         for (prologue, gelu, accumulate, kv, split_k), pdl in zip(GEMV_VARIANTS, PDL)]  # fmt: skip
     layer = [
         dict(name="attention_proj_kernel", signature=dict(
@@ -344,7 +349,7 @@ def test_decode_kernels_compile_for_hopper_with_vector_loads():
         dict(name="mlp_kernel", signature=dict(
             x_ptr=P32, lnw_ptr=P16, lnb_ptr=P16, wfc_ptr=P16, bfc_ptr=P16, wpt_ptr=P16, bp_ptr=P16, out_ptr=P32,
             eps="fp32", C=I32, HIDDEN=I32, stride_xm=I32, stride_fc=I32, stride_pt=I32, stride_om=I32),
-            constexprs=dict(BLOCK_H=16, BLOCK_K=256, USE_PDL=True)),
+            constexprs=dict(BLOCK_H=8, BLOCK_K=1024, USE_PDL=True, PREFETCH=True)),
         dict(name="attention_kernel", signature=dict(
             qkv_ptr=P32, kc_ptr=P16, vc_ptr=P16, pos_ptr="*i64", m_ptr=P32, l_ptr=P32, a_ptr=P32, qk_scale="fp32",
             stride_qm=I32, stride_cb=I32, stride_ch=I32, stride_ct=I32),
@@ -373,4 +378,4 @@ def test_compile_for_gpu_names_missing_arguments():
     from labkit.kernels.ptx import compile_for_gpu
 
     with pytest.raises(ValueError, match="missing"):
-        compile_for_gpu(decode_triton.mlp_kernel, {}, dict(BLOCK_H=16, BLOCK_K=256, USE_PDL=False))
+        compile_for_gpu(decode_triton.mlp_kernel, {}, dict(BLOCK_H=16, BLOCK_K=256, USE_PDL=False, PREFETCH=False))

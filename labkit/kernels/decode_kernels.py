@@ -68,10 +68,14 @@ def _kernels():
 # Launch configurations (GEMV: BLOCK_N, BLOCK_K, SPLIT_K, warps, stages), timed per shape on a GPU.
 # Decoding matrices are small (768 x 2304 in GPT-2-small): programs must be small and many.
 # ---------------------------------------------------------------------------------------
+# A config whose BLOCK_K covers K (and SPLIT_K 1) loads the program's weights in one tile before it waits for its
+# input (PREFETCH): with programmatic dependent launch that load overlaps the previous kernel.
 DECODE_GEMV_CONFIGS = [GemvConfig(*c) for c in (
     (4, 256, 1, 2, 3), (8, 256, 1, 4, 3), (16, 256, 1, 4, 3), (8, 512, 1, 4, 2), (16, 128, 1, 4, 4),
     (4, 512, 1, 2, 2), (32, 256, 1, 8, 3), (8, 256, 2, 4, 3), (8, 256, 4, 4, 3), (4, 256, 4, 2, 3),
     (16, 256, 4, 4, 3), (16, 512, 2, 8, 2),
+    # one tile covers K <= 1024 (GPT-2-small's 768): the weights are loaded before the wait for the input
+    (2, 1024, 1, 2, 1), (4, 1024, 1, 4, 1), (8, 1024, 1, 4, 1), (16, 1024, 1, 8, 1),
 )]  # fmt: skip
 INTERPRETER_DECODE_GEMV = GemvConfig(8, 32, 1, 1, 1)
 ATTENTION_BLOCK_T = 16  # positions per step of the attention loop (and the unit a split is rounded to)
@@ -367,7 +371,7 @@ def _launch_linear(x, weight, bias, ln, gelu, y, accumulate, kv, zero, cfg: Gemv
         C=N // 3 if kv is not None else 1, HS=hs, SPLITS=splits, PROLOGUE=2 if parts else (1 if ln is not None else 0),
         HAS_BIAS=bias is not None, GELU=gelu, ACCUMULATE=accumulate, KV_WRITE=kv is not None, ZERO=zero is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **_pdl_args(pdl),
+        num_stages=cfg.num_stages, PREFETCH=cfg.block_k >= K and cfg.split_k == 1, **_pdl_args(pdl),
     )  # fmt: skip
 
 
@@ -397,6 +401,7 @@ ATTENTION_PROJ_CONFIGS = [AttentionProjConfig(*c) for c in (
 )]  # fmt: skip
 MLP_CONFIGS = [MLPConfig(*c) for c in (
     (8, 256, 4), (16, 256, 4), (32, 256, 8), (16, 128, 4), (4, 256, 2), (32, 128, 4), (64, 128, 8), (8, 128, 2),
+    (4, 1024, 4), (8, 1024, 4), (8, 1024, 8), (16, 1024, 8),  # whole rows in one tile: loaded before the wait
 )]  # fmt: skip
 INTERPRETER_ATTENTION_PROJ = AttentionProjConfig(32, 16, 1)
 INTERPRETER_MLP = MLPConfig(8, 32, 1)
@@ -525,5 +530,5 @@ def _launch_mlp(x, ln, fc_weight, fc_bias, proj_weight_t, proj_bias, out, cfg: M
     kernel[(B, triton.cdiv(hidden, cfg.block_h))](
         xs, ln[0], lnb, wfc, fc_bias, wpt, proj_bias, out, float(ln[2]), C, hidden,
         xs.stride(0), wfc.stride(0), wpt.stride(0), out.stride(0),
-        BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **_pdl_args(pdl),
+        BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, PREFETCH=cfg.block_k >= C, **_pdl_args(pdl),
     )  # fmt: skip

@@ -85,12 +85,35 @@ def embed_kernel(tok_ptr, length_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, C, T_MAX
 
 
 @triton.jit
+def gemv_input(x_ptr, m, stride_xm, kk, K, lnw_ptr, lnb_ptr, mean, rstd, m_ptr, l_ptr, a_ptr, HS: tl.constexpr,
+               SPLITS: tl.constexpr, PROLOGUE: tl.constexpr):  # fmt: skip
+    # columns kk of the GEMV's input row m: x itself (PROLOGUE 0), LayerNorm(x) (1), or the attention parts
+    # merged (2): x_k = Σ_p 2^(m_p - M) a_pk / Σ_p 2^(m_p - M) l_p for head k // HS
+    inside = kk < K
+    if PROLOGUE == 2:
+        offs_s = tl.arange(0, SPLITS)
+        part = (m * (K // HS) + kk // HS)[None, :] * SPLITS + offs_s[:, None]  # (SPLITS, BLOCK_K)
+        mx = tl.load(m_ptr + part, mask=inside[None, :], other=0.0)
+        wgt = tl.exp2(mx - tl.max(mx, axis=0)[None, :])  # an empty split has m = -inf: weight 0
+        lsum = tl.load(l_ptr + part, mask=inside[None, :], other=1.0)
+        a = tl.load(a_ptr + part * HS + (kk % HS)[None, :], mask=inside[None, :], other=0.0)
+        xk = tl.sum(wgt * a, axis=0) / tl.sum(wgt * lsum, axis=0)
+    else:
+        if PROLOGUE == 1:
+            xk = layernormed(x_ptr + m * stride_xm, kk, K, lnw_ptr, lnb_ptr, mean, rstd)
+        else:
+            xk = tl.load(x_ptr + m * stride_xm + kk, mask=inside, other=0.0).to(tl.float32)
+    return xk
+
+
+@triton.jit
 def linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, lnw_ptr, lnb_ptr, m_ptr, l_ptr, a_ptr, kc_ptr, vc_ptr, pos_ptr, z_ptr,
     N, K, eps, stride_xm, stride_wn, stride_ym, stride_cb, stride_ch, stride_ct, Z,
     C: tl.constexpr, HS: tl.constexpr, SPLITS: tl.constexpr, PROLOGUE: tl.constexpr,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, ACCUMULATE: tl.constexpr, KV_WRITE: tl.constexpr,
     ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     # program (m, pid_k, pid_n): row m, K-slice pid_k, outputs pid_n*BLOCK_N..; a GEMV as in
     # quant_kernels.int8_gemv_kernel, with a prologue (PROLOGUE 1: LayerNorm of the row; 2: merge the
@@ -98,36 +121,31 @@ def linear_kernel(
     m, pid_k, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # rows past the edge wrap: computed, never stored
     offs_k = tl.arange(0, BLOCK_K)
-    k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_per_split
+    if PREFETCH:  # one tile holds the program's whole slice of W: load it before waiting for the input
+        w_all = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=(offs_k < K)[None, :], other=0.0,
+                        eviction_policy="evict_first")  # fmt: skip
     grid_dependency_wait(USE_PDL)
+    launch_dependents(USE_PDL)
     mean = 0.0
     rstd = 1.0
     if PROLOGUE == 1:
         mean, rstd = layernorm_stats(x_ptr + m * stride_xm, K, eps, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # elementwise products, summed once at the end
-    for k in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-        kk = k + offs_k
-        inside = kk < K
-        if PROLOGUE == 2:  # x_k = Σ_p 2^(m_p - M) a_pk / Σ_p 2^(m_p - M) l_p for head k // HS
-            offs_s = tl.arange(0, SPLITS)
-            part = (m * (K // HS) + kk // HS)[None, :] * SPLITS + offs_s[:, None]  # (SPLITS, BLOCK_K)
-            mx = tl.load(m_ptr + part, mask=inside[None, :], other=0.0)
-            wgt = tl.exp2(mx - tl.max(mx, axis=0)[None, :])  # an empty split has m = -inf: weight 0
-            lsum = tl.load(l_ptr + part, mask=inside[None, :], other=1.0)
-            a = tl.load(a_ptr + part * HS + (kk % HS)[None, :], mask=inside[None, :], other=0.0)
-            xk = tl.sum(wgt * a, axis=0) / tl.sum(wgt * lsum, axis=0)
-        else:
-            xk = tl.load(x_ptr + m * stride_xm + kk, mask=inside, other=0.0).to(tl.float32)
-            if PROLOGUE == 1:
-                g = tl.load(lnw_ptr + kk, mask=inside, other=0.0).to(tl.float32)
-                beta = tl.load(lnb_ptr + kk, mask=inside, other=0.0).to(tl.float32)
-                xk = (xk - mean) * rstd * g + beta
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=inside[None, :], other=0.0,
-                    eviction_policy="evict_first").to(tl.float32)  # fmt: skip
-        acc += w * xk[None, :]
-    launch_dependents(USE_PDL)
-    y = tl.sum(acc, axis=1)
+    if PREFETCH:
+        xk = gemv_input(x_ptr, m, stride_xm, offs_k, K, lnw_ptr, lnb_ptr, mean, rstd, m_ptr, l_ptr, a_ptr, HS,
+                        SPLITS, PROLOGUE)  # fmt: skip
+        y = tl.sum(w_all.to(tl.float32) * xk[None, :], axis=1)
+    else:
+        k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+        k_start = pid_k * k_per_split
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # elementwise products, summed once at the end
+        for k in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+            kk = k + offs_k
+            xk = gemv_input(x_ptr, m, stride_xm, kk, K, lnw_ptr, lnb_ptr, mean, rstd, m_ptr, l_ptr, a_ptr, HS,
+                            SPLITS, PROLOGUE)  # fmt: skip
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=(kk < K)[None, :], other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)  # fmt: skip
+            acc += w * xk[None, :]
+        y = tl.sum(acc, axis=1)
     out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = out < N
     if HAS_BIAS:
@@ -164,6 +182,7 @@ def attention_kernel(
     bh, s = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     grid_dependency_wait(USE_PDL)
+    launch_dependents(USE_PDL)
     length = tl.load(pos_ptr + b) + 1
     chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_T) * BLOCK_T
     start = s * chunk
@@ -173,7 +192,6 @@ def attention_kernel(
     q = tl.load(qkv_ptr + b * stride_qm + h * HS + offs_d, mask=d_in, other=0.0).to(tl.float32) * qk_scale
     m_i, l_i, acc = attend(q, kc_ptr + b * stride_cb + h * stride_ch, vc_ptr + b * stride_cb + h * stride_ch,
                            start, end, stride_ct, offs_d, d_in, BLOCK_T)  # fmt: skip
-    launch_dependents(USE_PDL)
     part = bh * SPLITS + s
     tl.store(m_ptr + part, m_i)
     tl.store(l_ptr + part, l_i)
@@ -198,11 +216,11 @@ def attention_proj_kernel(
     w = tl.load(w_ptr + offs_n[:, None] * stride_wn + (h * HS + offs_d)[None, :], mask=n_in[:, None] & d_in[None, :],
                 other=0.0, eviction_policy="evict_first").to(tl.float32)  # fmt: skip
     grid_dependency_wait(USE_PDL)
+    launch_dependents(USE_PDL)
     q = tl.load(qkv_ptr + b * stride_qm + h * HS + offs_d, mask=d_in, other=0.0).to(tl.float32) * qk_scale
     length = tl.load(pos_ptr + b) + 1
     m_i, l_i, acc = attend(q, kc_ptr + b * stride_cb + h * stride_ch, vc_ptr + b * stride_cb + h * stride_ch,
                            0, length, stride_ct, offs_d, d_in, BLOCK_T)  # fmt: skip
-    launch_dependents(USE_PDL)
     o = acc / l_i  # (BLOCK_D,): this head's output
     y = tl.sum(w * o[None, :], axis=1)
     if HAS_BIAS:
@@ -213,7 +231,7 @@ def attention_proj_kernel(
 def mlp_kernel(
     x_ptr, lnw_ptr, lnb_ptr, wfc_ptr, bfc_ptr, wpt_ptr, bp_ptr, out_ptr, eps, C, HIDDEN,
     stride_xm, stride_fc, stride_pt, stride_om,
-    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     # program (m, pid): hidden units pid·BLOCK_H.. of the MLP of row m, start to end: LayerNorm, their rows
     # of W_fc, bias, GELU, then their rows of W_projᵀ (each a column of W_proj), added into out. Program
@@ -222,28 +240,54 @@ def mlp_kernel(
     offs_h = pid * BLOCK_H + tl.arange(0, BLOCK_H)
     h_in = offs_h < HIDDEN
     offs_k = tl.arange(0, BLOCK_K)
+    if PREFETCH:  # the program's rows of both matrices fit one tile each: load them before waiting for x
+        both = h_in[:, None] & (offs_k < C)[None, :]
+        w_fc = tl.load(wfc_ptr + offs_h[:, None] * stride_fc + offs_k[None, :], mask=both, other=0.0,
+                       eviction_policy="evict_first")  # fmt: skip
+        w_pt = tl.load(wpt_ptr + offs_h[:, None] * stride_pt + offs_k[None, :], mask=both, other=0.0,
+                       eviction_policy="evict_first")  # fmt: skip
     grid_dependency_wait(USE_PDL)
-    mean, rstd = layernorm_stats(x_ptr + m * stride_xm, C, eps, BLOCK_K)
-    acc = tl.zeros((BLOCK_H, BLOCK_K), dtype=tl.float32)
-    for k in range(0, C, BLOCK_K):
-        kk = k + offs_k
-        inside = kk < C
-        xk = tl.load(x_ptr + m * stride_xm + kk, mask=inside, other=0.0).to(tl.float32)
-        g = tl.load(lnw_ptr + kk, mask=inside, other=0.0).to(tl.float32)
-        beta = tl.load(lnb_ptr + kk, mask=inside, other=0.0).to(tl.float32)
-        w = tl.load(wfc_ptr + offs_h[:, None] * stride_fc + kk[None, :], mask=h_in[:, None] & inside[None, :],
-                    other=0.0, eviction_policy="evict_first").to(tl.float32)  # fmt: skip
-        acc += w * ((xk - mean) * rstd * g + beta)[None, :]
-    hidden = tl.sum(acc, axis=1) + tl.load(bfc_ptr + offs_h, mask=h_in, other=0.0).to(tl.float32)
-    hidden = tl.where(h_in, gelu(hidden), 0.0)  # (BLOCK_H,)
     launch_dependents(USE_PDL)
-    for n in range(0, C, BLOCK_K):
-        nn = n + offs_k
-        inside = nn < C
-        wt = tl.load(wpt_ptr + offs_h[:, None] * stride_pt + nn[None, :], mask=h_in[:, None] & inside[None, :],
-                     other=0.0, eviction_policy="evict_first").to(tl.float32)  # fmt: skip
-        y = tl.sum(wt * hidden[:, None], axis=0)  # (BLOCK_K,)
-        if pid == 0:
-            y += tl.load(bp_ptr + nn, mask=inside, other=0.0).to(tl.float32)
-            y += tl.load(x_ptr + m * stride_xm + nn, mask=inside, other=0.0).to(tl.float32)
-        tl.atomic_add(out_ptr + m * stride_om + nn, y, mask=inside, sem="relaxed")
+    mean, rstd = layernorm_stats(x_ptr + m * stride_xm, C, eps, BLOCK_K)
+    if PREFETCH:
+        hidden = tl.sum(w_fc.to(tl.float32) * layernormed(x_ptr + m * stride_xm, offs_k, C, lnw_ptr, lnb_ptr, mean,
+                                                          rstd)[None, :], axis=1)  # fmt: skip
+    else:
+        acc = tl.zeros((BLOCK_H, BLOCK_K), dtype=tl.float32)
+        for k in range(0, C, BLOCK_K):
+            kk = k + offs_k
+            w = tl.load(wfc_ptr + offs_h[:, None] * stride_fc + kk[None, :], mask=h_in[:, None] & (kk < C)[None, :],
+                        other=0.0, eviction_policy="evict_first").to(tl.float32)  # fmt: skip
+            acc += w * layernormed(x_ptr + m * stride_xm, kk, C, lnw_ptr, lnb_ptr, mean, rstd)[None, :]
+        hidden = tl.sum(acc, axis=1)
+    hidden += tl.load(bfc_ptr + offs_h, mask=h_in, other=0.0).to(tl.float32)
+    hidden = tl.where(h_in, gelu(hidden), 0.0)  # (BLOCK_H,)
+    if PREFETCH:
+        mlp_output(w_pt.to(tl.float32), hidden, x_ptr + m * stride_xm, bp_ptr, out_ptr + m * stride_om, offs_k, C,
+                   pid == 0)  # fmt: skip
+    else:
+        for n in range(0, C, BLOCK_K):
+            nn = n + offs_k
+            wt = tl.load(wpt_ptr + offs_h[:, None] * stride_pt + nn[None, :], mask=h_in[:, None] & (nn < C)[None, :],
+                         other=0.0, eviction_policy="evict_first").to(tl.float32)  # fmt: skip
+            mlp_output(wt, hidden, x_ptr + m * stride_xm, bp_ptr, out_ptr + m * stride_om, nn, C, pid == 0)
+
+
+@triton.jit
+def layernormed(row_ptr, kk, C, lnw_ptr, lnb_ptr, mean, rstd):
+    inside = kk < C
+    xk = tl.load(row_ptr + kk, mask=inside, other=0.0).to(tl.float32)
+    g = tl.load(lnw_ptr + kk, mask=inside, other=0.0).to(tl.float32)
+    beta = tl.load(lnb_ptr + kk, mask=inside, other=0.0).to(tl.float32)
+    return (xk - mean) * rstd * g + beta
+
+
+@triton.jit
+def mlp_output(wt, hidden, x_row_ptr, bp_ptr, out_row_ptr, nn, C, first):
+    # outputs nn of this block of hidden units, added into out; the first block also adds x and the bias
+    inside = nn < C
+    y = tl.sum(wt * hidden[:, None], axis=0)  # (BLOCK_K,)
+    if first:
+        y += tl.load(bp_ptr + nn, mask=inside, other=0.0).to(tl.float32)
+        y += tl.load(x_row_ptr + nn, mask=inside, other=0.0).to(tl.float32)
+    tl.atomic_add(out_row_ptr + nn, y, mask=inside, sem="relaxed")
