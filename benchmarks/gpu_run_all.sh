@@ -39,4 +39,5 @@ if [ "${ALL:-0}" = 1 ]; then
   check gpu_check_attention 120 gpu_check_attention --out "$OUT"
 fi
 # the kernel tests on CUDA (they run under the CPU interpreter everywhere else)
-run pytest_cuda 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_decode_kernels.py
+run pytest_cuda 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_decode_kernels.py \
+  tests/test_quant.py -k "kernel or gemv"

@@ -378,6 +378,33 @@ def test_int4_gemv_blocks_of_several_groups_with_a_ragged_end(device, config):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", [qk.GemvConfig(8, 32, 1, 1, 1, True), qk.GemvConfig(4, 16, 3, 1, 1, True),
+                                    qk.GemvConfig(16, 64, 1, 1, 1, True)])  # fmt: skip
+def test_int4_word_kernel_matches_reference(device, config):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 192, generator=g).to(device)  # three groups of 64; with 16-column steps, 3 K-slices of 4
+    q, scales, zeros, _ = quant.int4_parameters(torch.randn(20, 192, generator=g) * 3, 64)
+    packed, scales, zeros = qk.pack_int4(q).to(device), scales.to(device), zeros.to(device)
+    got = qk.int4_weight_only_linear_triton(x, packed, scales, zeros, 64, config=config)
+    expected = qk.int4_weight_only_linear_reference(x, packed, scales, zeros, 64)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="word kernel"):  # a step of 48 columns would straddle two groups
+        qk.int4_weight_only_linear_triton(x, packed, scales, zeros, 64, config=qk.GemvConfig(8, 48, 1, 1, 1, True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int4_word_kernel_converts_every_nibble_exactly(device):
+    q = (torch.arange(16)[:, None] + torch.arange(32)[None, :]) % 16  # (16, 32): every nibble at every position
+    packed = qk.pack_int4(q).to(device)
+    ones = torch.ones(16, 1, device=device, dtype=torch.float16)
+    zeros = torch.zeros(16, 1, device=device, dtype=torch.uint8)
+    for rows in torch.eye(32, device=device).split(8):
+        got = qk.int4_weight_only_linear_triton(x=rows, w_packed=packed, scales=ones, zeros=zeros, group_size=32,
+                                                config=qk.GemvConfig(8, 32, 1, 1, 1, True))  # fmt: skip
+        assert torch.equal(got, rows @ q.t().float().to(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m, k, n, bias", [(20, 64, 40, True), (17, 40, 24, False), (1, 64, 16, True)])
 def test_int8_linear_kernel_matches_reference(device, m, k, n, bias):
     g = torch.Generator().manual_seed(m * n)

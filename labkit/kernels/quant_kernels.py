@@ -210,7 +210,54 @@ def _kernels():
         tl.store(c_ptr + out_m[:, None] * stride_cm + out_n[None, :], c.to(c_ptr.dtype.element_ty),
                  mask=(out_m[:, None] < M) & (out_n[None, :] < N))  # fmt: skip
 
-    return triton, int8_gemv_kernel, int4_gemv_kernel, weight_only_gemm_kernel, int8_gemm_kernel
+    @triton.jit
+    def int4_gemv_words_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
+    ):  # fmt: skip
+        # the packed bytes read as 32-bit words (N, K / 8): word j of a row holds columns 8j..8j+7, column
+        # 8j + i in bits 4i..4i+3. A step takes BLOCK_W words of each row (8·BLOCK_W columns, inside one
+        # group). Each nibble is shifted to bits 16..19 and OR-ed under the exponent of 2^23: the float is
+        # 2^23 + q·2^16, exactly. Times x·2^-16 that is 2^7·x + q·x: the 2^7·x parts of a word (B) depend
+        # on x alone and are taken off once per word, with the zero point's z·Σx, before the group's scale.
+        # Per weight: a shift, a logical op and a multiply-add, and no sum across threads in the loop.
+        BK: tl.constexpr = 8 * BLOCK_W
+        m, pid_k, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        offs_w = tl.arange(0, BLOCK_W)
+        k_per_split = tl.cdiv(K, SPLIT_K * BK) * BK
+        k_start = pid_k * k_per_split
+        acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+        for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BK):
+            u = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 // 8 + offs_w)[None, :],
+                        eviction_policy="evict_first").to(tl.uint32, bitcast=True)  # fmt: skip
+            xb = x_ptr + m * stride_xm + k0 + offs_w * 8
+            t = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+            b = tl.zeros((BLOCK_W,), dtype=tl.float32)
+            for i in tl.static_range(8):
+                xi = tl.load(xb + i, eviction_policy="evict_last").to(tl.float32)
+                if i < 4:
+                    nib = (u << (16 - 4 * i)) & 0xF0000
+                elif i == 4:
+                    nib = u & 0xF0000
+                else:
+                    nib = (u >> (4 * i - 16)) & 0xF0000
+                f = (nib | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q·2^16
+                t += f * (xi * 0.0000152587890625)[None, :]  # x · 2^-16
+                b += xi
+            group = k0 // GROUP
+            scale = tl.load(s_ptr + offs_n * stride_sn + group).to(tl.float32)
+            zero = tl.load(z_ptr + offs_n * stride_sn + group).to(tl.float32)
+            # t = 2^7 Σx + Σ q x over each word: s (Σ q x - z Σ x) = s (t - (2^7 + z) Σx)
+            acc += scale[:, None] * (t - (128.0 + zero)[:, None] * b[None, :])
+        y = tl.sum(acc, axis=1)
+        out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if SPLIT_K == 1:
+            tl.store(y_ptr + m * stride_ym + out, y.to(y_ptr.dtype.element_ty), mask=out < N)
+        else:
+            tl.atomic_add(y_ptr + m * stride_ym + out, y, mask=out < N, sem="relaxed")
+
+    return triton, int8_gemv_kernel, int4_gemv_kernel, weight_only_gemm_kernel, int8_gemm_kernel, int4_gemv_words_kernel
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,6 +273,7 @@ class GemvConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    words: bool = False  # int4 only: the kernel that reads 32-bit words of 8 nibbles (int4_gemv_words_kernel)
 
 
 # At K=8192, N=28672 there are thousands of output channels: many small programs keep every SM
@@ -238,6 +286,11 @@ GEMV_CONFIGS = [GemvConfig(*c) for c in (
 INT4_GEMV_CONFIGS = [GemvConfig(*c) for c in (
     (8, 512, 1, 4, 3), (16, 512, 1, 4, 3), (16, 256, 1, 4, 3), (32, 256, 1, 4, 3), (8, 1024, 1, 4, 2),
     (16, 1024, 1, 8, 2), (32, 512, 1, 8, 3), (4, 1024, 1, 2, 3), (16, 512, 2, 4, 3),
+    # the word kernel (BLOCK_K = 8 words of a row per step, inside one group): many rows per thread, so that
+    # each x value loaded serves many weights (compiled for sm_90: 4.4-5.2 instructions a weight in its loop,
+    # against 6.6-7.0 for the byte kernel above)
+    (128, 128, 1, 2, 4, True), (256, 128, 1, 4, 3, True), (64, 128, 1, 1, 4, True), (128, 128, 2, 2, 4, True),
+    (256, 128, 2, 4, 3, True), (64, 128, 1, 2, 4, True), (32, 128, 1, 1, 4, True),
 )]  # fmt: skip
 # (block_m, block_n, block_k, stages, warps):
 WEIGHT_ONLY_GEMM_CONFIGS = [TileConfig(*c) for c in (
@@ -354,7 +407,7 @@ def int8_weight_only_linear_reference(x: torch.Tensor, w_int8: torch.Tensor, sca
 
 
 def _launch_int8_gemv(x2, w, scales, y, cfg: GemvConfig):
-    triton, gemv, _, _, _ = _kernels()
+    triton, gemv, *_ = _kernels()
     M, K = x2.shape
     N = w.shape[0]
     out = y if cfg.split_k == 1 else torch.zeros(y.shape, device=y.device, dtype=torch.float32)
@@ -370,7 +423,7 @@ def _launch_int8_gemv(x2, w, scales, y, cfg: GemvConfig):
 
 
 def _launch_weight_only_gemm(x2, w, scales, zeros, group, y, cfg: TileConfig):
-    triton, _, _, gemm, _ = _kernels()
+    triton, _, _, gemm, *_ = _kernels()
     M, K = x2.shape
     N = w.shape[0]
     int4 = zeros is not None
@@ -466,7 +519,9 @@ def int4_weight_only_linear_reference(x, w_packed, scales, zeros, group_size: in
 
 
 def _launch_int4_gemv(x2, w, scales, zeros, group, y, cfg: GemvConfig):
-    triton, _, gemv, _, _ = _kernels()
+    if cfg.words:
+        return _launch_int4_gemv_words(x2, w, scales, zeros, group, y, cfg)
+    triton, _, gemv, *_ = _kernels()
     M, K = x2.shape
     N = w.shape[0]
     block_k = max(cfg.block_k, group)  # whole groups per K-block
@@ -476,6 +531,26 @@ def _launch_int4_gemv(x2, w, scales, zeros, group, y, cfg: GemvConfig):
     gemv[grid](
         x2, w, scales, zeros, out, N, K, x2.stride(0), w.stride(0), scales.stride(0), out.stride(0),
         GROUP=group, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if out is not y:
+        y.copy_(out)
+    return y
+
+
+def _launch_int4_gemv_words(x2, w, scales, zeros, group, y, cfg: GemvConfig):
+    triton, *_, kernel = _kernels()
+    M, K = x2.shape
+    N = w.shape[0]
+    if K % 8 or group % cfg.block_k or cfg.block_k % 8 or w.data_ptr() % 4:
+        raise ValueError(f"the word kernel needs K % 8 == 0 ({K}), block_k dividing the group ({cfg.block_k}, "
+                         f"{group}) and 4-byte aligned weights")  # fmt: skip
+    words = w.view(torch.int32)  # (N, K / 8): each row's bytes, four at a time
+    split_k = min(cfg.split_k, triton.cdiv(K, cfg.block_k))
+    out = y if split_k == 1 else torch.zeros(y.shape, device=y.device, dtype=torch.float32)
+    kernel[(M, split_k, triton.cdiv(N, cfg.block_n))](
+        x2, words, scales, zeros, out, N, K, x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
+        GROUP=group, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_k // 8, SPLIT_K=split_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if out is not y:
@@ -533,7 +608,7 @@ def int8_linear_reference(x_int8, w_int8, x_scales, w_scales, bias=None, out_dty
 
 
 def _launch_int8_gemm(a, w, sa, sb, bias, c, cfg: TileConfig):
-    triton, _, _, _, gemm = _kernels()
+    triton, _, _, _, gemm, _ = _kernels()
     M, K = a.shape
     N = w.shape[0]
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
