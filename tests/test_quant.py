@@ -549,3 +549,29 @@ def test_straight_through_checker():
         return w + (q - w).detach()  # forgets that clipped values get no gradient
 
     assert not check.straight_through(identity_everywhere)
+
+
+def test_int4_word_kernel_needs_fewer_instructions_a_weight_than_the_byte_kernel():
+    # compiled for a Hopper GPU here (the triton wheel carries ptxas): the GEMV is bound by its arithmetic,
+    # so instructions per weight in the main loop is what decides its speed
+    if torch.cuda.is_available():
+        pytest.skip("measured on the GPU itself (benchmarks/gpu_check_quant.py)")
+    triton = pytest.importorskip("triton")
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 4):
+        pytest.skip("needs triton >= 3.4")
+    from labkit.kernels.ptx import kernel_report
+
+    sig = dict(x_ptr="*bf16", s_ptr="*bf16", z_ptr="*bf16", y_ptr="*bf16", N="i32", K="i32", stride_xm="i32",
+               stride_wn="i32", stride_sn="i32", stride_ym="i32")  # fmt: skip
+    byte, word = kernel_report("labkit.kernels.quant_kernels", [
+        dict(name="int4_gemv_kernel", signature=dict(sig, w_ptr="*u8"), num_warps=4,
+             constexprs=dict(GROUP=128, BLOCK_N=16, BLOCK_K=512, SPLIT_K=1)),
+        dict(name="int4_gemv_words_kernel", signature=dict(sig, w_ptr="*i32"), num_warps=2,
+             constexprs=dict(GROUP=128, BLOCK_N=128, BLOCK_W=16, SPLIT_K=1)),
+    ])  # fmt: skip
+    per_weight = {
+        "byte": sum(byte["loop"].values()) / (16 * 512 / 128),  # weights a thread handles per iteration
+        "word": sum(word["loop"].values()) / (128 * 128 / 64),
+    }
+    assert per_weight["word"] < 0.8 * per_weight["byte"], per_weight
+    assert word["spilled"] == 0 and byte["spilled"] == 0

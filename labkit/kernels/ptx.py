@@ -26,6 +26,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 ALIGNED_INTS = ("N", "K", "C", "Z", "HIDDEN")
 
@@ -62,10 +63,58 @@ def memory_instructions(kernel) -> dict[str, int]:
     return dict(collections.Counter(re.sub(r"\.L[12]::[\w]+", "", f) for f in found))
 
 
+def _nvidia_tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def loop_instructions(kernel) -> dict[str, int]:
+    """The machine instructions (SASS) of the kernel's longest loop, by opcode: what one iteration costs.
+
+    Divide the total by the elements one thread handles per iteration to get instructions per
+    element, the number that says whether a kernel can keep up with memory.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        sass = subprocess.run([_nvidia_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\.L_x_\d+):", line))}
+    best = None
+    for i, line in enumerate(lines):  # a loop: a branch back to a label above it
+        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            if best is None or i - labels[m.group(1)] > best[1] - best[0]:
+                best = (labels[m.group(1)], i)
+    if best is None:
+        return {}
+    ops = (re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line) for line in lines[best[0] : best[1] + 1])
+    return dict(collections.Counter(m.group(1) for m in ops if m).most_common())
+
+
+def registers(kernel) -> dict[str, int]:
+    """Registers per thread and bytes spilled to local memory, as ptxas allocated them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        out = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True,
+                             check=True).stdout  # fmt: skip
+    return {"registers": int(re.search(r"REG:(\d+)", out).group(1)), "spilled": int(re.search(r"LOCAL:(\d+)", out).group(1))}
+
+
 def memory_report(module: str, kernels: list[dict], arch: int = 90) -> list[dict[str, int]]:
     """``memory_instructions`` of kernels of ``module`` (a module name), compiled in a fresh Python process
     without the interpreter. Each entry of ``kernels``: ``name``, ``signature``, ``constexprs`` and
     optionally ``num_warps``."""
+    return [r["memory"] for r in kernel_report(module, kernels, arch)]
+
+
+def kernel_report(module: str, kernels: list[dict], arch: int = 90) -> list[dict]:
+    """For each kernel (as in ``memory_report``): ``memory`` (its global-memory instructions), ``loop`` (the
+    SASS of its main loop, by opcode) and ``registers``, compiled in a fresh process."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     payload = json.dumps({"module": module, "kernels": kernels, "arch": arch})
     done = subprocess.run([sys.executable, "-m", "labkit.kernels.ptx"], input=payload, capture_output=True, text=True,
@@ -78,9 +127,11 @@ def memory_report(module: str, kernels: list[dict], arch: int = 90) -> list[dict
 if __name__ == "__main__":  # the worker of memory_report
     request = json.loads(sys.stdin.read())
     mod = importlib.import_module(request["module"])
-    report = [
-        memory_instructions(compile_for_gpu(getattr(mod, k["name"]), k["signature"], k["constexprs"], request["arch"],
-                                            k.get("num_warps", 4)))  # fmt: skip
-        for k in request["kernels"]
-    ]
+    # kernels are module attributes, or built by the module's _kernels() (labkit's modules that keep Triton lazy)
+    built_by_module = {getattr(f, "__name__", None): f for f in (mod._kernels() if hasattr(mod, "_kernels") else ())}
+    report = []
+    for k in request["kernels"]:
+        fn = getattr(mod, k["name"], None) or built_by_module[k["name"]]
+        built = compile_for_gpu(fn, k["signature"], k["constexprs"], request["arch"], k.get("num_warps", 4))
+        report.append({"memory": memory_instructions(built), "loop": loop_instructions(built), **registers(built)})
     print(json.dumps(report))
