@@ -817,6 +817,25 @@ class NoOpLinear(nn.Module):
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
+class Int8GemmOnlyLinear(nn.Module):
+    """A stand-in for a W8A8 linear that runs only its integer matmul (``torch._int_mm`` on a fixed int8
+    input of the right shape) and none of the quantizing and dequantizing around it: a model made of
+    these shows the best any W8A8 implementation could reach with this machine's int8 GEMM."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.out_features = linear.out_features
+        self.register_buffer("weight_t", quantize(linear.weight.detach(), 8, axis=0, symmetric=True)[0].t())
+        self._inputs: dict[int, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows not in self._inputs:
+            self._inputs[rows] = torch.randint(-127, 128, (rows, x.shape[-1]), dtype=torch.int8, device=x.device)
+        torch._int_mm(self._inputs[rows], self.weight_t)
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
 def _register() -> None:
     from .bench import compare_rounds, register_suite
 
@@ -852,6 +871,7 @@ def _register() -> None:
         model, tokenizer = load_model("tiny")
         quantized = quantize_model(copy.deepcopy(model), "w8a8")
         instant = replace_linears(copy.deepcopy(model), lambda name, linear: NoOpLinear(linear.out_features))
+        gemm_only = replace_linears(copy.deepcopy(model), lambda name, linear: Int8GemmOnlyLinear(linear))
         idx = torch.randint(0, 100, (4, 256), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             prefill = compare_rounds(
@@ -859,6 +879,7 @@ def _register() -> None:
                     "tiny fp32 prefill 4x256": lambda: model(idx),
                     "tiny W8A8 prefill 4x256": lambda: quantized(idx),
                     "tiny fp32 prefill without its linears (Amdahl bound)": lambda: instant(idx),
+                    "tiny prefill with only the int8 GEMMs of its linears (W8A8's bound here)": lambda: gemm_only(idx),
                 },
                 rounds,
                 repeat,

@@ -575,3 +575,16 @@ def test_int4_word_kernel_needs_fewer_instructions_a_weight_than_the_byte_kernel
     }
     assert per_weight["word"] < 0.8 * per_weight["byte"], per_weight
     assert word["spilled"] == 0 and byte["spilled"] == 0
+
+
+def test_amdahl_stand_ins_keep_shapes_and_run_only_what_they_say(monkeypatch):
+    linear = nn.Linear(32, 24)
+    x = torch.randn(2, 5, 32)
+    assert torch.equal(quant.NoOpLinear(24)(x), torch.zeros(2, 5, 24))
+    gemm_only = quant.Int8GemmOnlyLinear(linear)
+    assert gemm_only.weight_t.dtype == torch.int8 and gemm_only.weight_t.shape == (32, 24)
+    assert torch.equal(gemm_only.weight_t.t(), quant.quantize(linear.weight.detach(), 8, axis=0, symmetric=True)[0])
+    calls, real = [], torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append((a.shape, a.dtype, b.shape)) or real(a, b))
+    assert torch.equal(gemm_only(x), torch.zeros(2, 5, 24))
+    assert calls == [((10, 32), torch.int8, (32, 24))]  # one int8 GEMM of the layer's shape, nothing else
