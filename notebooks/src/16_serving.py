@@ -79,11 +79,12 @@ print(", ".join(f"{name} {calls}" for name, calls in ops.items()))
 # CPU the same chain runs each kernel's PyTorch reference, and gives the same tokens:
 
 # %%
+backend = None if torch.cuda.is_available() else "reference"  # the Triton interpreter would take minutes here
 cache = serving.SlotCache(model, 1)
 token = cache.admit(model, 0, prompt).argmax().view(1)
 fused = [int(token)]
 for _ in range(23):
-    token = serving.fused_decode_step(model, cache, token).argmax(-1)
+    token = serving.fused_decode_step(model, cache, token, backend=backend).argmax(-1)
     fused.append(int(token))
 with torch.no_grad():
     alone = model.generate(torch.tensor([prompt]), 24, temperature=0)[0, len(prompt) :].tolist()
