@@ -310,9 +310,9 @@ print(f"with linears that cost only their int8 GEMM (quantizing and dequantizing
 # integer matmul is small, so quantizing its input and dequantizing its output weigh more
 # than in a 2048-wide layer. The goal set for this lab was 2× on `tiny`'s prefill: on a
 # 2-core CPU it is out of reach by quantizing the linear layers: even infinitely fast linears
-# would give 2.5–3×, linears that cost nothing but their int8 GEMM (the last line) still fall
-# short of 2×, and we measured 1.3–1.65× (what Amdahl's law allows with the integer layers
-# 2–2.5× faster than fp32 ones at this width). Wider models (GPT-2's 768) put more of their time in the matmuls,
+# would give 2.5–3×, linears that cost nothing but their int8 GEMM (the last line: nothing
+# quantized, nothing dequantized) about 2× at best, and we measured 1.3–1.65× (what Amdahl's
+# law allows with the integer layers 2–2.5× faster than fp32 ones at this width). Wider models (GPT-2's 768) put more of their time in the matmuls,
 # and there W8A8 comes closer to its per-layer speedup.
 #
 # ## 6. The kernels
