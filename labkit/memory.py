@@ -425,3 +425,60 @@ def ddp_accumulation(world_size: int = 2, micro_batches: int = 4, no_sync: bool 
         for g, e in zip(grads, expected)
     )
     return {"allreduce_calls": [calls for _, calls, _ in gathered], "equals_full_batch": equal}
+
+
+# ---------------------------------------------------------------------------------------
+# The allocator: fresh memory costs page faults.
+# ---------------------------------------------------------------------------------------
+def minor_page_faults() -> int | None:
+    """Minor page faults of this process so far (``getrusage``), or None where the OS does not say.
+
+    A minor fault is the kernel mapping a page of memory on its first touch: it zeroes
+    4 KiB and updates the page table, about a microsecond each.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def page_faults_per_call(fn, repeat: int = 10, warmup: int = 2) -> float | None:
+    """Average minor page faults of one call of ``fn()`` (after ``warmup`` calls), None where unknown."""
+    if not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
+    for _ in range(warmup):
+        fn()
+    before = minor_page_faults()
+    if before is None:
+        return None
+    for _ in range(repeat):
+        fn()
+    return (minor_page_faults() - before) / repeat
+
+
+def keep_freed_memory(threshold_bytes: int = 32 * 2**20) -> bool:
+    """Ask glibc's malloc to keep freed blocks up to ``threshold_bytes`` for reuse; True if it took effect.
+
+    By default glibc hands blocks of more than 128 KiB to the kernel with ``mmap`` and gives
+    them back on ``free``, and it trims freed memory at the top of its heap: a model that
+    allocates the same activations at every call then faults in every page of them again,
+    every call. Raising the mmap and trim thresholds keeps that memory in the process. The
+    setting is process-wide, lasts for the rest of the process, and makes the process hold
+    on to memory it freed (its RSS no longer shrinks). False where the C library is not
+    glibc (macOS, Windows, musl), where nothing changes.
+    """
+    if not isinstance(threshold_bytes, int) or not 2**17 <= threshold_bytes <= 32 * 2**20:
+        raise ValueError(f"threshold_bytes must be an int in 128 KiB .. 32 MiB (glibc's limit), got {threshold_bytes!r}")
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+    except (OSError, TypeError):
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # only glibc has it
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, threshold_bytes)) and bool(libc.mallopt(m_trim_threshold, 4 * threshold_bytes))
