@@ -482,3 +482,58 @@ def keep_freed_memory(threshold_bytes: int = 32 * 2**20) -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
     return bool(libc.mallopt(m_mmap_threshold, threshold_bytes)) and bool(libc.mallopt(m_trim_threshold, 4 * threshold_bytes))
+
+
+_ALLOCATOR_EXPERIMENT = """
+import json, sys, time
+import torch
+import labkit
+from labkit import memory
+torch.set_num_threads({threads})
+model, _ = labkit.load_model({model!r})
+tokens = torch.randint(0, 100, ({batch}, {length}), generator=torch.Generator().manual_seed(0))
+
+def forward():
+    with torch.no_grad():
+        model(tokens)
+
+def seconds():
+    times = []
+    for _ in range({repeat}):
+        start = time.perf_counter()
+        forward()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+result = {{"faults_before": memory.page_faults_per_call(forward, {repeat}), "seconds_before": seconds()}}
+result["kept"] = memory.keep_freed_memory()
+result["faults_after"] = memory.page_faults_per_call(forward, {repeat})
+result["seconds_after"] = seconds()
+print(json.dumps(result))
+"""
+
+
+def allocator_experiment(model: str = "tiny", batch: int = 4, length: int = 256, repeat: int = 10) -> dict:
+    """Page faults and time of one forward pass of ``model`` with glibc's default thresholds, then with
+    ``keep_freed_memory()``, in a fresh Python process (the setting is process-wide and permanent; and
+    a process that has freed big blocks before has already moved glibc's adaptive threshold).
+
+    Returns ``faults_before``, ``seconds_before``, ``kept`` (False where not glibc), ``faults_after``,
+    ``seconds_after``; faults are None where the OS does not report them.
+    """
+    import subprocess
+    import sys
+
+    from . import available_models
+
+    if model not in available_models():
+        raise ValueError(f"model must be one of {available_models()}, got {model!r}")
+    for name, value in (("batch", batch), ("length", length), ("repeat", repeat)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    code = _ALLOCATOR_EXPERIMENT.format(model=model, batch=batch, length=length, repeat=repeat,
+                                        threads=torch.get_num_threads())  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"the allocator experiment failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -218,3 +218,17 @@ def test_page_fault_helpers_bad_input():
     with pytest.raises(ValueError, match="repeat"):
         memory.page_faults_per_call(lambda: None, repeat=0)
     assert memory.page_faults_per_call(lambda: None) < 5  # nothing touched, (almost) nothing faulted
+
+
+def test_allocator_experiment_reports_both_settings_from_a_fresh_process():
+    from labkit import memory
+
+    run = memory.allocator_experiment("tiny", batch=1, length=32, repeat=3)
+    assert set(run) == {"faults_before", "seconds_before", "kept", "faults_after", "seconds_after"}
+    assert run["seconds_before"] > 0 and run["seconds_after"] > 0
+    if run["kept"]:
+        assert run["faults_after"] <= run["faults_before"]
+    with pytest.raises(ValueError, match="model"):
+        memory.allocator_experiment("huge")
+    with pytest.raises(ValueError, match="repeat"):
+        memory.allocator_experiment(repeat=0)
