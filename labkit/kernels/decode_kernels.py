@@ -5,7 +5,9 @@ bound by memory bandwidth. On a GPU, with a model as small as GPT-2-small, it is
 something else first: the number of kernels. Eager PyTorch runs about 14 kernels per layer
 (layer norms, three linears and their bias adds, reshapes, the cache writes, attention over
 the cache, GELU, residual adds), and each costs a few microseconds even replayed from a CUDA
-graph, while its bytes would take under one. So this module does a layer in five kernels:
+graph, while its bytes would take under one. So this module does a layer in five kernels, or three.
+
+Five (``fused_decode_step(..., kernels_per_layer=5)``):
 
 1. ``decode_linear(x, W_qkv, b, ln=ln_1, kv=(k_cache, v_cache, pos))``: LayerNorm as the
    prologue of the GEMV (every program normalizes the row itself: C floats, from L2), then
@@ -20,14 +22,22 @@ graph, while its bytes would take under one. So this module does a layer in five
 4. ``decode_linear(x, W_fc, b, ln=ln_2, gelu=True)``: LayerNorm, the MLP's first linear, GELU.
 5. ``decode_linear(h, W_proj, b, out=x)``: the MLP's second linear, added into x.
 
-plus ``embed`` before the first layer and ``decode_linear(x, W_head, ln=ln_f)`` after the
-last: 5 · n_layer + 2 kernels a token. The residual stream and every activation stay in
-fp32; weights and the cache keep the model's dtype.
+Three (the default): 1 as above (also zeroing the next residual buffer); then
+``decode_attention_proj``, each head's attention times its columns of W_o, added into x
+atomically; then ``decode_mlp``, the whole MLP, each program a block of hidden units through
+both linears, added into the second residual buffer (which becomes x for the next layer).
+
+Plus ``embed`` before the first layer and ``decode_linear(x, W_head, ln=ln_f)`` after the
+last: 5 or 3 · n_layer + 2 kernels a token. The residual stream and every activation stay in
+fp32; weights and the cache keep the model's dtype. On Hopper, kernels are launched with
+programmatic dependent launch (``pdl``): a kernel may start while the previous one finishes,
+loads its weights (which nothing writes) and only then waits for the previous one's output.
 
 Each kernel sits beside its PyTorch reference, which is the CPU path and the test oracle
-(the kernels run under ``TRITON_INTERPRET=1`` in the tests). ``serving.fused_decode_step``
-chains them into a whole decode step that a CUDA graph can capture: no shape depends on the
-position, and nothing waits for the host.
+(the kernels run under ``TRITON_INTERPRET=1`` in the tests; ``kernels.ptx`` compiles them
+for sm_90 in the tests too). ``serving.fused_decode_step`` chains them into a whole decode
+step that a CUDA graph can capture: no shape depends on the position, and nothing waits for
+the host.
 """
 
 from __future__ import annotations
