@@ -31,7 +31,7 @@ check() {  # name, seconds, script, arguments...
   fi
 }
 check gpu_check_serving 420 gpu_check_serving --out "$OUT" --variants fused_cuda_graph,fused_nopdl_cuda_graph,compiled_cuda_graph,cuda_graph,fused5_cuda_graph
-check gpu_check_quant 110 gpu_check_quant --out "$OUT"
+check gpu_check_quant 170 gpu_check_quant --out "$OUT"
 if [ "${ALL:-0}" = 1 ]; then
   check gpu_check_serving_autotune 200 gpu_check_serving --out "$OUT/autotune" --variants compiled_cuda_graph \
     --mode max-autotune-no-cudagraphs
