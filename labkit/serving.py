@@ -258,6 +258,9 @@ def count_ops(fn) -> dict[str, int]:
 
 def _check_fusable(model: LabGPT) -> None:
     """The fused step knows LabGPT's own layers only: plain linears, tanh GELU, no dropout at work."""
+    if model.training and model.config.dropout > 0:
+        raise ValueError("fused_decode_step has no dropout: call model.eval() first (dropout is "
+                         f"{model.config.dropout})")  # fmt: skip
     for name, module in model.named_modules():
         if name.endswith(("c_attn", "c_proj", "c_fc")) and type(module) is not torch.nn.Linear:
             raise ValueError(f"fused_decode_step needs LabGPT's plain nn.Linear layers; {name} is "

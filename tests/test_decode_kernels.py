@@ -279,8 +279,26 @@ def test_decode_kernels_bad_input():
     mlp = model.transformer.h[0].mlp
     ln = (torch.ones(32), torch.zeros(32), 1e-5)
     x = torch.randn(1, 32)
-    with pytest.raises(ValueError, match="out must not be x"):
+    with pytest.raises(ValueError, match="out must not overlap x"):
         dk.decode_mlp(x, ln, mlp.c_fc.weight, mlp.c_fc.bias, dk.transposed_weight(mlp.c_proj), mlp.c_proj.bias, x)
+    both = torch.zeros(2, 32)  # out and x in one buffer, one row apart: no overlap, allowed
+    dk.decode_mlp(both[:1], ln, mlp.c_fc.weight, mlp.c_fc.bias, dk.transposed_weight(mlp.c_proj), mlp.c_proj.bias,
+                  both[1:])  # fmt: skip
+    residual = torch.zeros(1, 32)
+    with pytest.raises(ValueError, match="out must not overlap x"):  # the residual add into its own input
+        dk.decode_linear(residual, torch.randn(32, 32), out=residual)
+    with pytest.raises(ValueError, match="zero must not overlap"):
+        dk.decode_linear(x, torch.randn(32, 32), zero=x)
+    qkv = torch.randn(1, 96)
+    with pytest.raises(ValueError, match="out must not overlap qkv"):
+        dk.decode_attention_proj(qkv, *_cache(1, 2, 10, 16), torch.tensor([3]), 2, torch.randn(32, 32), None, qkv[:, :32])
+    with pytest.raises(ValueError, match="pos must be a contiguous"):
+        dk.decode_attention(qkv.repeat(2, 1), *_cache(2, 2, 10, 16), torch.tensor([3, 0, 1, 0])[::2], 2)
+    model.train()
+    model.config.dropout = 0.1
+    with pytest.raises(ValueError, match="model.eval"):
+        serving.fused_decode_step(model, cache, torch.tensor([1]))
+    model.eval()
     with pytest.raises(ValueError, match="proj_weight_t"):
         dk.decode_mlp(x, ln, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias, torch.zeros(1, 32))
     with pytest.raises(ValueError, match="zero must be"):

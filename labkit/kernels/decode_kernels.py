@@ -136,8 +136,28 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor
         )
     if k_cache.shape[0] != rows or k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
         raise ValueError(f"the caches must hold {rows} rows, contiguous in head_size, with equal strides")
-    if pos.shape != (rows,) or pos.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"pos must be an integer tensor of shape ({rows},), got {pos.dtype} {tuple(pos.shape)}")
+    if pos.shape != (rows,) or pos.dtype not in (torch.int32, torch.int64) or not pos.is_contiguous():
+        raise ValueError(f"pos must be a contiguous integer tensor of shape ({rows},), got {pos.dtype} "
+                         f"{tuple(pos.shape)}")  # fmt: skip
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes a tensor view can touch: [first, last) addresses."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else -1
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _check_apart(written: str, w: torch.Tensor | None, others: dict) -> None:
+    """A kernel's programs read their inputs while others write ``w``: the memory must not overlap."""
+    if w is None:
+        return
+    a0, a1 = _span(w)
+    for name, t in others.items():
+        if t is not None and t.device == w.device:
+            b0, b1 = _span(t)
+            if a0 < b1 and b0 < a1:
+                raise ValueError(f"{written} must not overlap {name}: programs of one kernel would read what "
+                                 f"others write")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------
@@ -158,8 +178,11 @@ def embed(tokens: torch.Tensor, length: torch.Tensor, wte: torch.Tensor, wpe: to
                          f"and {tuple(length.shape)}")  # fmt: skip
     _check_2d("wte", wte)
     _check_2d("wpe", wpe, wte.shape[1])
+    if not length.is_contiguous():
+        raise ValueError("length must be contiguous (the kernel moves each row's length on in place)")
     if _choose(backend, tokens, wte) == "reference":
         return embed_reference(tokens, length, wte, wpe)
+    tokens = tokens.contiguous()
     triton, kernel, *_ = _kernels()
     B, C = tokens.shape[0], wte.shape[1]
     x = torch.empty(B, C, device=wte.device, dtype=torch.float32)
@@ -225,6 +248,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         raise ValueError(f"splits must be a power of two >= 1, got {splits!r}")
     if _choose(backend, qkv, k_cache) == "reference":
         return decode_attention_reference(qkv, k_cache, v_cache, pos, n_head, splits)
+    qkv = qkv if qkv.stride(1) == 1 else qkv.contiguous()
     triton, _, _, kernel, *_ = _kernels()
     m = torch.empty(B, n_head, splits, device=qkv.device, dtype=torch.float32)
     lsum = torch.empty_like(m)
@@ -317,6 +341,9 @@ def decode_linear(
                              or not zero.is_contiguous()):  # fmt: skip
         raise ValueError(f"zero must be a contiguous fp32 tensor of shape ({B}, Z) with Z <= {N}, got "
                          f"{zero.dtype} {tuple(zero.shape)}")  # fmt: skip
+    inputs = {"parts.m": x.m, "parts.denom": x.denom, "parts.acc": x.acc} if parts else {"x": x}
+    _check_apart("out", out, inputs)
+    _check_apart("zero", zero, {**inputs, "out": out})
     anchor = x.acc if parts else x
     if _choose(backend, anchor, weight) == "reference":
         return decode_linear_reference(x, weight, bias, ln, gelu, out, kv, zero)
@@ -461,8 +488,10 @@ def decode_attention_proj(
         raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
     if out.shape != (B, N) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous fp32 tensor of shape ({B}, {N}), got {out.dtype} {tuple(out.shape)}")
+    _check_apart("out", out, {"qkv": qkv})
     if _choose(backend, qkv, k_cache) == "reference":
         return decode_attention_proj_reference(qkv, k_cache, v_cache, pos, n_head, weight, bias, out)
+    qkv = qkv if qkv.stride(1) == 1 else qkv.contiguous()
     key = ("decode_attention_proj", B, N, C, n_head, weight.dtype, k_cache.shape[2], weight.device, pdl)
     config = _config(key, config, ATTENTION_PROJ_CONFIGS, INTERPRETER_ATTENTION_PROJ, weight, out, True,
                      lambda c, y: _launch_attention_proj(qkv, k_cache, v_cache, pos, n_head, weight, bias, y, c, pdl))  # fmt: skip
@@ -516,8 +545,7 @@ def decode_mlp(
         raise ValueError(f"ln must be (weight ({C},), bias ({C},) or None, eps)")
     if out.shape != (B, C) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous fp32 tensor of shape ({B}, {C}), got {out.dtype} {tuple(out.shape)}")
-    if out.data_ptr() == x.data_ptr():
-        raise ValueError("out must not be x: the kernel reads x while other programs add into out")
+    _check_apart("out", out, {"x": x})
     if _choose(backend, x, fc_weight) == "reference":
         return decode_mlp_reference(x, ln, fc_weight, fc_bias, proj_weight_t, proj_bias, out)
     key = ("decode_mlp", B, C, hidden, fc_weight.dtype, fc_weight.device, pdl)

@@ -164,7 +164,7 @@ def linear_kernel(
     if KV_WRITE:  # outputs C..2C are the new key, 2C..3C the new value: into the cache at the row's position
         pos = tl.load(pos_ptr + m)
         c = out % C
-        slot = m * stride_cb + (c // HS) * stride_ch + pos * stride_ct + c % HS
+        slot = m.to(tl.int64) * stride_cb + (c // HS) * stride_ch + pos * stride_ct + c % HS  # caches pass 2^31
         tl.store(kc_ptr + slot, y.to(kc_ptr.dtype.element_ty), mask=keep & (out // C == 1))
         tl.store(vc_ptr + slot, y.to(vc_ptr.dtype.element_ty), mask=keep & (out // C == 2))
     if ZERO:  # on the side: set row m of a (B, Z) buffer to 0 (the next residual accumulator)
@@ -190,7 +190,8 @@ def attention_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < HS
     q = tl.load(qkv_ptr + b * stride_qm + h * HS + offs_d, mask=d_in, other=0.0).to(tl.float32) * qk_scale
-    m_i, l_i, acc = attend(q, kc_ptr + b * stride_cb + h * stride_ch, vc_ptr + b * stride_cb + h * stride_ch,
+    head = b.to(tl.int64) * stride_cb + h * stride_ch  # 64-bit: a whole cache may pass 2^31 elements
+    m_i, l_i, acc = attend(q, kc_ptr + head, vc_ptr + head,
                            start, end, stride_ct, offs_d, d_in, BLOCK_T)  # fmt: skip
     part = bh * SPLITS + s
     tl.store(m_ptr + part, m_i)
@@ -219,7 +220,8 @@ def attention_proj_kernel(
     launch_dependents(USE_PDL)
     q = tl.load(qkv_ptr + b * stride_qm + h * HS + offs_d, mask=d_in, other=0.0).to(tl.float32) * qk_scale
     length = tl.load(pos_ptr + b) + 1
-    m_i, l_i, acc = attend(q, kc_ptr + b * stride_cb + h * stride_ch, vc_ptr + b * stride_cb + h * stride_ch,
+    head = b.to(tl.int64) * stride_cb + h * stride_ch  # 64-bit: a whole cache may pass 2^31 elements
+    m_i, l_i, acc = attend(q, kc_ptr + head, vc_ptr + head,
                            0, length, stride_ct, offs_d, d_in, BLOCK_T)  # fmt: skip
     o = acc / l_i  # (BLOCK_D,): this head's output
     y = tl.sum(w * o[None, :], axis=1)
