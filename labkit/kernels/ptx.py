@@ -69,17 +69,22 @@ def _nvidia_tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
+def _on_cubin(kernel, tool: str, *args: str) -> str:
+    """Run one of the wheel's NVIDIA tools on the kernel's cubin; its standard output."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        return subprocess.run([_nvidia_tool(tool), *args, path], capture_output=True, text=True, check=True).stdout
+
+
 def loop_instructions(kernel) -> dict[str, int]:
     """The machine instructions (SASS) of the kernel's longest loop, by opcode: what one iteration costs.
 
     Divide the total by the elements one thread handles per iteration to get instructions per
     element, the number that says whether a kernel can keep up with memory.
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        sass = subprocess.run([_nvidia_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
+    sass = _on_cubin(kernel, "nvdisasm", "-c")
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\.L_x_\d+):", line))}
     best = None
@@ -96,12 +101,7 @@ def loop_instructions(kernel) -> dict[str, int]:
 
 def registers(kernel) -> dict[str, int]:
     """Registers per thread and bytes spilled to local memory, as ptxas allocated them."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        out = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True,
-                             check=True).stdout  # fmt: skip
+    out = _on_cubin(kernel, "cuobjdump", "-res-usage")
     return {"registers": int(re.search(r"REG:(\d+)", out).group(1)), "spilled": int(re.search(r"LOCAL:(\d+)", out).group(1))}
 
 
