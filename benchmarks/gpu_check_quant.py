@@ -152,6 +152,19 @@ def check_kernels(device, smoke: bool) -> list[dict]:
                      "ok": ok4, "max_rel_err": err4})  # fmt: skip
         log(f"check weight-only {m}x{k}x{n} {dtype}: int8 {'ok' if ok else 'FAIL'} ({err:.1e}), "
             f"int4 g{group} {'ok' if ok4 else 'FAIL'} ({err4:.1e})")  # fmt: skip
+        if m <= qk.GEMV_MAX_ROWS:  # the int4 word kernel, both unpackings (the halves one is inline PTX)
+            for halves in (False, True):
+                wcfg = qk.GemvConfig(8, 32, 1, 1, 1, True, halves) if smoke else qk.GemvConfig(
+                    128, min(128, group), 1, 2, 4, True, halves)  # fmt: skip
+                got = qk.int4_weight_only_linear_triton(x, packed, scales, zeros, group, config=wcfg)
+                # halves keep ~13 bits of each q·x: below bf16's rounding, not fp32's (the autotuner offers them
+                # to 16-bit activations only)
+                tol = max(tolerance[dtype], 1e-4) if halves else tolerance[dtype]
+                okw, errw = close(got, qk.int4_weight_only_linear_reference(x, packed, scales, zeros, group), tol)
+                label = "fp16 halves" if halves else "float words"
+                rows.append({"kernel": f"int4_weight_only_linear g{group} word kernel, {label}", "shape": [m, k, n],
+                             "dtype": str(dtype), "ok": okw, "max_rel_err": errw})  # fmt: skip
+                log(f"check int4 word kernel ({label}) {m}x{k}x{n} {dtype}: {'ok' if okw else 'FAIL'} ({errw:.1e})")
     # split-K explicitly (the autotuner may not pick it)
     m, k, n = (2, 256, 24) if smoke else (1, 14336, 4096)
     x = torch.randn(m, k, device=device, generator=g).to(cases[0][3])

@@ -102,3 +102,15 @@ def test_autotune_times_every_config_and_keeps_the_fastest(device):
     assert [cfg for cfg, _ in timings] == candidates
     assert best == min(((t, cfg) for cfg, t in timings if t is not None), key=lambda x: x[0])[1]
     torch.testing.assert_close(c, matmul_reference(a, b), **TOLERANCES[torch.float16])
+
+
+def test_autotune_leaves_out_a_config_whose_output_disagrees():
+    from labkit.kernels import fastest
+
+    outputs = {"right": torch.ones(4), "wrong": torch.ones(4) * 2, "also right": torch.ones(4) + 1e-7}
+    agree = lambda out, yardstick: bool(torch.allclose(out, yardstick))  # noqa: E731
+    with pytest.warns(UserWarning, match="'wrong' disagrees with 'right'"):
+        best, timings = fastest(list(outputs), lambda name: outputs[name].clone(), torch.device("cpu"), agree)
+    assert dict(timings)["wrong"] is None
+    assert dict(timings)["right"] is not None and dict(timings)["also right"] is not None
+    assert best in ("right", "also right")

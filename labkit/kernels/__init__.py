@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -57,15 +58,27 @@ def choose_backend(backend: str | None, *tensors: torch.Tensor) -> str:
     return backend
 
 
-def fastest(configs, run, device) -> tuple[object, list[tuple[object, float | None]]]:
+def fastest(configs, run, device, agree=None) -> tuple[object, list[tuple[object, float | None]]]:
     """Autotuning is nothing more than measuring: time ``run(config)`` for each config (median
     of repeats) and return the fastest with every timing (None where a config could not run,
-    e.g. its tiles need more shared memory than this GPU has)."""
+    e.g. its tiles need more shared memory than this GPU has).
+
+    ``agree(output, yardstick)``, if given, vets each config before it is timed: ``run`` returns its
+    output, the first config that runs gives the yardstick, and a config whose output ``agree``
+    rejects is left out with a warning (timing None): a fast wrong kernel is never chosen."""
     from ..bench import measure
 
-    timings = []
+    timings, yardstick, yardstick_cfg = [], None, None
     for cfg in configs:
         try:
+            if agree is not None:
+                out = run(cfg).detach().clone()
+                if yardstick is None:
+                    yardstick, yardstick_cfg = out, cfg
+                elif not agree(out, yardstick):
+                    warnings.warn(f"autotune: {cfg!r} disagrees with {yardstick_cfg!r}'s output; left out", stacklevel=2)
+                    timings.append((cfg, None))
+                    continue
             seconds = measure(lambda: run(cfg), warmup=2, repeat=10, device=device).median_s
         except Exception:  # a config this GPU cannot run is skipped, not fatal
             seconds = None
