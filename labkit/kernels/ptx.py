@@ -78,6 +78,17 @@ def _on_cubin(kernel, tool: str, *args: str) -> str:
         return subprocess.run([_nvidia_tool(tool), *args, path], capture_output=True, text=True, check=True).stdout
 
 
+def _opcodes(lines) -> list[str]:
+    ops = (re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)", line) for line in lines)
+    return [m.group(1) for m in ops if m]
+
+
+def sass_instructions(kernel) -> dict[str, int]:
+    """Every machine instruction (SASS) of the kernel, by opcode with its modifiers (``REDG.E.ADD.F32...``):
+    what the GPU runs. ptxas may rewrite the PTX (an ``atom`` whose result is unused becomes a ``RED``)."""
+    return dict(collections.Counter(_opcodes(_on_cubin(kernel, "nvdisasm", "-c").splitlines())).most_common())
+
+
 def loop_instructions(kernel) -> dict[str, int]:
     """The machine instructions (SASS) of the kernel's longest loop, by opcode: what one iteration costs.
 
@@ -95,8 +106,8 @@ def loop_instructions(kernel) -> dict[str, int]:
                 best = (labels[m.group(1)], i)
     if best is None:
         return {}
-    ops = (re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line) for line in lines[best[0] : best[1] + 1])
-    return dict(collections.Counter(m.group(1) for m in ops if m).most_common())
+    ops = (op.split(".")[0] for op in _opcodes(lines[best[0] : best[1] + 1]))
+    return dict(collections.Counter(ops).most_common())
 
 
 def registers(kernel) -> dict[str, int]:
@@ -113,8 +124,9 @@ def memory_report(module: str, kernels: list[dict], arch: int = 90) -> list[dict
 
 
 def kernel_report(module: str, kernels: list[dict], arch: int = 90) -> list[dict]:
-    """For each kernel (as in ``memory_report``): ``memory`` (its global-memory instructions), ``loop`` (the
-    SASS of its main loop, by opcode) and ``registers``, compiled in a fresh process."""
+    """For each kernel (as in ``memory_report``): ``memory`` (its global-memory instructions), ``sass`` (all its
+    machine instructions), ``loop`` (the SASS of its main loop, by opcode) and ``registers``, compiled in a
+    fresh process."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     payload = json.dumps({"module": module, "kernels": kernels, "arch": arch})
     done = subprocess.run([sys.executable, "-m", "labkit.kernels.ptx"], input=payload, capture_output=True, text=True,
@@ -133,5 +145,6 @@ if __name__ == "__main__":  # the worker of memory_report
     for k in request["kernels"]:
         fn = getattr(mod, k["name"], None) or built_by_module[k["name"]]
         built = compile_for_gpu(fn, k["signature"], k["constexprs"], request["arch"], k.get("num_warps", 4))
-        report.append({"memory": memory_instructions(built), "loop": loop_instructions(built), **registers(built)})
+        report.append({"memory": memory_instructions(built), "sass": sass_instructions(built),
+                       "loop": loop_instructions(built), **registers(built)})  # fmt: skip
     print(json.dumps(report))
