@@ -399,6 +399,102 @@ else:
     print("no GPU here: the kernels ran in the interpreter above; run benchmarks/gpu_check_quant.py on a GPU")
 
 # %% [markdown]
+# ### Unpacking nibbles: count the instructions
+#
+# "Compute bounds it" can be made exact. An H100 issues one instruction for 32 threads
+# (a warp) per clock on each of the 4 schedulers of each of its 132 SMs: 33.5 T thread
+# instructions a second, the same number as its fp32 multiply-adds (67 TFLOP/s on the
+# datasheet is 2 FLOPs each). Its integer unit (shifts, logical ops) has half as many lanes
+# as the float unit. Reading 235M 4-bit weights (117 MB) at 3.35 TB/s takes 35 µs; in that
+# time the GPU can issue this many instructions per weight:
+
+# %%
+from labkit import hardware
+
+h100 = next(r for r in hardware.datasheet() if r["name"].startswith("NVIDIA H100"))
+lanes = h100["fp32_tflops"] * 1e12 / 2  # thread instructions a second: one multiply-add (2 FLOPs) each
+weights = 8192 * 28672
+memory_s = weights / 2 / (h100["memory_bandwidth_gbs"] * 1e9)  # half a byte a weight
+print(f"{h100['name']}: {lanes / 1e12:.1f} T instructions/s; the int4 weights take {memory_s * 1e6:.1f} us to read; "
+      f"budget {lanes * memory_s / weights:.2f} instructions a weight (integer ones count double)")
+
+# %% [markdown]
+# Unpacking a nibble the obvious way (`(byte >> 4) & 0xF`, convert to float, subtract the
+# zero point) costs several integer instructions per weight, and the kit's first int4 GEMV
+# measured 83.7 µs on an H100, 1.93× bf16. Two cheaper ways, both in
+# `int4_gemv_words_kernel`, read 32-bit words of 8 nibbles:
+#
+# - **float words**: shift a nibble to bits 16–19 and OR it under the exponent of 2²³: the
+#   bits now *are* the float 2²³ + q·2¹⁶, with no conversion instruction (the 2²³ part is
+#   taken off once per word);
+# - **fp16 halves**: one AND-OR puts *two* nibbles under the exponent of two fp16 1024s at
+#   once, because a 32-bit register holds two halves: `(u & 0x000F000F) | 0x64006400` is the
+#   pair (1024 + q₀, 1024 + q₄); the mask `0x00F000F0` gives 1024 + 16·q for the odd columns.
+#
+# The trick needs nothing but bits, so PyTorch can show it on this CPU (`.view` reinterprets
+# the bytes):
+
+# %%
+u = torch.tensor([0x76543210], dtype=torch.int32)  # column i holds the nibble q = i
+magic = 0x64006400  # two fp16 1024.0s
+pairs = {"columns 0, 4": (u & 0x000F000F) | magic, "columns 1, 5": (u & 0x00F000F0) | magic,
+         "columns 2, 6": ((u >> 8) & 0x000F000F) | magic, "columns 3, 7": ((u >> 8) & 0x00F000F0) | magic}  # fmt: skip
+for name, word in pairs.items():
+    halves = word.view(torch.float16).tolist()  # little-endian: the low half first
+    print(f"{name}: {hex(word.item())} -> fp16 {halves} -> q = {[(h - 1024) / (16 if name[8] in '1357' else 1) for h in halves]}")
+
+# %% [markdown]
+# On the GPU the two halves go to fp32 in one instruction each, which runs beside the
+# integer unit. Compiled for Hopper here (Triton ships NVIDIA's assembler), the main loop of
+# each kernel, counted per weight, and the time that count alone would take (the larger of
+# all instructions over the issue rate and integer ones over the integer unit's):
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+try:
+    from labkit.kernels.ptx import kernel_report
+
+    sig = dict(x_ptr="*bf16", s_ptr="*bf16", z_ptr="*bf16", y_ptr="*bf16", N="i32", K="i32", stride_xm="i32",
+               stride_wn="i32", stride_sn="i32", stride_ym="i32")  # fmt: skip
+    words = dict(name="int4_gemv_words_kernel", signature=dict(sig, w_ptr="*i32"), num_warps=2,
+                 constexprs=dict(GROUP=128, BLOCK_N=128, BLOCK_W=16, SPLIT_K=1, HALVES=False, ASM=True))
+    kernels = {  # name: (kernel, weights one thread handles per loop iteration)
+        "bytes (the first int4 GEMV)": (dict(name="int4_gemv_kernel", signature=dict(sig, w_ptr="*u8"),
+                                             constexprs=dict(GROUP=128, BLOCK_N=16, BLOCK_K=512, SPLIT_K=1)), 64),
+        "float words": (words, 256),
+        "fp16 halves": (dict(words, constexprs=dict(words["constexprs"], HALVES=True)), 256),
+    }  # fmt: skip
+    reports = kernel_report("labkit.kernels.quant_kernels", [k for k, _ in kernels.values()])
+    integer_ops = ("LOP3", "SHF", "IMAD", "IADD3", "PRMT", "LEA", "MOV")
+    print(f"{'unpacking':<28} {'instructions/weight':>20} {'integer/weight':>15} {'instruction-bound time':>24}")
+    bound_s = {}
+    for (name, (_, per_thread)), report in zip(kernels.items(), reports):
+        total = sum(report["loop"].values()) / per_thread
+        integer = sum(report["loop"].get(op, 0) for op in integer_ops) / per_thread
+        bound_s[name] = weights * max(total / lanes, integer / (lanes / 2))
+        print(f"{name:<28} {total:>20.2f} {integer:>15.2f} {bound_s[name] * 1e6:>21.1f} us")
+    if run is not None:  # the recorded H100 run: how far the byte kernel was from its count
+        measured = next(r for r in run["weight_only"] if r["variant"] == "labkit int4_weight_only_linear")
+        ratio = measured["variant_s"] / bound_s["bytes (the first int4 GEMV)"]
+        print(f"\nthe byte kernel measured {measured['variant_s'] * 1e6:.1f} us on the H100, {ratio:.2f}x its count's time;"
+              f" at the same ratio (bf16 took {measured['baseline_s'] * 1e6:.1f} us):")
+        for name, seconds in bound_s.items():
+            guess = max(seconds * ratio, memory_s)
+            print(f"  {name:<28} ~{guess * 1e6:5.1f} us, {measured['baseline_s'] / guess:.2f}x bf16 (bar 2.8x)")
+except (ImportError, RuntimeError, OSError) as err:  # no triton, or a wheel without NVIDIA's tools
+    print(f"cannot compile for a GPU here ({type(err).__name__}): see benchmarks/RESULTS.md for the counts")
+
+# %% [markdown]
+# The count is a lower bound: no kernel issues an instruction on every scheduler every clock
+# (it waits for its loads and for its own results), and the byte kernel measured well above
+# its count's time. But it is the part a kernel writer controls, and it ranks the three. At
+# the byte kernel's ratio, the float words alone would likely stay short of the bar; the fp16
+# halves bring the count under the time the bytes take, so that kernel can be bound by
+# memory. The autotuner times all of them and keeps the fastest, after checking each one's
+# output against the first's; what it reaches is for a GPU to say
+# (`benchmarks/gpu_check_quant.py`).
+
+# %% [markdown]
 # ## 7. The widget: bits, granularity, group size, calibration
 #
 # Every linear weight of LabGPT is rounded to the chosen grid (simulated in fp32, so any bit
