@@ -5,7 +5,9 @@ KV cache, replayed from a CUDA graph, against the memory-bandwidth roofline.
 
 The roofline: a decode step must read every weight and the cached keys and values once,
 so tokens/s <= measured bandwidth / bytes per token. The bar (issue 10): at least 40%.
-Also checks that the graph-replayed step gives the same tokens as ``LabGPT.generate``.
+Also checks that the graph-replayed step gives the same tokens as ``LabGPT.generate``, and
+profiles each variant's token (``bench.kernel_profile``): the time its kernels are busy, the
+gaps between them, and the kernels that take longest.
 Variants (``--variants``, comma-separated):
 
 - ``cuda_graph``: ``serving.decode_step`` (eager PyTorch ops, about 14 kernels a layer) in a graph;
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from labkit import hardware, serving
+from labkit import bench, hardware, serving
 from labkit.model import LabGPT, get_config
 
 VARIANTS = ("fused_cuda_graph", "fused_nopdl_cuda_graph", "compiled_cuda_graph", "cuda_graph", "fused5_cuda_graph")
@@ -91,7 +93,29 @@ def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = 
             decode(tokens, record=False)
             torch.cuda.synchronize()
             times.append((time.perf_counter() - t0) / (tokens - 1))
-    return {"tokens_per_s": 1 / statistics.median(times), "agreement_with_generate": agree, "prepare_s": prepare_s}
+
+        def one_token():
+            graph.replay()
+            static_tok.copy_(static_logits.argmax(-1))
+
+        try:  # where a token's time goes: kernels, their overlap, and the gaps between them
+            profile = bench.kernel_profile(one_token, steps=32, device=static_tok.device, top=10)
+        except Exception as err:  # the profile is for reading; it must not cost the measurement
+            profile = {"error": f"{type(err).__name__}: {err}"}
+    return {"tokens_per_s": 1 / statistics.median(times), "agreement_with_generate": agree, "prepare_s": prepare_s,
+            "profile": profile}  # fmt: skip
+
+
+def profile_lines(name: str, profile: dict) -> str:
+    """The profile of one variant, as text for the log."""
+    if "error" in profile:
+        return f"  {name} profile: {profile['error']}"
+    lines = [f"  {name} per token: wall {profile['wall_s'] * 1e6:.1f} us, kernels busy {profile['busy_s'] * 1e6:.1f} us "
+             f"(sum of kernel times {profile['kernel_s'] * 1e6:.1f} us), idle {profile['idle_s'] * 1e6:.1f} us, "
+             f"{profile['launches']:.0f} kernels"]  # fmt: skip
+    for k in profile["kernels"][:6]:
+        lines.append(f"    {k['seconds'] * 1e6:7.1f} us  x{k['calls']:.0f}  {k['name'][:90]}")
+    return "\n".join(lines)
 
 
 def serving_pdl(model) -> bool:
@@ -176,6 +200,7 @@ def main() -> None:
         print(f"{name}: {r['tokens_per_s']:.0f} tokens/s = {100 * r['fraction_of_roofline']:.1f}% of the roofline "
               f"({roofline:.0f} tokens/s); agreement with generate {r['agreement_with_generate']:.3f}; "
               f"prepared in {r['prepare_s']:.1f} s", flush=True)  # fmt: skip
+        print(profile_lines(name, r["profile"]), flush=True)
         (out / "gpu_serving.json").write_text(json.dumps(result, indent=2))
     from labkit.kernels import decode_kernels
 

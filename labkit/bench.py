@@ -115,6 +115,57 @@ def measure(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, device=
     )
 
 
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: how long something was running, overlaps counted once."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= a:
+            continue
+        if a > end:
+            total, end = total + b - a, b
+        elif b > end:
+            total, end = total + b - end, b
+    return total
+
+
+def kernel_profile(fn: Callable[[], object], steps: int = 10, device=None, top: int = 12) -> dict:
+    """Where one call of ``fn`` spends its time, from ``torch.profiler``: the kernels it runs on a GPU
+    (or its top-level operators on a CPU), per call.
+
+    Returns ``wall_s`` (per call), ``kernel_s`` (every kernel's duration summed), ``busy_s`` (time with at
+    least one kernel running: overlapping kernels, as under programmatic dependent launch, count once),
+    ``idle_s`` (wall minus busy: launch gaps and host work), ``launches`` (kernels a call), and ``kernels``:
+    the ``top`` names by time, each with ``calls`` and ``seconds`` per call of ``fn``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    device = torch.device(device) if device is not None else get_device()
+    on_gpu = device.type == "cuda"
+    fn()  # outside the profile: first-call work (compilation, allocation) is not the steady state
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        synchronize(device)
+        wall = (time.perf_counter() - t0) / steps
+    if on_gpu:
+        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:
+        events = [e for e in prof.events() if e.cpu_parent is None]  # top level: nested operators counted once
+    intervals = [(e.time_range.start * 1e-6, e.time_range.end * 1e-6) for e in events]
+    by_name: dict[str, list[float]] = {}
+    for e, (a, b) in zip(events, intervals):
+        by_name.setdefault(e.name, []).append(b - a)
+    kernels = sorted(({"name": n, "calls": len(t) / steps, "seconds": sum(t) / steps} for n, t in by_name.items()),
+                     key=lambda k: -k["seconds"])  # fmt: skip
+    busy = busy_seconds(intervals) / steps
+    return {"wall_s": wall, "kernel_s": sum(b - a for a, b in intervals) / steps, "busy_s": busy,
+            "idle_s": max(0.0, wall - busy), "launches": len(events) / steps, "kernels": kernels[:top]}  # fmt: skip
+
+
 def device_label(device=None) -> str:
     """A short name for the hardware a number was measured on."""
     device = torch.device(device) if device is not None else get_device()

@@ -2,6 +2,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from labkit import bench
 
@@ -76,3 +77,24 @@ def test_every_registered_suite_runs_and_returns_rows(suite, tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert rows and all(r["suite"] == suite and r["variant_s"] > 0 for r in rows)
     assert any(r["speedup"] == 1.0 for r in rows)  # each table carries its baseline
+
+
+def test_busy_seconds_counts_overlaps_once():
+    assert bench.busy_seconds([]) == 0.0
+    assert bench.busy_seconds([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0), (3.5, 3.7)]) == 3.0  # [0, 2] and [3, 4]
+    assert bench.busy_seconds([(2.0, 3.0), (0.0, 1.0), (1.0, 2.0)]) == 3.0  # touching, out of order
+    assert bench.busy_seconds([(0.0, 5.0), (1.0, 2.0)]) == 5.0  # one inside another
+    assert bench.busy_seconds([(1.0, 1.0), (2.0, 1.5)]) == 0.0  # empty and reversed intervals count nothing
+
+
+def test_kernel_profile_names_what_a_call_runs():
+    a = torch.randn(64, 64)
+    profile = bench.kernel_profile(lambda: torch.relu(a @ a) + 1, steps=4, device="cpu")
+    names = [k["name"] for k in profile["kernels"]]
+    assert {"aten::matmul", "aten::relu", "aten::add"} <= set(names)
+    assert all(k["calls"] == 1.0 for k in profile["kernels"])  # per call of fn, top-level operators only
+    assert profile["launches"] == 3
+    assert 0 < profile["busy_s"] <= profile["kernel_s"] + 1e-12 and profile["busy_s"] <= profile["wall_s"]
+    assert profile["idle_s"] == pytest.approx(max(0.0, profile["wall_s"] - profile["busy_s"]))
+    with pytest.raises(ValueError, match="steps"):
+        bench.kernel_profile(lambda: None, steps=0, device="cpu")
