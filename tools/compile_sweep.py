@@ -1,0 +1,109 @@
+"""Compile every launch configuration the GPU autotuners can pick, for a Hopper GPU, on this machine.
+
+A GPU session is short (minutes of device time); a kernel config that does not compile with
+the GPU machine's Triton costs part of it. Triton's wheel carries NVIDIA's assembler, so the
+configs can be built here first, with the same Triton version as the GPU machine:
+
+    python -m venv /tmp/venv36 && /tmp/venv36/bin/pip install torch==2.13.0 numpy triton==3.6.0
+    /tmp/venv36/bin/pip install --no-deps -e . && /tmp/venv36/bin/python tools/compile_sweep.py
+
+Covers the fused decode step's kernels (every config of ``DECODE_GEMV_CONFIGS`` in each of the
+ways ``serving.fused_decode_step`` launches the GEMV, ``ATTENTION_PROJ_CONFIGS``,
+``MLP_CONFIGS``) in GPT-2-small's shape, and the int4 word kernel's configs in
+``INT4_GEMV_CONFIGS``. Prints registers, spills and loop instructions a weight (int4), and
+exits non-zero if any config fails to compile or spills.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from labkit.kernels import decode_kernels as dk
+from labkit.kernels import quant_kernels as qk
+from labkit.kernels.ptx import kernel_report
+
+P16, P32, I32 = "*bf16", "*fp32", "i32"
+LINEAR = dict(x_ptr=P32, w_ptr=P16, b_ptr=P16, y_ptr=P32, lnw_ptr=P16, lnb_ptr=P16, m_ptr=P32, l_ptr=P32, a_ptr=P32,
+              kc_ptr=P16, vc_ptr=P16, pos_ptr="*i64", z_ptr=P32, N=I32, K=I32, eps="fp32", stride_xm=I32,
+              stride_wn=I32, stride_ym=I32, stride_cb=I32, stride_ch=I32, stride_ct=I32, Z=I32)  # fmt: skip
+ATTENTION_PROJ = dict(qkv_ptr=P32, kc_ptr=P16, vc_ptr=P16, pos_ptr="*i64", w_ptr=P16, b_ptr=P16, x_ptr=P32,
+                      qk_scale="fp32", N=I32, stride_qm=I32, stride_cb=I32, stride_ch=I32, stride_ct=I32,
+                      stride_wn=I32, stride_xm=I32)  # fmt: skip
+MLP = dict(x_ptr=P32, lnw_ptr=P16, lnb_ptr=P16, wfc_ptr=P16, bfc_ptr=P16, wpt_ptr=P16, bp_ptr=P16, out_ptr=P32,
+           eps="fp32", C=I32, HIDDEN=I32, stride_xm=I32, stride_fc=I32, stride_pt=I32, stride_om=I32)  # fmt: skip
+INT4 = dict(x_ptr=P16, w_ptr="*i32", s_ptr=P16, z_ptr=P16, y_ptr=P16, N=I32, K=I32, stride_xm=I32, stride_wn=I32,
+            stride_sn=I32, stride_ym=I32)  # fmt: skip
+WIDTH, HEADS, HEAD_SIZE = 768, 12, 64  # GPT-2-small
+
+
+def decode_kernels() -> list[tuple[str, dict]]:
+    """(label, kernel) for every config the fused step's autotuners may launch."""
+    out = []
+    # (use, PROLOGUE, GELU, ACCUMULATE, KV_WRITE, HAS_BIAS, K, split-K allowed): as fused_decode_step launches them
+    uses = [("qkv", 1, False, False, True, True, WIDTH, False), ("lm_head", 1, False, False, False, False, WIDTH, False),
+            ("proj (5 a layer)", 2, False, True, False, True, WIDTH, True),
+            ("fc (5 a layer)", 1, True, False, False, True, WIDTH, False),
+            ("mlp proj (5 a layer)", 0, False, True, False, True, 4 * WIDTH, True)]  # fmt: skip
+    for use, prologue, gelu, accumulate, kv, bias, k, split in uses:
+        for c in dk.DECODE_GEMV_CONFIGS:
+            if c.split_k > 1 and not split:
+                continue
+            out.append((f"{use} {c}", dict(name="linear_kernel", signature=LINEAR, num_warps=c.num_warps, constexprs=dict(
+                C=WIDTH if kv else 1, HS=HEAD_SIZE, SPLITS=8, PROLOGUE=prologue, HAS_BIAS=bias, GELU=gelu,
+                ACCUMULATE=accumulate, KV_WRITE=kv, ZERO=kv, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k,
+                USE_PDL=True, PREFETCH=c.block_k >= k and c.split_k == 1))))  # fmt: skip
+    for c in dk.ATTENTION_PROJ_CONFIGS:
+        out.append((f"attention+proj {c}", dict(name="attention_proj_kernel", signature=ATTENTION_PROJ,
+                    num_warps=c.num_warps, constexprs=dict(H=HEADS, HS=HEAD_SIZE, BLOCK_D=HEAD_SIZE, BLOCK_T=c.block_t,
+                    BLOCK_N=c.block_n, HAS_BIAS=True, USE_PDL=True))))  # fmt: skip
+    for c in dk.MLP_CONFIGS:
+        out.append((f"mlp {c}", dict(name="mlp_kernel", signature=MLP, num_warps=c.num_warps, constexprs=dict(
+            BLOCK_H=c.block_h, BLOCK_K=c.block_k, USE_PDL=True, PREFETCH=c.block_k >= WIDTH))))  # fmt: skip
+    return out
+
+
+def int4_word_kernels(group: int = 128) -> list[tuple[str, dict, int]]:
+    """(label, kernel, weights a thread handles per loop iteration) for the word kernel's configs."""
+    return [(f"int4 {c}", dict(name="int4_gemv_words_kernel", signature=INT4, num_warps=c.num_warps, constexprs=dict(
+                GROUP=group, BLOCK_N=c.block_n, BLOCK_W=c.block_k // 8, SPLIT_K=c.split_k, HALVES=c.halves, ASM=True)),
+             c.block_n * c.block_k // (32 * c.num_warps))
+            for c in qk.INT4_GEMV_CONFIGS if c.words]  # fmt: skip
+
+
+def sweep(module: str, labelled: list[tuple], batch: int = 8) -> int:
+    """Compile in batches (one fresh process each); a failing batch is retried kernel by kernel. Problems found."""
+    problems = 0
+    for i in range(0, len(labelled), batch):
+        chunk = labelled[i : i + batch]
+        try:
+            reports = kernel_report(module, [item[1] for item in chunk])
+        except RuntimeError:
+            reports = []
+            for item in chunk:
+                try:
+                    reports += kernel_report(module, [item[1]])
+                except RuntimeError as err:
+                    reports.append({"error": str(err).strip().splitlines()[-1]})
+        for item, report in zip(chunk, reports):
+            if "error" in report:
+                problems += 1
+                print(f"FAILED  {item[0]}: {report['error']}", flush=True)
+                continue
+            per_weight = f"  {sum(report['loop'].values()) / item[2]:.2f} instructions a weight" if len(item) > 2 else ""
+            problems += report["spilled"] > 0
+            print(f"{report['registers']:4d} registers, {report['spilled']} spilled  {item[0]}{per_weight}", flush=True)
+    return problems
+
+
+def main() -> int:
+    import triton
+
+    decode, int4 = decode_kernels(), int4_word_kernels()
+    print(f"Triton {triton.__version__}: {len(decode)} decode-kernel configs, {len(int4)} int4 word-kernel configs")
+    problems = sweep("labkit.kernels.decode_triton", decode) + sweep("labkit.kernels.quant_kernels", int4)
+    print(f"{problems} configs failed to compile or spilled")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
