@@ -19,8 +19,8 @@ run() {  # name, seconds, command...
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "   exit $? after $((SECONDS - start)) s; tail:"; tail -n 5 "$OUT/$name.log"
 }
-# The open bars first (issue 10: GPT-2-small decode vs the bandwidth roofline, with the fused Triton
-# step, with and without programmatic dependent launch; issue 5: int4 GEMV), 6 to 9 minutes; with ALL=1 also torch.compile's max-autotune mode of the
+# The open bars first (issue 5: int4 GEMV; issue 10: GPT-2-small decode vs the bandwidth roofline, with the
+# fused Triton step, with and without programmatic dependent launch), 6 to 9 minutes; with ALL=1 also torch.compile's max-autotune mode of the
 # decode step and the resolved matmul and attention checks (about 8 minutes more).
 check() {  # name, seconds, script, arguments...
   local name=$1 limit=$2 script=$3; shift 3
@@ -30,8 +30,10 @@ check() {  # name, seconds, script, arguments...
     echo "== $script: not in this checkout"
   fi
 }
-check gpu_check_serving 420 gpu_check_serving --out "$OUT" --variants fused_cuda_graph,fused_nopdl_cuda_graph,compiled_cuda_graph,cuda_graph,fused5_cuda_graph
+# quant first: about a minute, and its int4 bar is open too; serving writes its JSON after each variant, so a
+# run cut short keeps the variants it finished (the fused step's first)
 check gpu_check_quant 170 gpu_check_quant --out "$OUT"
+check gpu_check_serving 400 gpu_check_serving --out "$OUT" --variants fused_cuda_graph,fused_nopdl_cuda_graph,compiled_cuda_graph,cuda_graph,fused5_cuda_graph
 if [ "${ALL:-0}" = 1 ]; then
   check gpu_check_serving_autotune 200 gpu_check_serving --out "$OUT/autotune" --variants compiled_cuda_graph \
     --mode max-autotune-no-cudagraphs
