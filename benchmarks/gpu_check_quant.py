@@ -260,6 +260,17 @@ def time_weight_only(device, smoke: bool, calls: int) -> list[dict]:
     return rows
 
 
+def log_autotune_winners() -> None:
+    """Which kernel won each GEMV shape, the three fastest, and how many configs were left out."""
+    for key, timings in qk.autotune_log.items():
+        if "gemv" not in key:
+            continue
+        ranked = sorted((s, str(c)) for c, s in timings if s is not None)
+        left_out = len(timings) - len(ranked)
+        log(f"autotune {' '.join(map(str, key[:-1]))}: " + "; ".join(f"{c} {s * 1e6:.1f} us" for s, c in ranked[:3])
+            + (f"; {left_out} configs left out (failed or disagreed)" if left_out else ""))  # fmt: skip
+
+
 def time_w8a8(device, smoke: bool, calls: int) -> list[dict]:
     n = 32 if smoke else 8192
     g = torch.Generator(device=device).manual_seed(0)
@@ -356,6 +367,7 @@ def main() -> None:
     result["all_checks_ok"] = all(r["ok"] for r in result["checks"]) and result["loss_scaler"]["ok"]
     save()
     result["weight_only"] = time_weight_only(device, args.smoke, calls)
+    log_autotune_winners()
     save()
     result["w8a8"] = time_w8a8(device, args.smoke, calls)
     save()
