@@ -14,6 +14,7 @@ with ``@register_suite("name")``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -115,6 +116,26 @@ def measure(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, device=
     )
 
 
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Send the C++ side's stderr to /dev/null for a moment: the profiler's backend (Kineto) prints
+    a line when it starts and stops, whatever its log level. Python exceptions still propagate."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 (some embedded interpreters): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    sys.stderr.flush()  # what Python already wrote goes where it was going
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def busy_seconds(intervals: list[tuple[float, float]]) -> float:
     """Length of the union of (start, end) intervals: how long something was running, overlaps counted once."""
     total, end = 0.0, float("-inf")
@@ -145,7 +166,8 @@ def kernel_profile(fn: Callable[[], object], steps: int = 10, device=None, top: 
     on_gpu = device.type == "cuda"
     fn()  # outside the profile: first-call work (compilation, allocation) is not the steady state
     synchronize(device)
-    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+    activity = ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU
+    with native_stderr_silenced(), profile(activities=[activity]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             fn()

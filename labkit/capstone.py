@@ -31,11 +31,8 @@ an export of the compressed model with ``torch.export`` for deployment (``export
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
 import random
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +43,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import DATA_DIR, data, early_exit, evaluation, prune, quant, serving, train
-from .bench import measure
+from .bench import measure, native_stderr_silenced
 from .model import GPTConfig, KVCache, LabGPT
 from .tokenizer import CharTokenizer
 
@@ -434,26 +431,6 @@ def op_group(op: str) -> str:
     return "memory & other"
 
 
-@contextlib.contextmanager
-def _native_stderr_silenced():
-    """Send the C++ side's stderr to /dev/null for a moment: the profiler's backend (Kineto) prints
-    a line when it starts and stops, whatever its log level. Python exceptions still propagate."""
-    try:
-        saved = os.dup(2)
-    except OSError:  # no file descriptor 2 (some embedded interpreters): nothing to silence
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    sys.stderr.flush()  # what Python already wrote goes where it was going
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def profile(fn: Callable[[], object], top: int = 10, warmup: int = 1) -> dict:
     """Run ``fn()`` once under ``torch.profiler`` (CPU) and say where the wall time went.
 
@@ -472,7 +449,7 @@ def profile(fn: Callable[[], object], top: int = 10, warmup: int = 1) -> dict:
 
     for _ in range(warmup):
         fn()
-    with _native_stderr_silenced(), torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    with native_stderr_silenced(), torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         fn()
         wall_ms = 1e3 * (time.perf_counter() - t0)

@@ -69,6 +69,24 @@ print(f"one decode step of tiny ({n_layer} layers): {total} operators, about {to
 print(", ".join(f"{name} {calls}" for name, calls in ops.items()))
 
 # %% [markdown]
+# Counting is not timing. `bench.kernel_profile` runs a function under `torch.profiler` and
+# says, per call, how long its operators (on a GPU: its kernels) were busy, how long nothing
+# ran (launch gaps, Python), and which took longest. On this CPU:
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+with torch.no_grad():
+    profile = bench.kernel_profile(lambda: serving.decode_step(model, cache, slice(None), torch.tensor([5])), steps=20)
+print(f"one step: {profile['wall_s'] * 1e3:.2f} ms, operators busy {profile['busy_s'] * 1e3:.2f} ms, "
+      f"between them {profile['idle_s'] * 1e3:.2f} ms, {profile['launches']:.0f} operators")
+for k in profile["kernels"][:6]:
+    print(f"  {k['seconds'] * 1e6:7.1f} us  x{k['calls']:.0f}  {k['name']}")
+
+# %% [markdown]
+# `benchmarks/gpu_check_serving.py` prints the same profile for each way of decoding on a
+# GPU, where the gaps between kernels are what the fused step exists to close.
+
+# %% [markdown]
 # On a GPU each operator is at least one kernel, and a kernel costs a few microseconds even
 # replayed from a graph, while the bytes of most of these take well under one. The fix is
 # fewer, fatter kernels. `serving.fused_decode_step` runs a layer in three Triton kernels
