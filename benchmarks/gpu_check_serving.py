@@ -99,6 +99,8 @@ def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = 
             static_tok.copy_(static_logits.argmax(-1))
 
         try:  # where a token's time goes: kernels, their overlap, and the gaps between them
+            static_tok.copy_(first)
+            cache.length.fill_(prompt.size(1) + tokens // 2)  # mid-context, like the roofline's bytes
             profile = bench.kernel_profile(one_token, steps=32, device=static_tok.device, top=10)
         except Exception as err:  # the profile is for reading; it must not cost the measurement
             profile = {"error": f"{type(err).__name__}: {err}"}

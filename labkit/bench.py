@@ -156,7 +156,8 @@ def kernel_profile(fn: Callable[[], object], steps: int = 10, device=None, top: 
     Returns ``wall_s`` (per call), ``kernel_s`` (every kernel's duration summed), ``busy_s`` (time with at
     least one kernel running: overlapping kernels, as under programmatic dependent launch, count once),
     ``idle_s`` (wall minus busy: launch gaps and host work), ``launches`` (kernels a call), and ``kernels``:
-    the ``top`` names by time, each with ``calls`` and ``seconds`` per call of ``fn``.
+    the ``top`` names by time, each with ``calls`` and ``seconds`` per call of ``fn``. On a GPU, copies and
+    fills (Memcpy, Memset) count as kernels; wall and idle times include the profiler's own overhead.
     """
     from torch.profiler import ProfilerActivity, profile
 

@@ -94,7 +94,6 @@ def test_kernel_profile_names_what_a_call_runs():
     assert {"aten::matmul", "aten::relu", "aten::add"} <= set(names)
     assert all(k["calls"] == 1.0 for k in profile["kernels"])  # per call of fn, top-level operators only
     assert profile["launches"] == 3
-    assert 0 < profile["busy_s"] <= profile["kernel_s"] + 1e-12 and profile["busy_s"] <= profile["wall_s"]
-    assert profile["idle_s"] == pytest.approx(max(0.0, profile["wall_s"] - profile["busy_s"]))
+    assert 0 < profile["busy_s"] <= profile["wall_s"]  # the operators ran inside the calls that were timed
     with pytest.raises(ValueError, match="steps"):
         bench.kernel_profile(lambda: None, steps=0, device="cpu")

@@ -456,10 +456,14 @@ def test_int4_halves_unpacking_ptx_gives_every_nibble_in_place():
 def test_gemv_config_halves_needs_words():
     with pytest.raises(ValueError, match="halves needs words"):
         qk.GemvConfig(8, 32, halves=True)
-    # the autotuner offers the halves unpacking to 16-bit activations only
-    assert any(c.halves for c in qk._int4_gemv_candidates(torch.bfloat16))
-    assert not any(c.halves for c in qk._int4_gemv_candidates(torch.float32))
-    assert [c for c in qk._int4_gemv_candidates(torch.float16) if not c.halves] == qk._int4_gemv_candidates(torch.float32)
+    # the autotuner offers the halves unpacking to 16-bit activations only, and word configs whose steps fit a group
+    assert any(c.halves for c in qk._int4_gemv_candidates(torch.bfloat16, 128))
+    assert not any(c.halves for c in qk._int4_gemv_candidates(torch.float32, 128))
+    fp16 = qk._int4_gemv_candidates(torch.float16, 128)
+    assert [c for c in fp16 if not c.halves] == qk._int4_gemv_candidates(torch.float32, 128)
+    for group in (32, 64, 128, 256):
+        words = [c for c in qk._int4_gemv_candidates(torch.bfloat16, group) if c.words]
+        assert all(group % c.block_k == 0 for c in words) and (group < 64 or any(c.halves for c in words))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -651,3 +655,33 @@ def test_amdahl_stand_ins_keep_shapes_and_run_only_what_they_say(monkeypatch):
     monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append((a.shape, a.dtype, b.shape)) or real(a, b))
     assert torch.equal(gemm_only(x), torch.zeros(2, 5, 24))
     assert calls == [((10, 32), torch.int8, (32, 24))]  # one int8 GEMM of the layer's shape, nothing else
+
+
+def test_int4_autotune_times_only_configs_that_match_the_reference(monkeypatch):
+    # on a GPU the wrappers autotune; here the interpreter stands in for it, with two configs, one made wrong
+    if not kernels.interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 (the kernels run in Triton's interpreter)")
+    good, bad = qk.GemvConfig(8, 32, 1, 1, 1), qk.GemvConfig(8, 32, 1, 1, 1, True, True)
+    launch = qk._launch_int4_gemv
+
+    def broken_for_bad(x2, w, scales, zeros, group, y, cfg):
+        out = launch(x2, w, scales, zeros, group, y, cfg)
+        if cfg == bad:
+            y[:, :3] += 1.0  # a kernel that gets three outputs wrong
+        return out
+
+    monkeypatch.setattr(qk, "_on_interpreter", lambda t: False)
+    monkeypatch.setattr(qk, "INT4_GEMV_CONFIGS", [bad, good])
+    monkeypatch.setattr(qk, "_launch_int4_gemv", broken_for_bad)
+    monkeypatch.setattr(qk, "_tuned", {})  # this test's choices stay in this test
+    monkeypatch.setattr(qk, "autotune_log", {})
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 64, generator=g).to(torch.bfloat16)
+    q, scales, zeros, _ = quant.int4_parameters(torch.randn(16, 64, generator=g), 32)
+    packed = qk.pack_int4(q)
+    with pytest.warns(UserWarning, match="wrong output"):
+        got = qk.int4_weight_only_linear_triton(x, packed, scales, zeros, 32)
+    (key,) = qk.autotune_log
+    assert dict(qk.autotune_log[key])[bad] is None and qk._tuned[key] == good
+    torch.testing.assert_close(got, qk.int4_weight_only_linear_reference(x, packed, scales, zeros, 32),
+                               rtol=1e-2, atol=1e-2)  # fmt: skip

@@ -58,26 +58,29 @@ def choose_backend(backend: str | None, *tensors: torch.Tensor) -> str:
     return backend
 
 
-def fastest(configs, run, device, agree=None) -> tuple[object, list[tuple[object, float | None]]]:
+def fastest(configs, run, device, check=None) -> tuple[object, list[tuple[object, float | None]]]:
     """Autotuning is nothing more than measuring: time ``run(config)`` for each config (median
     of repeats) and return the fastest with every timing (None where a config could not run,
     e.g. its tiles need more shared memory than this GPU has).
 
-    ``agree(output, yardstick)``, if given, vets each config before it is timed: ``run`` returns its
-    output, the first config that runs gives the yardstick, and a config whose output ``agree``
-    rejects is left out with a warning (timing None): a fast wrong kernel is never chosen."""
+    ``check(output)``, if given, vets each config before it is timed: ``run`` returns its output
+    tensor, which is first filled with NaN and then written again by a fresh run (so a kernel
+    that leaves part of it unwritten cannot pass on an earlier config's numbers); a config whose
+    output ``check`` rejects is left out with a warning (timing None): a fast wrong kernel is
+    never chosen."""
     from ..bench import measure
 
-    timings, yardstick, yardstick_cfg = [], None, None
+    timings, rejected = [], 0
     for cfg in configs:
         try:
-            if agree is not None:
-                out = run(cfg).detach().clone()
-                if yardstick is None:
-                    yardstick, yardstick_cfg = out, cfg
-                elif not agree(out, yardstick):
-                    warnings.warn(f"autotune: {cfg!r} disagrees with {yardstick_cfg!r}'s output; left out", stacklevel=2)
+            if check is not None:
+                out = run(cfg)
+                if out.is_floating_point():
+                    out.fill_(float("nan"))
+                if not check(run(cfg)):
+                    warnings.warn(f"autotune: {cfg!r} gives a wrong output; left out", stacklevel=2)
                     timings.append((cfg, None))
+                    rejected += 1
                     continue
             seconds = measure(lambda: run(cfg), warmup=2, repeat=10, device=device).median_s
         except Exception:  # a config this GPU cannot run is skipped, not fatal
@@ -85,7 +88,8 @@ def fastest(configs, run, device, agree=None) -> tuple[object, list[tuple[object
         timings.append((cfg, seconds))
     ran = sorted((seconds, i) for i, (_, seconds) in enumerate(timings) if seconds is not None)
     if not ran:
-        raise ValueError(f"none of the {len(timings)} launch configurations could run")
+        raise ValueError(f"none of the {len(timings)} launch configurations could run"
+                         + (f" ({rejected} gave wrong outputs)" if rejected else ""))  # fmt: skip
     # one median of 10 can mislead when clocks move: time the three leaders twice more,
     # alternating between them, and rank them by the median of their three medians
     finalists = [i for _, i in ran[:3]]

@@ -368,6 +368,8 @@ INT4_GEMV_CONFIGS = [GemvConfig(*c) for c in (
     # the same unpacking nibbles as fp16 halves: 3.7 instructions a weight, 0.9 of them integer (against 2.6)
     (128, 128, 1, 2, 4, True, True), (256, 128, 1, 4, 3, True, True), (64, 128, 1, 1, 4, True, True),
     (128, 128, 2, 2, 4, True, True), (128, 128, 1, 4, 4, True, True), (64, 128, 1, 2, 4, True, True),
+    # steps of 64 columns, for groups of 64
+    (128, 64, 1, 2, 4, True), (128, 64, 1, 2, 4, True, True), (256, 64, 1, 4, 3, True, True),
 )]  # fmt: skip
 # (block_m, block_n, block_k, stages, warps):
 WEIGHT_ONLY_GEMM_CONFIGS = [TileConfig(*c) for c in (
@@ -384,10 +386,10 @@ _tuned: dict[tuple, object] = {}
 autotune_log: dict[tuple, list] = {}  # key -> [(config, seconds or None)], for the curious
 
 
-def _autotune(key: tuple, configs: list, run, device, agree=None) -> object:
+def _autotune(key: tuple, configs: list, run, device, check=None) -> object:
     """The fastest config for ``key`` (measured once, with ``kernels.fastest``), remembered per shape."""
     if key not in _tuned:
-        _tuned[key], autotune_log[key] = fastest(configs, run, device, agree)
+        _tuned[key], autotune_log[key] = fastest(configs, run, device, check)
     return _tuned[key]
 
 
@@ -515,15 +517,17 @@ def _launch_weight_only_gemm(x2, w, scales, zeros, group, y, cfg: TileConfig):
     return y
 
 
-def _agree(out: torch.Tensor, yardstick: torch.Tensor) -> bool:
-    """Two kernels' outputs for the same product agree to the output dtype's rounding (relative to the largest)."""
+def _agree(out: torch.Tensor, expected: torch.Tensor) -> bool:
+    """A kernel's output agrees with the reference's to the output dtype's rounding (relative to the largest)."""
     tolerance = 1e-4 if out.dtype == torch.float32 else 1e-2
-    scale = yardstick.float().abs().max().clamp_min(1e-12)
-    return bool(((out.float() - yardstick.float()).abs().max() / scale <= tolerance).item())
+    scale = expected.float().abs().max().clamp_min(1e-12)
+    return bool(((out.float() - expected.float()).abs().max() / scale <= tolerance).item())
 
 
-def _run_weight_only(x, n: int, key: tuple, gemv_configs: list, config, launch_gemv, launch_gemm) -> torch.Tensor:
-    """GEMV for up to GEMV_MAX_ROWS rows of x (or a GemvConfig), GEMM above; autotuned per shape unless ``config``."""
+def _run_weight_only(x, n: int, key: tuple, gemv_configs: list, config, launch_gemv, launch_gemm,
+                     reference) -> torch.Tensor:  # fmt: skip
+    """GEMV for up to GEMV_MAX_ROWS rows of x (or a GemvConfig), GEMM above; autotuned per shape unless ``config``.
+    The autotuner times only configs whose output agrees with ``reference(x2)`` (the PyTorch oracle)."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
     gemv = x2.shape[0] <= GEMV_MAX_ROWS if config is None else isinstance(config, GemvConfig)
@@ -533,7 +537,8 @@ def _run_weight_only(x, n: int, key: tuple, gemv_configs: list, config, launch_g
     elif config is None:
         candidates = gemv_configs if gemv else WEIGHT_ONLY_GEMM_CONFIGS
         key = (*key, "gemv" if gemv else "gemm", *x2.shape, n, x.device)
-        config = _autotune(key, candidates, lambda c: launch(x2, y, c), x.device, _agree)
+        expected = reference(x2)
+        config = _autotune(key, candidates, lambda c: launch(x2, y, c), x.device, lambda out: _agree(out, expected))
     launch(x2, y, config)
     return y.reshape(*x.shape[:-1], n)
 
@@ -550,6 +555,7 @@ def int8_weight_only_linear_triton(
         x, w.shape[0], ("int8", x.dtype), GEMV_CONFIGS, config,
         lambda x2, y, c: _launch_int8_gemv(x2, w, scales, y, c),
         lambda x2, y, c: _launch_weight_only_gemm(x2, w, scales, None, 1, y, c),
+        lambda x2: int8_weight_only_linear_reference(x2, w, scales),
     )  # fmt: skip
 
 
@@ -642,10 +648,12 @@ def _launch_int4_gemv_words(x2, w, scales, zeros, group, y, cfg: GemvConfig):
     return y
 
 
-def _int4_gemv_candidates(dtype: torch.dtype) -> list[GemvConfig]:
-    """fp32 activations ask for fp32 accuracy: the fp16-halves unpacking keeps about 13 bits of each q·x
-    (1024·x rides beside it), invisible in a 16-bit output but not in a 32-bit one, so it is left out."""
-    return [c for c in INT4_GEMV_CONFIGS if dtype != torch.float32 or not c.halves]
+def _int4_gemv_candidates(dtype: torch.dtype, group_size: int) -> list[GemvConfig]:
+    """The GEMV configs that can run this case. The word kernel's steps stay inside a group (its block_k must
+    divide the group size). fp32 activations ask for fp32 accuracy: the fp16-halves unpacking keeps about 13
+    bits of each q·x (1024·x rides beside it), invisible in a 16-bit output but not in a 32-bit one."""
+    return [c for c in INT4_GEMV_CONFIGS
+            if not (c.words and group_size % c.block_k) and (dtype != torch.float32 or not c.halves)]  # fmt: skip
 
 
 def int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size: int, config=None) -> torch.Tensor:
@@ -657,9 +665,10 @@ def int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size: int, 
         raise ValueError(f"the Triton int4 kernel needs a power-of-two group_size >= 32, got {group_size}")
     w, scales, zeros = w_packed.contiguous(), scales.contiguous(), zeros.contiguous()
     return _run_weight_only(
-        x, w.shape[0], ("int4", group_size, x.dtype), _int4_gemv_candidates(x.dtype), config,
+        x, w.shape[0], ("int4", group_size, x.dtype), _int4_gemv_candidates(x.dtype, group_size), config,
         lambda x2, y, c: _launch_int4_gemv(x2, w, scales, zeros, group_size, y, c),
         lambda x2, y, c: _launch_weight_only_gemm(x2, w, scales, zeros, group_size, y, c),
+        lambda x2: int4_weight_only_linear_reference(x2, w, scales, zeros, group_size),
     )  # fmt: skip
 
 

@@ -495,10 +495,10 @@ except (ImportError, RuntimeError, OSError) as err:  # no triton, or a wheel wit
 # kernel most: a sum across threads stays inside its loop; `benchmarks/RESULTS.md` lists
 # both), so the projection above is only as good as the two versions agree. But the count is
 # the part a kernel writer controls, and it ranks the three the same way under both: the
-# fp16 halves bring it under
-# the time the bytes take, so that kernel can be bound by memory. The autotuner times all of
-# them and keeps the fastest, after checking each one's output against the first's; what it
-# reaches is for a GPU to say (`benchmarks/gpu_check_quant.py`).
+# fp16 halves bring it under the time the bytes take, so that kernel can be bound by memory.
+# The autotuner times all of them and keeps the fastest, after checking each one's output
+# against the PyTorch reference; what it reaches is for a GPU to say
+# (`benchmarks/gpu_check_quant.py`).
 
 # %% [markdown]
 # ## 7. The widget: bits, granularity, group size, calibration
