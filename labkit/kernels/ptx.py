@@ -83,20 +83,24 @@ def _opcodes(lines) -> list[str]:
     return [m.group(1) for m in ops if m]
 
 
-def sass_instructions(kernel) -> dict[str, int]:
+def _sass(kernel) -> str:
+    return _on_cubin(kernel, "nvdisasm", "-c")
+
+
+def sass_instructions(kernel, sass: str | None = None) -> dict[str, int]:
     """Every machine instruction (SASS) of the kernel, by opcode with its modifiers (``REDG.E.ADD.F32...``):
-    what the GPU runs. ptxas may rewrite the PTX (an ``atom`` whose result is unused becomes a ``RED``)."""
-    return dict(collections.Counter(_opcodes(_on_cubin(kernel, "nvdisasm", "-c").splitlines())).most_common())
+    what the GPU runs. ptxas may rewrite the PTX (an ``atom`` whose result is unused becomes a ``RED``).
+    ``sass``: the kernel's disassembly, if already at hand."""
+    return dict(collections.Counter(_opcodes((sass or _sass(kernel)).splitlines())).most_common())
 
 
-def loop_instructions(kernel) -> dict[str, int]:
+def loop_instructions(kernel, sass: str | None = None) -> dict[str, int]:
     """The machine instructions (SASS) of the kernel's longest loop, by opcode: what one iteration costs.
 
     Divide the total by the elements one thread handles per iteration to get instructions per
     element, the number that says whether a kernel can keep up with memory.
     """
-    sass = _on_cubin(kernel, "nvdisasm", "-c")
-    lines = sass.splitlines()
+    lines = (sass or _sass(kernel)).splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\.L_x_\d+):", line))}
     best = None
     for i, line in enumerate(lines):  # a loop: a branch back to a label above it
@@ -145,6 +149,7 @@ if __name__ == "__main__":  # the worker of memory_report
     for k in request["kernels"]:
         fn = getattr(mod, k["name"], None) or built_by_module[k["name"]]
         built = compile_for_gpu(fn, k["signature"], k["constexprs"], request["arch"], k.get("num_warps", 4))
-        report.append({"memory": memory_instructions(built), "sass": sass_instructions(built),
-                       "loop": loop_instructions(built), **registers(built)})  # fmt: skip
+        sass = _sass(built)  # disassembled once, read twice
+        report.append({"memory": memory_instructions(built), "sass": sass_instructions(built, sass),
+                       "loop": loop_instructions(built, sass), **registers(built)})  # fmt: skip
     print(json.dumps(report))
