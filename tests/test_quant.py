@@ -679,9 +679,12 @@ def test_int4_autotune_times_only_configs_that_match_the_reference(monkeypatch):
     x = torch.randn(1, 64, generator=g).to(torch.bfloat16)
     q, scales, zeros, _ = quant.int4_parameters(torch.randn(16, 64, generator=g), 32)
     packed = qk.pack_int4(q)
+    oracle, oracle_calls = qk.int4_weight_only_linear_reference, []
+    monkeypatch.setattr(qk, "int4_weight_only_linear_reference", lambda *a: oracle_calls.append(1) or oracle(*a))
     with pytest.warns(UserWarning, match="wrong output"):
         got = qk.int4_weight_only_linear_triton(x, packed, scales, zeros, 32)
+    qk.int4_weight_only_linear_triton(x, packed, scales, zeros, 32)  # tuned: no oracle on later calls
+    assert len(oracle_calls) == 1
     (key,) = qk.autotune_log
     assert dict(qk.autotune_log[key])[bad] is None and qk._tuned[key] == good
-    torch.testing.assert_close(got, qk.int4_weight_only_linear_reference(x, packed, scales, zeros, 32),
-                               rtol=1e-2, atol=1e-2)  # fmt: skip
+    torch.testing.assert_close(got, oracle(x, packed, scales, zeros, 32), rtol=1e-2, atol=1e-2)

@@ -343,7 +343,7 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 3
     words: bool = False  # int4 only: the kernel that reads 32-bit words of 8 nibbles (int4_gemv_words_kernel)
-    halves: bool = False  # the word kernel only: unpack nibbles as fp16 halves (nibbles_as_halves)
+    halves: bool = False  # the word kernel only: unpack nibbles as fp16 halves (HALVES in the kernel)
 
     def __post_init__(self) -> None:
         if self.halves and not self.words:
@@ -386,9 +386,15 @@ _tuned: dict[tuple, object] = {}
 autotune_log: dict[tuple, list] = {}  # key -> [(config, seconds or None)], for the curious
 
 
-def _autotune(key: tuple, configs: list, run, device, check=None) -> object:
-    """The fastest config for ``key`` (measured once, with ``kernels.fastest``), remembered per shape."""
+def _autotune(key: tuple, configs: list, run, device, reference=None) -> object:
+    """The fastest config for ``key`` (measured once, with ``kernels.fastest``), remembered per shape.
+    ``reference()``, if given, is the oracle's output each config must agree with; it is computed only
+    when the shape is tuned, never on the calls after."""
     if key not in _tuned:
+        check = None
+        if reference is not None:
+            expected = reference()
+            check = lambda out: _agree(out, expected)  # noqa: E731
         _tuned[key], autotune_log[key] = fastest(configs, run, device, check)
     return _tuned[key]
 
@@ -537,8 +543,7 @@ def _run_weight_only(x, n: int, key: tuple, gemv_configs: list, config, launch_g
     elif config is None:
         candidates = gemv_configs if gemv else WEIGHT_ONLY_GEMM_CONFIGS
         key = (*key, "gemv" if gemv else "gemm", *x2.shape, n, x.device)
-        expected = reference(x2)
-        config = _autotune(key, candidates, lambda c: launch(x2, y, c), x.device, lambda out: _agree(out, expected))
+        config = _autotune(key, candidates, lambda c: launch(x2, y, c), x.device, lambda: reference(x2))
     launch(x2, y, config)
     return y.reshape(*x.shape[:-1], n)
 
