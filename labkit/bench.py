@@ -293,18 +293,26 @@ def compare_rounds(variants: dict, rounds: int = 3, repeat: int = 5, warmup: int
 
     On a shared machine another program's burst of work slows whichever variant is being
     timed during it; interleaving spreads such a burst over all of them (as the GPU scripts do).
+    Each row's ``spread`` is then the range of its rounds' medians over the kept one (how far the
+    rounds disagree), and ``rounds_s`` lists those medians.
     """
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     runs = [compare(variants, warmup=warmup, repeat=repeat, suite=suite, show=False) for _ in range(rounds)]
     rows = []
     for i in range(len(variants)):
-        kept = sorted((run[i] for run in runs), key=lambda row: row["variant_s"])[rounds // 2]
-        rows.append(dict(kept))
+        medians = sorted(run[i]["variant_s"] for run in runs)
+        kept = dict(next(run[i] for run in runs if run[i]["variant_s"] == medians[rounds // 2]))
+        if rounds > 1:
+            kept["spread"] = (medians[-1] - medians[0]) / kept["variant_s"] if kept["variant_s"] > 0 else 0.0
+        kept["rounds_s"] = medians
+        rows.append(kept)
     base = rows[0]["variant_s"]
     for row in rows:
         row.update(baseline_s=base, speedup=base / row["variant_s"])
     print_table(rows)
+    if rounds > 1:
+        print(f"(each variant's median round of {rounds}; spread: the range of the rounds' medians)")
     return rows
 
 

@@ -197,9 +197,10 @@ def read_safetensors_header(fn: Callable) -> bool:
 
 
 def accumulate(fn: Callable) -> bool:
-    """Exercise: gradient accumulation whose result equals the full batch's gradient (1e-6)."""
+    """Exercise: gradient accumulation whose result equals the full batch's gradient (1e-6), run one
+    micro-batch at a time (a forward hook records the largest batch the model sees)."""
     failures, cases = [], 0
-    for batch, pieces in ((12, 3), (10, 4), (7, 7)):
+    for batch, pieces in ((12, 3), (10, 4), (11, 3), (7, 7)):
         cases += 1
         torch.manual_seed(cases)
         model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
@@ -207,13 +208,23 @@ def accumulate(fn: Callable) -> bool:
         torch.nn.functional.mse_loss(model(x), y).backward()
         expected = [p.grad.clone() for p in model.parameters()]
         model.zero_grad()
-        _, err = _call(fn, model, torch.nn.functional.mse_loss, x, y, pieces)
+        seen = []
+        hook = model.register_forward_pre_hook(lambda _module, args: seen.append(args[0].shape[0]))
+        try:
+            _, err = _call(fn, model, torch.nn.functional.mse_loss, x, y, pieces)
+        finally:
+            hook.remove()
         if err:
             failures.append(err)
             continue
         grads = [p.grad for p in model.parameters()]
         if any(g is None for g in grads):
             failures.append("some parameters have no .grad: call backward on every micro-batch's loss")
+            continue
+        largest = -(-batch // pieces)
+        if not seen or max(seen) > largest:
+            failures.append(f"batch {batch} in {pieces} micro-batches: the model saw a batch of "
+                            f"{max(seen, default=0)} rows; no micro-batch should exceed {largest}")
             continue
         worst = max((g - e).abs().max().item() for g, e in zip(grads, expected))
         if worst > 1e-6:
@@ -241,6 +252,9 @@ def rank_for_compression(fn: Callable[[int, int, float], int]) -> bool:
     return _report("rank_for_compression", failures, len(cases), hint)
 
 
+ARROWS = ("->", "=>")  # how the corpus's demonstrations pair an input with its answer
+
+
 def reversal_prompt(template: Callable[[str, str], str], target: float = 0.9) -> bool:
     """Exercise: a zero-shot prompt ``template(word, "reverse")`` that makes LabGPT `tiny` reverse words."""
     from . import data, load_model
@@ -256,6 +270,10 @@ def reversal_prompt(template: Callable[[str, str], str], target: float = 0.9) ->
         return _report("reversal_prompt", [f"your template raised {type(err).__name__}: {err}"], 1, "return a string")
     if not prompts_ok:
         return _report("reversal_prompt", ["the template must return a non-empty string"], 1, "return a string")
+    shown = [e.prompt for e in exs if any(arrow in line for line in e.prompt.split("\n")[:-1] for arrow in ARROWS)]
+    if shown:
+        return _report("reversal_prompt", [f"zero-shot means no demonstrations, but this prompt shows one: {shown[0]!r}"],
+                       1, "only the last line (the query) may hold an arrow; describe the task in words instead")  # fmt: skip
     accuracy = sum(answer_correct(model, tokenizer, exs)) / len(exs)
     failures = (
         []
@@ -324,6 +342,7 @@ def exit_rule(fn: Callable) -> bool:
         (torch.tensor([0.5, 0.3, 0.2]), 0.5, True),
         (torch.tensor([0.5, 0.3, 0.2]), 0.6, False),
         (torch.tensor([1.0, 0.0, 0.0]), 1.0, False),  # a softmax can round to exactly 1.0: tau=1 must still not exit
+        (torch.tensor([1.0, 0.0, 0.0]), 0.9, True),  # ... while any tau < 1 exits on it
         (torch.tensor([0.1, 0.85, 0.05]), 0.8, True),
         (torch.tensor([0.34, 0.33, 0.33]), 0.3, True),
     ]
@@ -350,7 +369,8 @@ def _reference_reduce_scatter_step(buffers: list[list[torch.Tensor]], step: int)
 
 
 def reduce_scatter_step(fn: Callable) -> bool:
-    """Exercise: one step of a ring reduce-scatter, simulated on lists (``buffers[rank][chunk]``)."""
+    """Exercise: one step of a ring reduce-scatter, simulated on lists (``buffers[rank][chunk]``).
+    Each step is checked from the reference's buffers, so one wrong step does not hide the others."""
     failures, cases = [], 0
     for n in (2, 3, 4, 5):
         g = torch.Generator().manual_seed(n)
@@ -363,18 +383,15 @@ def reduce_scatter_step(fn: Callable) -> bool:
             got, err = _call(fn, [[c.clone() for c in b] for b in expected], step)
             if err:
                 failures.append(err)
-                break
-            if not (isinstance(got, list) and len(got) == n and all(len(b) == n for b in got)):
-                failures.append(f"n={n}: return the list of {n} ranks' lists of {n} chunks")
-                break
-            wrong = [(r, c) for r in range(n) for c in range(n) if not torch.allclose(got[r][c], expected_next[r][c])]
-            if wrong:
-                failures.append(f"n={n}, step {step}: (rank, chunk) pairs {wrong[:4]} differ from the ring's result")
-                break
+            elif not (isinstance(got, list) and len(got) == n and all(len(b) == n for b in got)):
+                failures.append(f"n={n}, step {step}: return the list of {n} ranks' lists of {n} chunks")
+            else:
+                wrong = [(r, c) for r in range(n) for c in range(n) if not torch.allclose(got[r][c], expected_next[r][c])]
+                if wrong:
+                    failures.append(f"n={n}, step {step}: (rank, chunk) pairs {wrong[:4]} differ from the ring's result")
             expected = expected_next
-        else:
-            done = all(torch.allclose(expected[r][(r + 1) % n], total[(r + 1) % n]) for r in range(n))
-            assert done  # the reference itself: after n-1 steps rank r owns the sum of chunk r+1
+        done = all(torch.allclose(expected[r][(r + 1) % n], total[(r + 1) % n]) for r in range(n))
+        assert done  # the reference itself: after n-1 steps rank r owns the sum of chunk r+1
     hint = "rank r sends its chunk (r - step) % n to rank (r + 1) % n, which adds it; use the values from before the step"
     return _report("reduce_scatter_step", failures, cases, hint)
 
@@ -393,8 +410,9 @@ def qkv_rows(fn: Callable[[int, int, int, int], torch.Tensor]) -> bool:
             if err:
                 failures.append(err)
             elif not (isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.equal(got.long(), expected)):
+                seen = f"shape {tuple(got.shape)}, starting {got.flatten()[:3].tolist()}" if isinstance(got, torch.Tensor) else repr(got)
                 failures.append(f"C={C}, n_head={n_head}, tp={tp}, rank={rank}: expected {len(expected)} rows "
-                                f"starting {expected[:3].tolist()}..., got {getattr(got, 'shape', got)}")
+                                f"starting {expected[:3].tolist()}..., got {seen}")
     hint = "rank r owns heads r*n_head/tp ... ; each head is hs=C/n_head rows in q (offset 0), k (offset C), v (offset 2C)"
     return _report("qkv_rows", failures, cases, hint)
 

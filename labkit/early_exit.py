@@ -333,6 +333,42 @@ def generate(model, heads: ExitHeads, idx: torch.Tensor, max_new_tokens: int, th
     return torch.cat(out, dim=1), layers_used
 
 
+@torch.no_grad()
+def generate_recomputed(model, heads: ExitHeads, idx: torch.Tensor, max_new_tokens: int,
+                        threshold: float = 1.0) -> tuple[torch.Tensor, list[int]]:  # fmt: skip
+    """The oracle for ``generate``'s cache fill: no cache at all. Every step runs the whole
+    sequence again, and each earlier token stops at the layer where it exited, its hidden
+    state carried unchanged through the layers above (state copying, which the fill stands
+    for: a skipped layer's keys and values come from that carried state). O(n²) and slow;
+    the same tokens and exit layers as ``generate`` up to float rounding."""
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold τ must be in (0, 1], got {threshold}")
+    if idx.dim() != 2 or idx.size(0) != 1:
+        raise ValueError(f"early-exit generation takes one sequence, shape (1, T); got {tuple(idx.shape)}")
+    if idx.size(1) + max_new_tokens > model.config.block_size:
+        raise ValueError(f"prompt + max_new_tokens exceeds the context of {model.config.block_size}")
+    L = model.config.n_layer
+    seq, last_layer, layers_used = idx, [L - 1] * (idx.size(1) - 1), []  # the prompt but its last token: every layer
+    for _ in range(max_new_tokens):
+        T = seq.size(1)
+        x = model.transformer.wte(seq) + model.transformer.wpe(torch.arange(T, device=seq.device))
+        logits = None
+        for layer, block in enumerate(model.transformer.h):
+            runs = torch.tensor([e >= layer for e in last_layer] + [True], device=seq.device)
+            x = torch.where(runs[None, :, None], block(x), x)  # tokens that exited below keep their state
+            if layer < L - 1 and threshold < 1.0:
+                candidate = heads.logits(model, x[:, -1], layer)
+                if F.softmax(candidate.float(), dim=-1).max() >= threshold:
+                    logits = candidate
+                    break
+        last_layer.append(layer)
+        layers_used.append(layer + 1)
+        if logits is None:
+            logits = heads.logits(model, x[:, -1], L - 1)
+        seq = torch.cat([seq, logits.argmax(dim=-1, keepdim=True)], dim=1)
+    return seq, layers_used
+
+
 def evaluate_threshold(model, heads: ExitHeads, tokenizer: CharTokenizer, threshold: float, tasks=None,
                        n: int = 40, fmt: str = "specific", seed: int = 1234) -> dict:  # fmt: skip
     """Task accuracy, mean layers per generated token, and time: ``seconds_per_token`` of the
@@ -357,16 +393,18 @@ def evaluate_threshold(model, heads: ExitHeads, tokenizer: CharTokenizer, thresh
             "seconds_per_token": decode / tokens, "seconds_per_answer": answer / total}  # fmt: skip
 
 
-def compare_thresholds(entries, tokenizer: CharTokenizer, n: int = 30, rounds: int = 3, **kwargs) -> list[dict]:
+def compare_thresholds(entries, tokenizer: CharTokenizer, n: int = 30, rounds: int = 3, progress: bool = True,
+                       **kwargs) -> list[dict]:  # fmt: skip
     """``evaluate_threshold`` for each (label, model, heads, threshold) of ``entries``, side by side:
     ``rounds`` passes over all of them in turn, each time taken as the median of its rounds (the
-    machine drifts; ratios of interleaved medians do not). Accuracy and layers are deterministic."""
+    machine drifts; ratios of interleaved medians do not). Accuracy and layers are deterministic.
+    ``progress`` shows a bar over the rounds."""
     import statistics
 
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     runs = [[] for _ in entries]
-    for _ in tqdm(range(rounds), desc="rounds", disable=rounds == 1, mininterval=1.0):
+    for _ in tqdm(range(rounds), desc="rounds", disable=rounds == 1 or not progress, mininterval=1.0):
         for i, (_, model, heads, threshold) in enumerate(entries):
             runs[i].append(evaluate_threshold(model, heads, tokenizer, threshold, n=n, **kwargs))
     out = []

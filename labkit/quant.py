@@ -640,9 +640,10 @@ def prepare_qat(model: nn.Module, group_size: int = 32, granularity: str = "grou
 class LossScaler:
     """Dynamic loss scaling, the algorithm of ``torch.amp.GradScaler`` written out.
 
-    fp16 gradients underflow: anything below 2^-24 becomes 0. Multiplying the loss by a large
-    scale S multiplies every gradient by S (the chain rule is linear), lifting them into range;
-    dividing the gradients by S before the optimizer step undoes it. Too large an S overflows
+    fp16 gradients underflow: anything below 2^-25 (half the smallest subnormal, 2^-24) rounds
+    to 0. Multiplying the loss by a large scale S multiplies every gradient by S (the chain
+    rule is linear), lifting them into range; dividing the gradients by S before the
+    optimizer step undoes it. Too large an S overflows
     to inf: then the step is skipped and S halves. After ``growth_interval`` clean steps in a
     row S doubles, to probe for the largest scale that does not overflow.
 

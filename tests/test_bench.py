@@ -45,6 +45,9 @@ def test_compare_rounds_keeps_each_variants_median_round(capsys):
     assert len(calls) == 3 * (1 + 2)  # every round times every variant
     assert [r["variant"] for r in rows] == ["slow", "fast"] and rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 1
     assert rows[1]["baseline_s"] == rows[0]["variant_s"] and "vs slow" in capsys.readouterr().out
+    slow = rows[0]["rounds_s"]  # the spread is the rounds' range over the kept (median) round
+    assert len(slow) == 3 and slow[1] == rows[0]["variant_s"]
+    assert rows[0]["spread"] == pytest.approx((slow[2] - slow[0]) / slow[1])
     with pytest.raises(ValueError, match="rounds"):
         bench.compare_rounds({"a": lambda: None}, rounds=0)
 

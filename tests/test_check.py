@@ -45,8 +45,14 @@ def test_memory_checkers(capsys):
             (loss_fn(model(xb), yb) / k).backward()
 
     assert not check.accumulate(divides_by_count)
+
+    def whole_batch(model, loss_fn, x, y, k):  # the right gradient, but no micro-batches at all
+        loss_fn(model(x), y).backward()
+
+    assert not check.accumulate(whole_batch)
     assert not check.read_safetensors_header(lambda path: ({}, 0))
-    assert capsys.readouterr().out.count("NOT YET") == 2
+    out = capsys.readouterr().out
+    assert out.count("NOT YET") == 3 and "no micro-batch should exceed" in out
 
 
 def test_lowrank_checker(capsys):
@@ -65,6 +71,8 @@ def test_prompt_checker(capsys):
     assert check.reversal_prompt(prompting.reversal_prompt)
     assert not check.reversal_prompt(lambda word, op: f"{word} ->")  # the vague prompt is ambiguous
     assert not check.reversal_prompt(lambda word, op: "")
+    assert not check.reversal_prompt(lambda word, op: f"dog => god\n{word} =>")  # a demonstration: not zero-shot
+    assert "no demonstrations" in capsys.readouterr().out
 
 
 def test_verbalizer_checker(capsys):
@@ -86,7 +94,8 @@ def test_distillation_and_exit_checkers(capsys):
                                              F.softmax(t.reshape(-1, t.size(-1)) / T, -1), reduction="batchmean")  # fmt: skip
     assert not check.soft_target_loss(no_t_squared)
     assert not check.exit_rule(lambda probs, threshold: probs.max().item() >= threshold)  # exits at tau=1
-    assert capsys.readouterr().out.count("NOT YET") == 2
+    assert not check.exit_rule(lambda probs, threshold: 1 > probs.max().item() >= threshold)  # never exits when sure
+    assert capsys.readouterr().out.count("NOT YET") == 3
 
 
 def test_parallel_checkers(capsys):
@@ -97,11 +106,12 @@ def test_parallel_checkers(capsys):
     assert check.min_micro_batches(parallel.min_micro_batches)
     assert check.layout_that_fits(parallel.layout_that_fits)
     assert not check.reduce_scatter_step(lambda buffers, step: buffers)
+    assert "10 of 10 cases wrong" in capsys.readouterr().out  # every step is checked, not only the first wrong one
     assert not check.qkv_rows(lambda C, h, tp, r: torch.arange(r * 3 * C // tp, (r + 1) * 3 * C // tp))
     assert not check.min_micro_batches(lambda p, b: p)
     assert not check.layout_that_fits(lambda model, gpu, n, batch, limit: (n, 1, 1))
     out = capsys.readouterr().out
-    assert out.count("PASS") == 4 and out.count("NOT YET") == 4
+    assert out.count("PASS") == 0 and out.count("NOT YET") == 3 and "starting [" in out
 
 
 def test_serving_checkers(capsys):

@@ -43,6 +43,28 @@ def test_skipped_layers_get_keys_and_values_from_the_exit_state():
     assert torch.count_nonzero(cache.k[0]) == 0  # layer 0 ran for real: not filled here
 
 
+def test_cached_exits_equal_recomputing_the_sequence_without_a_cache(monkeypatch):
+    """The oracle for the cache fill: a cacheless recomputation in which exited tokens carry their state
+    upward gives the same tokens and exit layers, plain and folded; with the fill broken it does not."""
+    model, tok = labkit.load_model("tiny")
+    heads = early_exit.load_exit_heads(model, labkit.DATA_DIR / "exit_heads" / "tiny.safetensors")
+    for prompt in PROMPTS[:2]:
+        idx = tok.tensor(prompt)
+        for threshold in (0.6, 0.9):
+            expected = early_exit.generate_recomputed(model, heads, idx, 16, threshold)
+            assert min(expected[1]) < model.config.n_layer  # some tokens do exit early: the fill is exercised
+            for folded in (False, True):
+                tokens, layers = early_exit.generate(model, heads, idx, 16, threshold, folded=folded)
+                assert torch.equal(tokens, expected[0]) and layers == expected[1]
+    monkeypatch.setattr(early_exit, "_fill_skipped", lambda *args: None)  # skipped layers keep zeros
+    idx = tok.tensor(PROMPTS[1])
+    broken = early_exit.generate(model, heads, idx, 16, 0.6, folded=False)
+    expected = early_exit.generate_recomputed(model, heads, idx, 16, 0.6)
+    assert not (torch.equal(broken[0], expected[0]) and broken[1] == expected[1])
+    with pytest.raises(ValueError, match="threshold"):
+        early_exit.generate_recomputed(model, heads, idx, 4, 0.0)
+
+
 def test_bad_thresholds_and_heads_round_trip(tmp_path):
     model, tok = labkit.load_model("student")
     heads = early_exit.ExitHeads(model)
