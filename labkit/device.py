@@ -70,8 +70,11 @@ def synchronize(device: torch.device | str | None = None) -> None:
 
 
 def triton_available() -> bool:
-    """True when Triton can run kernels: a CUDA GPU, or the interpreter (TRITON_INTERPRET=1)."""
-    if importlib.util.find_spec("triton") is None:
+    """True when Triton can run kernels: a Triton new enough for them (``kernels.MIN_TRITON``), and a
+    CUDA GPU or the interpreter (TRITON_INTERPRET=1)."""
+    from .kernels import triton_usable
+
+    if not triton_usable():
         return False
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 

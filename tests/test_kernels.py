@@ -10,7 +10,7 @@ from labkit.kernels.matmul_kernel import TMA_CONFIGS, TileConfig, autotune, auto
 pytest.importorskip("triton")
 
 DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not kernels.interpreting(), reason="needs TRITON_INTERPRET=1")),
+    pytest.param("cpu", marks=pytest.mark.skipif(not (kernels.interpreting() and kernels.triton_at_least(kernels.MIN_TRITON)), reason="needs TRITON_INTERPRET=1 and triton >= 3.2")),
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
 ]
 # one ulp of the output dtype, relative (the kernel sums in fp32 in another order, then rounds once)
@@ -64,6 +64,8 @@ def test_persistent_tma_matmul_matches_reference(device, dtype, split, shape):
 
 def test_tma_needs_aligned_row_major_operands(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not kernels.triton_at_least(kernels.MIN_TRITON_TMA_INTERPRETER):
+        pytest.skip("the interpreter emulates tensor descriptors correctly from triton 3.6")
     a, b = torch.zeros(16, 32).half(), torch.zeros(32, 16).half()
     assert tma_possible(a, b)
     assert not tma_possible(a, torch.zeros(32, 12).half())  # rows of 24 bytes: not 16-byte aligned
@@ -127,3 +129,22 @@ def test_autotune_leaves_out_a_config_whose_output_is_wrong():
     assert best in timed
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="none of the 2 .*2 gave wrong outputs"):
         fastest(["wrong", "writes nothing"], run, torch.device("cpu"), check)
+
+
+def test_a_triton_too_old_for_the_kernels_is_left_unused(monkeypatch):
+    """Triton 3.1's interpreter computes garbage with numpy 2: an older Triton than MIN_TRITON runs the references."""
+    x = torch.randn(4, 4)
+    monkeypatch.setattr(kernels, "triton_installed", lambda: True)
+    monkeypatch.setattr(kernels, "triton_version", lambda: (3, 1))
+    kernels.triton_usable.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="older than 3.2"):
+            assert not kernels.triton_usable()
+        assert kernels.choose_backend("auto", x) == "reference"
+        with pytest.raises(ValueError, match=r"3\.2 or newer \(found: 3\.1\)"):
+            kernels.choose_backend("triton", x)
+        assert not kernels.tma_supported(x) and not kernels.triton_at_least(kernels.MIN_TRITON_PDL)
+    finally:
+        kernels.triton_usable.cache_clear()
+    monkeypatch.setattr(kernels, "triton_version", lambda: (3, 5))
+    assert kernels.triton_at_least(kernels.MIN_TRITON_PDL) and not kernels.triton_at_least(kernels.MIN_TRITON_TMA_INTERPRETER)

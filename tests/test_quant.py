@@ -18,7 +18,7 @@ from labkit.solutions import quant as solutions
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
 DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not kernels.interpreting(), reason="needs TRITON_INTERPRET=1")),
+    pytest.param("cpu", marks=pytest.mark.skipif(not (kernels.interpreting() and kernels.triton_at_least(kernels.MIN_TRITON)), reason="needs TRITON_INTERPRET=1 and triton >= 3.2")),
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
 ]
 
@@ -659,8 +659,8 @@ def test_amdahl_stand_ins_keep_shapes_and_run_only_what_they_say(monkeypatch):
 
 def test_int4_autotune_times_only_configs_that_match_the_reference(monkeypatch):
     # on a GPU the wrappers autotune; here the interpreter stands in for it, with two configs, one made wrong
-    if not kernels.interpreting():
-        pytest.skip("needs TRITON_INTERPRET=1 (the kernels run in Triton's interpreter)")
+    if not (kernels.interpreting() and kernels.triton_at_least(kernels.MIN_TRITON)):
+        pytest.skip("needs TRITON_INTERPRET=1 and triton >= 3.2 (the kernels run in Triton's interpreter)")
     good, bad = qk.GemvConfig(8, 32, 1, 1, 1), qk.GemvConfig(8, 32, 1, 1, 1, True, True)
     launch = qk._launch_int4_gemv
 

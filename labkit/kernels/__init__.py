@@ -23,9 +23,53 @@ import torch
 BACKENDS = ("auto", "triton", "reference")
 
 
+# The oldest Triton each feature was checked with (the kit's tests, run under each release's
+# interpreter with torch 2.5.1): the kernels from 3.2 (3.1's interpreter cannot see `tl` in a
+# kernel built inside a function, and with numpy 2 it computes garbage); tensor descriptors
+# (TMA) from 3.4 on a GPU, and in the interpreter from 3.6 (3.4 and 3.5 check a descriptor's
+# strides in elements instead of bytes); programmatic dependent launch from 3.5.
+MIN_TRITON = (3, 2)
+MIN_TRITON_TMA = (3, 4)
+MIN_TRITON_TMA_INTERPRETER = (3, 6)
+MIN_TRITON_PDL = (3, 5)
+
+
 @functools.cache  # asked on every kernel call: find_spec alone costs tens of microseconds
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def triton_version() -> tuple[int, int] | None:
+    """(major, minor) of the installed Triton, read from its package metadata (no import), or None."""
+    if not triton_installed():
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version("triton")
+    except PackageNotFoundError:  # installed without metadata (a source tree on the path): trust it
+        return (99, 0)
+    parts = [int("".join(ch for ch in p if ch.isdigit()) or 0) for p in text.split(".")[:2]]
+    return (parts[0], parts[1] if len(parts) > 1 else 0)
+
+
+def triton_at_least(minimum: tuple[int, int]) -> bool:
+    """Is the installed Triton this version or newer? False without Triton."""
+    found = triton_version()
+    return found is not None and found >= minimum
+
+
+@functools.cache
+def triton_usable() -> bool:
+    """Triton is installed and new enough for the kit's kernels; an older one is left unused, with a warning."""
+    if not triton_installed():
+        return False
+    if triton_at_least(MIN_TRITON):
+        return True
+    warnings.warn(f"Triton {'.'.join(map(str, triton_version()))} is older than {MIN_TRITON[0]}.{MIN_TRITON[1]}, the "
+                  "oldest the kit's kernels work with: the PyTorch references run instead", stacklevel=3)  # fmt: skip
+    return False
 
 
 def interpreting() -> bool:
@@ -35,10 +79,11 @@ def interpreting() -> bool:
 
 def tma_supported(t: torch.Tensor) -> bool:
     """Can kernels use the Tensor Memory Accelerator for this tensor's device? CUDA compute
-    capability 9.0+ (Hopper and later), or the CPU interpreter, which emulates it."""
+    capability 9.0+ (Hopper and later), or the CPU interpreter, which emulates it; either with a
+    Triton that has tensor descriptors (``MIN_TRITON_TMA``, ``MIN_TRITON_TMA_INTERPRETER``)."""
     if t.is_cuda:
-        return torch.cuda.get_device_capability(t.device)[0] >= 9
-    return interpreting()
+        return torch.cuda.get_device_capability(t.device)[0] >= 9 and triton_at_least(MIN_TRITON_TMA)
+    return interpreting() and triton_at_least(MIN_TRITON_TMA_INTERPRETER)
 
 
 def choose_backend(backend: str | None, *tensors: torch.Tensor) -> str:
@@ -47,13 +92,15 @@ def choose_backend(backend: str | None, *tensors: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     on_cuda = all(t.is_cuda for t in tensors)
-    can_run = triton_installed() and (on_cuda or (interpreting() and not any(t.is_cuda for t in tensors)))
+    placed = on_cuda or (interpreting() and not any(t.is_cuda for t in tensors))
+    can_run = placed and triton_usable()
     if backend == "auto":
         return "triton" if can_run else "reference"
     if backend == "triton" and not can_run:
         raise ValueError(
             "backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before the first "
-            "kernel call, and the triton package installed"
+            f"kernel call, and the triton package installed, version {MIN_TRITON[0]}.{MIN_TRITON[1]} or newer "
+            f"(found: {'.'.join(map(str, triton_version())) if triton_installed() else 'none'})"
         )
     return backend
 

@@ -50,7 +50,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import fastest
+from . import MIN_TRITON_PDL, fastest, triton_at_least
 from .quant_kernels import GemvConfig, _choose, _on_interpreter
 
 LOG2E = 1.4426950408889634
@@ -94,8 +94,9 @@ autotune_log: dict[tuple, list] = {}
 
 
 def pdl_supported(t: torch.Tensor) -> bool:
-    """Programmatic dependent launch: a CUDA GPU of compute capability 9.0+ (Hopper) and a Triton that has it."""
-    if not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] < 9:
+    """Programmatic dependent launch: a CUDA GPU of compute capability 9.0+ (Hopper) and a Triton that has it
+    (``kernels.MIN_TRITON_PDL`` or newer: 3.4 has ``gdc_wait`` but cannot compile it)."""
+    if not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] < 9 or not triton_at_least(MIN_TRITON_PDL):
         return False
     try:
         from triton.language.extra import cuda

@@ -705,9 +705,13 @@ def int8_linear_reference(x_int8, w_int8, x_scales, w_scales, bias=None, out_dty
         acc = (x_int8.double() @ w_int8.double().t()).float()
     else:
         acc = torch._int_mm(x_int8, w_int8.t()).float()  # (M, K) @ (K, N) column-major -> int32 (M, N)
-    y = acc.mul_(x_scales.float()[:, None]).mul_(w_scales.float())  # in place: no temporaries of (M, N)
-    if bias is not None:
-        y.add_(bias.float())
+    if torch.compiler.is_compiling():  # traced (torch.compile, torch.export): out of place, the compiler fuses it;
+        y = acc * x_scales.float()[:, None] * w_scales.float()  # torch 2.5's export rejects the in-place form
+        y = y + bias.float() if bias is not None else y
+    else:
+        y = acc.mul_(x_scales.float()[:, None]).mul_(w_scales.float())  # in place: no temporaries of (M, N)
+        if bias is not None:
+            y.add_(bias.float())
     return y.to(out_dtype or x_scales.dtype)
 
 

@@ -292,6 +292,7 @@ def gradients_vs_ddp(rank: int, world_size: int, config: str = "nano", batch_siz
         "ddp_vs_single_process": (grads["ddp"] - reference).abs().max().item(),
         "ring_bytes_sent": info["ring"].get("bytes_sent", 0),
         "messages": {m: info[m].get("messages") for m in ("naive", "ring", "bucketed")},
+        "bucket_mb": bucket_mb,
     }
 
 

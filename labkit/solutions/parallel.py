@@ -30,7 +30,20 @@ def min_micro_batches(p, target):
 def layout_that_fits(model, gpu, num_gpus, global_batch, memory_limit):
     from labkit.parallel import planner
 
-    fitting = planner.search_layouts(model, gpu, num_gpus, global_batch, micro_batch=1, recompute="full",
-                                     memory_limit=memory_limit)
-    best = fitting[0].layout  # fastest first
-    return best.dp, best.tp, best.pp
+    best = None
+    tp = 1
+    while tp <= min(8, num_gpus):  # tensor parallelism inside one node of 8 GPUs
+        for pp in range(1, num_gpus // tp + 1):
+            if num_gpus % (tp * pp):
+                continue
+            dp = num_gpus // (tp * pp)
+            if global_batch % dp:
+                continue  # every data-parallel rank needs whole micro-batches
+            try:
+                p = planner.plan(model, gpu, planner.Layout(dp, tp, pp, 1, global_batch, "full"))
+            except ValueError:  # e.g. pp does not divide the layers, or tp the heads
+                continue
+            if p.total_bytes <= memory_limit and (best is None or p.step_s < best.step_s):
+                best = p
+        tp *= 2
+    return best.layout.dp, best.layout.tp, best.layout.pp
