@@ -94,7 +94,10 @@ print(tokenizer.decode(out[0]))
 #
 # The task suite has five tasks, each in three prompt formats. A *specific* prompt states
 # the task; a *vague* one is only `input ->`, which is truly ambiguous (French?
-# backwards? capitals?) until a few demonstrations show what is wanted.
+# backwards? capitals?) until a few demonstrations show what is wanted. The model has its
+# defaults, though: a lone English word usually gets French and a country its capital, so
+# it is the reviews and the string operations whose vague prompts fail without
+# demonstrations (the table below).
 
 # %%
 from labkit.evaluation import generate_answer
@@ -286,7 +289,8 @@ for exercise in ("count_parameters", "kv_cache_bytes", "greedy_decode"):
 # ## Takeaways
 #
 # - LabGPT is small enough to run anywhere and real enough to show every technique: it
-#   writes stories, translates, computes, and its vague prompts need demonstrations.
+#   writes stories, translates, computes, and where its vague prompts are truly ambiguous
+#   (reviews, string operations) they need demonstrations.
 # - Every technique is checked against an oracle before it is timed.
 # - Time with warm-up, synchronisation, medians and side-by-side ratios, on your machine.
 #

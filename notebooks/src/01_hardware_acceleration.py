@@ -178,9 +178,12 @@ for p in points:
           f"  = {100 * p['flops'] / p['seconds'] / attain:5.1f}% of its roof")
 
 # %% [markdown]
-# Small matmuls and the decode step sit far below their roof: at a few microseconds per
-# call, Python and kernel-launch overheads dominate, not arithmetic or memory. That is
-# what CUDA graphs, `torch.compile` and batching (labs 16–17) attack.
+# Small matmuls and the decode step sit far below their roof: they do so little work per
+# call that the fixed costs of each call (Python, dispatching every operator, and on a GPU
+# launching every kernel) dominate, not arithmetic or memory. The LabGPT forward pass sits
+# low for a related reason: it is many separate operators, each reading and writing its
+# tensors through memory in turn. That is what fused kernels, CUDA graphs,
+# `torch.compile` and batching (labs 16–17) attack.
 #
 # ## 4. Number formats
 #
@@ -253,7 +256,8 @@ workloads = {
 }
 fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharey=True)
 for ax, (name, (flops, nbytes)) in zip(axes, workloads.items()):
-    # each device in its fastest format: bf16 where it has one, int8 on the FPGA, fp32 on CPU and M2 GPU
+    # each device computes in its fastest format (bf16 where it has one, int8 on the FPGA, fp32 on CPU and M2 GPU),
+    # and every device reads the same bf16 weights (nbytes above): only the arithmetic changes
     result = hardware.what_if(flops, nbytes, fmt="bf16")
     result += [r | {"device": r["device"] + " (int8)"} for r in hardware.what_if(flops, nbytes, fmt="int8") if "Alveo" in r["device"]]
     result += [r | {"device": r["device"] + " (fp32)"} for r in hardware.what_if(flops, nbytes, fmt="fp32")
@@ -276,7 +280,8 @@ plt.show()
 # **The FPGA claim, checked.** The survey cites a 5× inference speedup of an FPGA over a CPU.
 # By the datasheets, an Alveo U280 (24.5 int8 TOPS, 460 GB/s) against a laptop Ryzen 7
 # 7840U (0.85 fp32 TFLOPS, 120 GB/s) is ~3.8× faster on a memory-bound decode step
-# (bandwidth ratio) and ~29× on a compute-bound forward pass (peak ratio): a 5× speedup is
+# (bandwidth ratio, both reading the same bf16 weights; int8 weights on the FPGA would halve
+# its bytes and double that) and ~29× on a compute-bound forward pass (peak ratio): a 5× speedup is
 # plausible for token-by-token inference, and the real question is always *which roof*.
 
 # %%
@@ -319,8 +324,8 @@ b = torch.randn(80, 72, generator=g).to(device=device, dtype=torch.float16)
 path = kernels.choose_backend(None, a, b)
 print("path taken:", path, "(interpreter)" if path == "triton" and kernels.interpreting() else "")
 out = kernels.matmul(a, b)
-torch.testing.assert_close(out, kernels.matmul_reference(a, b), rtol=2e-3, atol=2e-3)  # one fp16 ulp
-print("Triton matmul equals the fp32 reference within one fp16 ulp")
+torch.testing.assert_close(out, kernels.matmul_reference(a, b), rtol=2e-3, atol=2e-3)  # about two fp16 ulps
+print("Triton matmul equals the fp32 reference within 2e-3 (about two fp16 ulps: fp16's epsilon is 9.8e-4)")
 
 # the persistent TMA kernel, forced with a small config (the interpreter emulates TMA too)
 if matmul_kernel.tma_possible(a, b):
@@ -349,8 +354,10 @@ else:
     print("benchmarks/ is not beside this install: see benchmarks/RESULTS.md in the repository")
 
 # %% [markdown]
-# Both kernels come within a few percent of cuBLAS there; the persistent one wins by 2–4%
-# at most shapes. A bigger lesson from the same run is about *measuring*: timed with a
+# Both kernels come within a few percent of cuBLAS there. The persistent one timed fastest
+# at three of the four shapes in the autotuner's first pass; at 8192³ fp16 a tiled config
+# timed faster, yet a persistent one was chosen, because the autotuner re-times its three
+# leaders before choosing and the two are within the run-to-run noise. A bigger lesson from the same run is about *measuring*: timed with a
 # synchronise after every call, the Triton kernel looked 23% slower than cuBLAS at 4096³,
 # because each call's Python checks and launch (tens of microseconds) were inside the
 # timing; `labkit.bench.measure` now queues the calls and synchronises once, so it times the

@@ -72,8 +72,10 @@ print(f"parameters per rank (dp, tp, pp): {out['params_per_rank']}  of {out['par
 #   Korthikanti et al. (2022): `s·b·h·(34 + 5·a·s/h)` bytes, `s·b·h·(10 + 24/t + 5·a·s/(h·t))`
 #   with tensor parallelism, `2·s·b·h` with full recomputation, times the micro-batches in
 #   flight on the first stage under 1F1B;
-# * **compute**: model FLOPs `72·B·s·l·h²·(1 + s/6h + V/12lh)` (96 instead of 72 with
-#   full recomputation: an extra forward) over the GPU's peak times an efficiency;
+# * **compute**: model FLOPs `72·B·s·l·h²·(1 + s/6h + V/12lh)`; with full recomputation the
+#   layers run one extra forward, `96·B·s·l·h²·(1 + s/6h + V/16lh)` (the logits are not
+#   recomputed, so their term keeps its size: `72/12 = 96/16`); over the GPU's peak times an
+#   efficiency;
 # * **communication**: per layer and micro-batch, 4 tensor-parallel all-reduces of
 #   `b·s·h` values (6 with recomputation) over NVLink; pipeline sends of `b·s·h` between
 #   stages over InfiniBand; the data-parallel gradient all-reduce, `2(d−1)/d` of the gradients;
@@ -87,8 +89,10 @@ labkit.show_source(planner.plan)
 #
 # Narayanan et al. (SC21) trained GPT models from 1.7 billion to 1 trillion parameters with
 # Megatron-LM on up to 3072 A100 GPUs and reported the throughput. The planner, with one
-# A100 efficiency for every row (not fitted per run; how it was chosen is in the module's
-# docstring), against the paper:
+# A100 efficiency for every row (not fitted per run, but chosen with these runs in view: this
+# is a calibration, and what it shows is that one number serves all four runs; the module's
+# docstring says how wide the band of efficiencies is that would also pass), against the
+# paper:
 
 # %%
 rows = planner.validate()
@@ -96,7 +100,8 @@ print(f"{'run':<34} {'predicted':>10} {'reported':>10}  ratio   (TFLOP/s per GPU
 for r in rows:
     print(f"{r['name']:<34} {r['predicted_flops_per_gpu'] / 1e12:10.0f} {r['reported_flops_per_gpu'] / 1e12:10.0f}  "
           f"{r['ratio']:.2f}")
-print(f"\nevery run within +-25%: {all(0.75 <= r['ratio'] <= 1.25 for r in rows)}")
+print(f"\nevery run within +-10%: {all(0.9 <= r['ratio'] <= 1.1 for r in rows)}; ratios "
+      f"{min(r['ratio'] for r in rows):.2f} to {max(r['ratio'] for r in rows):.2f}")
 one_t = rows[0]
 print(f"Megatron-LM 1T on 3072 A100s: predicted {one_t['predicted_aggregate_flops'] / 1e15:.0f} PFLOP/s at "
       f"{one_t['predicted_hfu']:.0%} of peak; reported {one_t['reported_aggregate_flops'] / 1e15:.0f} PFLOP/s at "
@@ -193,5 +198,5 @@ passed = check.layout_that_fits(layout_that_fits)
 # **Take-aways.** The three kinds of parallelism compose: tensor inside a node, pipeline
 # across nodes, data parallelism over the rest, exact to round-off. At scale, the memory
 # formula decides which layouts are possible and the communication and bubble terms decide
-# which is fastest; a dozen lines of arithmetic land within 10% of published runs on
-# thousands of GPUs.
+# which is fastest; a dozen lines of arithmetic, with one efficiency calibrated once, land
+# within 10% of four published runs on thousands of GPUs.

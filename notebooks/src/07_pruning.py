@@ -90,8 +90,8 @@ print(f"perplexity at 70% sparsity: layer-wise {perplexity(layer, tokenizer, val
       f"global {perplexity(glob, tokenizer, validation):.3f} (dense {perplexity(model, tokenizer, validation):.3f})")
 
 # %% [markdown]
-# Global pruning leaves some attention matrices with under 10% of their weights while MLP
-# matrices keep over 40%, and on LabGPT that is much worse than layer-wise pruning (the
+# Global pruning leaves some attention matrices with under 10% of their weights while the
+# MLP matrices keep about 15–40% (printed above), and on LabGPT that is much worse than layer-wise pruning (the
 # offline sweep below agrees, in perplexity, at every sparsity from 30% on): a matrix stripped nearly bare
 # is a bottleneck, however small its weights were. A weight's magnitude says little about
 # its effect when the matrices' inputs differ in scale; that is what activation-aware
@@ -203,6 +203,9 @@ for key, by_tuning in curves.items():
         after = f"{t['perplexity']:>11.3f}{100 * t['mean_accuracy']:>12.1f}" if t else f"{'-':>11}{'-':>12}"
         print(f"{key:<22}{r['sparsity']:>9.2f}{100 * r['weight_sparsity']:>12.1f}%{r['perplexity']:>9.3f}"
               f"{100 * r['mean_accuracy']:>7.1f}{after}")
+for r in runs:  # the same budget of fine-tuning, spent after one cut or between gradual cuts
+    if r["structure"] == "neurons" and r["sparsity"] == 0.5 and r["finetune"] != "none":
+        print(f"neurons 50%, {r['finetune']:<20}: perplexity {r['perplexity']:.3f}, accuracy {100 * r['mean_accuracy']:.1f}%")
 
 # %%
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
@@ -239,8 +242,8 @@ plt.show()
 #   Mind the control: the *dense* model fine-tuned the same way also improves (1.465 →
 #   1.452), so part of every perplexity gain is simply more training on this data.
 # - **Gradual is not better at this budget.** Pruning 50% of the neurons at once and then
-#   fine-tuning 60 steps did as well as the 3-round schedule (perplexity 1.519 and 96%,
-#   vs 1.536 and 90%): the schedule leaves only 20 steps after its last round. Zhu & Gupta's
+#   fine-tuning 60 steps did as well as the 3-round schedule (the last two lines printed
+#   under the table): the schedule leaves only 20 steps after its last round. Zhu & Gupta's
 #   schedule pays off over thousands of steps.
 #
 # ### A short live version
@@ -332,7 +335,8 @@ for width, n_tokens in ((192, 2048), (768, 1024)):
 # Stored in a compressed format, the zeros are not stored. PyTorch's CSR format keeps each
 # nonzero value (4 bytes) *and its column index* (8 bytes, int64), plus one row pointer per
 # row: at 50% sparsity that is **larger** than the dense matrix. A bitmask (one bit per
-# position) is cheaper; 2:4 needs only 2 bits per kept value.
+# position) is cheaper; 2:4 stores a 2-bit index per kept value, the same size as a bitmask
+# at 50%, but in a layout the sparse tensor cores can read.
 
 # %%
 W = model.transformer.h[2].mlp.c_fc.weight.detach()
@@ -370,7 +374,8 @@ print({f"{100 * s:.0f}%": f"{v:.2f}x" for s, v in timings.items()})
 # On this CPU the sparse kernel needs somewhere between 80% and 90% zeros just to break even
 # (the exact point moves with the machine), and wins clearly only beyond that, where LabGPT
 # is broken even after fine-tuning (section 4: 90% gives accuracy 0%). At the sparsities the
-# model survives, 50-70%, the sparse kernel is 1.5-2.5x *slower* than the dense one. That is
+# model survives, 50-70%, the sparse kernel is several times *slower* than the dense one
+# (the ratios printed above). That is
 # why unstructured sparsity is a storage technique here, not a speed technique.
 #
 # ### 2:4, measured as it is
@@ -379,8 +384,7 @@ print({f"{100 * s:.0f}%": f"{v:.2f}x" for s, v in timings.items()})
 # `2:4 (masked dense)` bar above, as fast as dense). On an NVIDIA GPU from Ampere on,
 # `prune_model(..., "2:4")` stores fp16/bf16 weights as `torch.sparse` semi-structured tensors
 # (`to_sparse_semi_structured`), which the sparse tensor cores multiply. The promise is up to
-# 2× on the matmul. The measurement quoted in this project's plan, on an H200 with fp16
-# 8192 × 8192 × 8192, was 0.79×: slower than dense. The kit's own run on an H100
+# 2× on the matmul. The kit's own run on an H100
 # (`benchmarks/gpu_check_prune.py`), read from its recorded results:
 
 # %%
@@ -401,7 +405,10 @@ else:
 # the semi-structured path costs about half a millisecond per call whatever its size, and a
 # whole model with 48 such layers runs an order of magnitude *slower* than dense. 2:4 is a
 # speed technique only for large batched matmuls, and only with a kernel that keeps its
-# fixed costs down. The cell below measures it if this machine has such a GPU.
+# fixed costs down. Removing half the MLP neurons, faster on this CPU, was not faster on the
+# H100 either (the last line above): at this size the GPU's time is not in the MLP's FLOPs,
+# and the kit has not yet profiled where it went. The cell below measures 2:4 if this
+# machine has such a GPU.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -499,16 +506,18 @@ passed = check.head_importance(solutions.head_importance)
 # - Magnitude pruning `W·1(|W| ≥ τ)` at an exact sparsity is a sort: τ is the smallest
 #   magnitude kept. When magnitudes tie, rank the weights (a stable sort) instead of
 #   thresholding.
-# - Layer-wise beats global on LabGPT, whose residual projections are small by design:
-#   magnitude only compares like with like.
+# - Layer-wise beats global on LabGPT: one global threshold strips the matrices whose
+#   weights happen to be small nearly bare. A magnitude only compares like with like.
 # - The survey's "redundant neurons and connections" holds in part: about 30% of the weights,
 #   or 25% of the MLP neurons, go almost for free; beyond ~50% everything breaks without
 #   fine-tuning, and a short fine-tune recovers much of it (2:4 fully).
 # - Zeros are not speed. Unstructured sparsity saves bytes in a compressed format (CSR with
 #   int64 indices is smaller than dense only beyond 67% zeros) and time only with a sparse
-#   kernel at very high sparsity. Structured pruning shrinks the matmuls and is faster at
-#   once, but costs the most accuracy per weight removed. 2:4 needs the hardware: a masked
-#   dense matmul on a CPU, and even on an H200 it measured slower than dense.
+#   kernel at very high sparsity. Structured pruning shrinks the matmuls, and was faster on
+#   this CPU, but costs the most accuracy per weight removed, and at GPU sizes the smaller
+#   matmuls were not faster (the recorded H100 run above). 2:4 needs the hardware: a masked
+#   dense matmul on a CPU; on an H100 it won only on the largest matmul and made the whole
+#   model slower.
 #
 # ## References
 #

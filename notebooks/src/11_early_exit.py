@@ -99,6 +99,23 @@ for prompt in ("Translate each English word into French.\ncheese =>", "One sunny
           f"layers per token {set(layers)}")
 
 # %% [markdown]
+# That oracle never exits, so it never tests the fill. **The oracle for `τ < 1`** drops the
+# cache altogether: `generate_recomputed` runs the whole sequence again at every step, and
+# each earlier token stops at the layer where it exited, its hidden state carried unchanged
+# through the layers above. That is what the fill claims to be equivalent to; with the fill
+# switched off, the two disagree (the tests check both ways).
+
+# %%
+for prompt in ("Name the capital of each country.\nFrance =>", "One sunny day, Tom"):
+    ids = tokenizer.tensor(prompt)
+    for tau in (0.6, 0.9):
+        cached = early_exit.generate(model, heads, ids, 20, tau)
+        recomputed = early_exit.generate_recomputed(model, heads, ids, 20, tau)
+        same = torch.equal(cached[0], recomputed[0]) and cached[1] == recomputed[1]
+        print(f"τ = {tau}, {prompt[:24]!r:<28}: cached = recomputed without a cache: {same} "
+              f"(layers per token {sum(cached[1]) / len(cached[1]):.2f} of 6)")
+
+# %% [markdown]
 # ## 3. The τ sweep: accuracy, layers, latency
 #
 # Specific-prompt answers of all five tasks (30 each), generated token by token with exits.
@@ -110,7 +127,7 @@ for prompt in ("Translate each English word into French.\ncheese =>", "One sunny
 # %%
 # NBVAL_IGNORE_OUTPUT
 entries = [("frozen", model, heads, tau) for tau in (1.0, 0.99, 0.95, 0.9, 0.8)]
-results = early_exit.compare_thresholds(entries, tokenizer, n=30, rounds=2)
+results = early_exit.compare_thresholds(entries, tokenizer, n=30, rounds=2, progress=False)
 for r in results:
     print(f"τ = {r['threshold']:.2f}: accuracy {100 * r['accuracy']:5.1f}%, mean layers {r['mean_layers']:.2f} of 6, "
           f"decode {1e3 * r['seconds_per_token']:.2f} ms per token "
@@ -148,7 +165,8 @@ labkit.show_source(early_exit.tune_for_exits)
 # NBVAL_IGNORE_OUTPUT
 tuned, tuned_heads = early_exit.load_tuned(labkit.DATA_DIR / "exit_heads" / "tiny-tuned.safetensors")
 entries = [("teacher", model, heads, 1.0)] + [("tuned", tuned, tuned_heads, tau) for tau in (1.0, 0.995, 0.99, 0.98, 0.95)]
-teacher, *sweep = early_exit.compare_thresholds(entries, tokenizer, n=30, rounds=3)  # side by side, interleaved
+teacher, *sweep = early_exit.compare_thresholds(entries, tokenizer, n=30, rounds=3, progress=False)  # interleaved
+print(f"teacher (original tiny, τ = 1): accuracy {100 * teacher['accuracy']:5.1f}%")
 for r in sweep:
     print(f"tuned, τ = {r['threshold']:.3f}: accuracy {100 * r['accuracy']:5.1f}%, mean layers {r['mean_layers']:.2f}, "
           f"decode {1e3 * r['seconds_per_token']:.2f} ms per token = {teacher['seconds_per_token'] / r['seconds_per_token']:.2f}x "

@@ -134,7 +134,8 @@ plt.show()
 # keeps only the *input* of each segment and, during backward, re-runs the segment's forward
 # to get its activations back. With `n` layers in `s` segments, memory holds `s` segment
 # inputs plus one segment's activations, about `s·a + (n/s)·A` (a: a layer's input, A: its
-# activations); time grows by about one extra forward pass (+33% of a training step). The
+# activations); time grows by about one extra forward pass (+33% of a training step, if a
+# backward costs two forwards; measured below, on a noisy 2-core machine, it varies). The
 # classic analysis (Chen et al., 2016) takes `a ≈ A` and finds the optimum at `s = √n`.
 #
 # The whole mechanism is one autograd Function:
@@ -209,9 +210,13 @@ for s in segment_counts:
 # What the numbers say, honestly: memory keeps falling all the way to one layer per segment,
 # instead of bottoming out at `√6 ≈ 2.4` segments. The `√n` rule assumes a layer's saved
 # activations `A` are about as big as its input `a`; in a transformer layer they are ~15–20×
-# bigger (q, k, v, the T×T attention weights of every head, the 4× wider MLP), so the
-# optimum `s = √(n·A/a)` is past `n` and "checkpoint every layer" wins, which is what
-# large-model training does. The time cost is the one extra forward pass, whatever `s` is.
+# bigger (the LayerNorm outputs, q, k and v, the attention output, the 4× wider MLP before
+# and after its GELU; the fused SDPA kernel keeps no T×T attention weights, the `manual`
+# backend would add them), so the optimum `s = √(n·A/a)` is past `n` and "checkpoint every
+# layer" wins, which is what large-model training does. In principle the time cost is one
+# extra forward pass whatever `s` is; the measured ratios above scatter around that (other
+# work on the machine, allocator effects), so read them as "about a third more", not as a
+# trend in `s`.
 #
 # Move the slider to see one configuration's memory against the no-checkpointing baseline:
 
@@ -269,8 +274,9 @@ for pieces in (1, 2, 4, 8, 16):
     print(f"{pieces:>2} micro-batches of {16 // pieces:>2}: peak activation memory {accumulation_mb[pieces]:7.1f} MiB")
 
 # %% [markdown]
-# Memory falls in proportion to the micro-batch size; the time per sample barely changes
-# on a CPU (on a GPU, very small micro-batches leave the chip idle).
+# Memory falls in proportion to the micro-batch size. Time is the other side: each
+# micro-batch pays the per-call overheads again, which on a CPU at these sizes costs
+# little, while on a GPU very small micro-batches leave the chip idle.
 #
 # **With data parallelism**, each of `n` processes accumulates its micro-batches, and the
 # gradients must be averaged across processes once, after the last one. PyTorch's
@@ -343,8 +349,8 @@ passed = check.read_safetensors_header(read_safetensors_header)
 
 # %% [markdown]
 # **Exercise 2.** Write gradient accumulation: after your function, every parameter's
-# `.grad` must equal the full batch's gradient (the checker uses batches that do not split
-# evenly).
+# `.grad` must equal the full batch's gradient, and the model must never see more than one
+# micro-batch at a time (the checker watches; two of its batches do not split evenly).
 
 # %%
 def accumulate(model, loss_fn, x, y, micro_batches):

@@ -33,7 +33,10 @@ model, tokenizer = labkit.load_model("tiny")
 # Every task of the suite comes in three formats. A **vague** prompt is only `input ->`;
 # a **specific** one states the task; a **contextual** one sets a scene that implies it.
 # (The vague format is truly ambiguous: in training, `cat ->` was followed by French, by
-# `CAT`, by `tac` or by `c-a-t`, and reviews by positive/negative or good/bad.)
+# `CAT`, by `tac` or by `c-a-t`, and reviews by positive/negative or good/bad. The model
+# still has defaults: it answers a lone English word in French and a country with its
+# capital, so those vague prompts happen to work; for reviews and string operations there is
+# no default, and the vague prompt fails.)
 
 # %%
 for fmt in data.FORMATS:
@@ -92,7 +95,9 @@ for fmt, s in costs.items():
 # **Claim 1, checked.** Specific prompts are far more accurate on the ambiguous tasks, but
 # they are *longer*, so each call costs more, not less. The survey's "reduces inference time"
 # holds only counting retries: if a wrong answer means asking again, the expected number of
-# prompt tokens until a right answer is `tokens / accuracy`:
+# prompt tokens until a right answer is `tokens / accuracy`. (That assumes each retry
+# succeeds independently, as with sampling or a rephrased question: a greedy model asked the
+# same prompt again gives the same wrong answer.)
 
 # %%
 for task in data.tasks():
@@ -103,8 +108,9 @@ for task in data.tasks():
     print(f"{task:<11} expected prompt tokens per correct answer: " + ", ".join(cells))
 
 # %% [markdown]
-# Where the vague prompt is ambiguous, the specific prompt wins even on cost; where it is
-# not (translate, capital), the extra instruction tokens are pure overhead.
+# Where the vague prompt fails often (sentiment, string), the specific prompt wins even on
+# cost; where it mostly works (translate and capital by the model's defaults, arithmetic at
+# about four in five), the extra instruction tokens are pure overhead.
 #
 # **Claim 2, checked.** Contextual prompts, which imply the task through a scene, do as well
 # as explicit instructions for LabGPT, but they are the *longest* prompts: relevance yes,
@@ -205,6 +211,7 @@ explore(prompt_view, task=data.tasks(), fmt=list(data.FORMATS), shots=(0, 8, 1, 
 # **Exercise.** Write a *zero-shot* prompt for the string task's reversal that reaches at
 # least 90% accuracy. Your template gets the input word and the operation's name (always
 # `"reverse"` here) and returns the prompt; the model's answer follows after a space.
+# Zero-shot means no demonstrations: only the last line, the query, may hold an arrow.
 
 # %%
 def my_prompt(word, operation):
@@ -222,7 +229,7 @@ passed = check.reversal_prompt(solutions.reversal_prompt)
 # ## Takeaways
 #
 # - State the task: on LabGPT a specific prompt beats a vague one by tens of points where
-#   the vague one is ambiguous, and costs only a few more tokens.
+#   the vague one is ambiguous, at several times the prompt tokens (section 2's table).
 # - Instructions and demonstrations are not free: each token adds prefill time. One
 #   demonstration buys most of the accuracy; prefix caching makes shared demonstrations
 #   nearly free after the first query.

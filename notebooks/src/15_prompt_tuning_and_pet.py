@@ -54,15 +54,18 @@ print(repr(labkit.evaluation.generate_answer(model, tokenizer, prompting.new_lab
 #
 # ## 2. Prompt tuning: `Prompt(x) = x + P`
 #
-# Prepend `n` learned vectors `P` to the input's token embeddings and train only `P` (every
-# model weight frozen), on the answers' tokens.
+# The survey's "+" joins, it does not add: prepend `n` learned vectors `P` to the input's
+# token embeddings (the sequence becomes `[P; x]`) and train only `P` (every model weight
+# frozen), on the answers' tokens.
 
 # %%
 labkit.show_source(prompting.SoftPrompt)
 
 # %% [markdown]
 # **Two identities first.** A soft prompt of length zero leaves the model unchanged; and a
-# soft prompt initialised with a real prompt's embeddings acts exactly like that text.
+# soft prompt initialised with a real prompt's embeddings acts like that text (the same
+# logits, up to float rounding: the two take different paths through the position
+# embeddings' addition).
 
 # %%
 probe = tokenizer.tensor("Give the capital city of each country.\nPeru =>")
@@ -70,9 +73,8 @@ with torch.no_grad():
     print("zero-length soft prompt == the model:", torch.equal(prompting.SoftPrompt(model, 0)(probe), model(probe)))
     header = "Give the capital city of each country.\n"
     soft = prompting.SoftPrompt(model, init_text=header)
-    same = torch.allclose(soft(tokenizer.tensor("Peru =>")), model(tokenizer.tensor(header + "Peru =>"))[:, len(header):],
-                          atol=1e-4)
-    print("soft prompt initialised from text == that text:", same)
+    gap = (soft(tokenizer.tensor("Peru =>")) - model(tokenizer.tensor(header + "Peru =>"))[:, len(header):]).abs().max()
+    print(f"soft prompt initialised from text == that text (max |logit difference| <= 1e-4): {gap.item() <= 1e-4}")
 
 # %% [markdown]
 # Now train 20 prompt vectors (200 steps of 16 examples), and, for comparison, fine-tune a
@@ -105,7 +107,8 @@ plt.show()
 
 # %% [markdown]
 # **The survey's case study, checked.** On LabGPT prompt tuning gets close to full
-# fine-tuning with ~0.1% of the trainable parameters, but it does not beat it. Lester et al.
+# fine-tuning with a fraction of a percent of the trainable parameters (printed above), but
+# it does not beat it. Lester et al.
 # (2021) found that prompt tuning matches fine-tuning only as models grow to billions of
 # parameters; at our scale, close is what to expect.
 #
@@ -171,14 +174,17 @@ for p in patterns:
 # %% [markdown]
 # Zero-shot PET works exactly when pattern and verbalizer match what the model learned: the
 # words the corpus used after reviews, in a context where reviews were labelled. A story
-# context is chance (50%) whatever the words; `yes/no` is near chance in any pattern.
+# context is chance (50%) whatever the words; `yes/no` is at chance after a bare arrow and
+# only a little better after an instruction.
 #
 # ### PET with a few labelled examples, vs a classifier head
 #
 # Take a poor zero-shot combination (bare arrow, `yes/no`) and 16 or 32 labelled examples.
 # **PET** fine-tunes the model so the verbalizer words' scores classify correctly; the
 # **baseline** trains a linear classifier head on the frozen model's last hidden state, with
-# the same examples.
+# the same examples. The two differ in two ways at once: PET reuses the language-model head
+# *and* updates every weight, while the baseline learns a new head on frozen features
+# (Schick & Schütze's baseline fine-tuned the whole model with its new head).
 
 # %%
 pattern, verbalizer = patterns["bare arrow"], verbalizers["yes/no"]
@@ -209,8 +215,10 @@ plt.show()
 
 # %% [markdown]
 # PET turns a handful of labels into a near-perfect classifier because it reuses what the
-# language model already does (predicting words); a fresh head has to learn the task from
-# 16 points in 192 dimensions (Schick & Schütze, 2021, found the same on real benchmarks).
+# language model already does (predicting words); a fresh head on frozen features has to
+# learn the task from 16 points in 192 dimensions. Part of the gap is the fine-tuning itself
+# (PET moves every weight, the head none of the model's); Schick & Schütze (2021) found PET
+# ahead of a fully fine-tuned classifier too, on real benchmarks.
 #
 # ## Your turn
 #
@@ -233,7 +241,8 @@ passed = check.verbalizer(solutions.VERBALIZER)
 # - A soft prompt of a few thousand numbers can teach a frozen model a new output format
 #   that demonstrations cannot; full fine-tuning still does a little better at this scale.
 # - PET's accuracy hinges on the pattern and the verbalizer speaking the model's language;
-#   with the right ones, a few labels suffice, far fewer than a new classifier head needs.
+#   with the right ones, a few labels suffice, where a new head on frozen features needs far
+#   more.
 #
 # ## References
 #
