@@ -183,6 +183,12 @@ def make_example(
 ) -> Example:
     """Build one prompt: header (unless vague), ``shots`` demonstrations, the query."""
     _check(task, fmt, shots)
+    allowed_ops = {"arithmetic": ARITHMETIC_OPS, "string": STRING_OPS}.get(task, ())
+    if op is not None and op not in allowed_ops:
+        raise ValueError(f"op {op!r} does not belong to task {task!r}; allowed: "
+                         f"{list(allowed_ops) or 'none (only arithmetic and string take an op)'}")  # fmt: skip
+    if label_scheme not in SENTIMENT_LABELS:
+        raise ValueError(f"label_scheme must be one of {sorted(SENTIMENT_LABELS)}, got {label_scheme!r}")
     rng = rng or random.Random(0)
     if task == "arithmetic":
         op = op or rng.choice(ARITHMETIC_OPS)

@@ -266,6 +266,25 @@ def _affine(norm: nn.LayerNorm, C: int, device) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
+def _check_generate_args(model, heads, idx, max_new_tokens) -> None:
+    from .model import _check_token_ids
+
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(0) != 1 or idx.size(1) < 1:
+        raise ValueError(f"early-exit generation takes one non-empty sequence, shape (1, T); got "
+                         f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")  # fmt: skip
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if idx.size(1) + max_new_tokens > model.config.block_size:
+        raise ValueError(f"prompt + max_new_tokens exceeds the context of {model.config.block_size}")
+    _check_token_ids("idx", idx, model.config.vocab_size)
+    maps = getattr(heads, "maps", None)
+    if maps is not None and (len(maps) != model.config.n_layer - 1
+                             or (len(maps) and maps[0].in_features != model.config.n_embd)):  # fmt: skip
+        width = maps[0].in_features if len(maps) else "?"
+        raise ValueError(f"the exit heads were made for {len(maps) + 1} layers of width {width}; this model has "
+                         f"{model.config.n_layer} layers of width {model.config.n_embd}")  # fmt: skip
+
+
 def generate(model, heads: ExitHeads, idx: torch.Tensor, max_new_tokens: int, threshold: float = 1.0,
              stop_token: int | None = None, folded: FoldedExits | bool | None = None, timings: dict | None = None,
              ) -> tuple[torch.Tensor, list[int]]:  # fmt: skip
@@ -282,11 +301,8 @@ def generate(model, heads: ExitHeads, idx: torch.Tensor, max_new_tokens: int, th
 
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold τ must be in (0, 1], got {threshold}")
-    if idx.dim() != 2 or idx.size(0) != 1:
-        raise ValueError(f"early-exit generation takes one sequence, shape (1, T); got {tuple(idx.shape)}")
+    _check_generate_args(model, heads, idx, max_new_tokens)
     L = model.config.n_layer
-    if idx.size(1) + max_new_tokens > model.config.block_size:
-        raise ValueError(f"prompt + max_new_tokens exceeds the context of {model.config.block_size}")
     if folded is None:
         folded = threshold < 1.0 and FoldedExits.applies(model, heads)
     if folded is True:
@@ -343,10 +359,7 @@ def generate_recomputed(model, heads: ExitHeads, idx: torch.Tensor, max_new_toke
     the same tokens and exit layers as ``generate`` up to float rounding."""
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold τ must be in (0, 1], got {threshold}")
-    if idx.dim() != 2 or idx.size(0) != 1:
-        raise ValueError(f"early-exit generation takes one sequence, shape (1, T); got {tuple(idx.shape)}")
-    if idx.size(1) + max_new_tokens > model.config.block_size:
-        raise ValueError(f"prompt + max_new_tokens exceeds the context of {model.config.block_size}")
+    _check_generate_args(model, heads, idx, max_new_tokens)
     L = model.config.n_layer
     seq, last_layer, layers_used = idx, [L - 1] * (idx.size(1) - 1), []  # the prompt but its last token: every layer
     for _ in range(max_new_tokens):

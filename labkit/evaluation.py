@@ -23,10 +23,16 @@ def _device_of(model) -> torch.device:
 
 
 @torch.no_grad()
+def _check_batch_size(batch_size) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+
+
 def answer_correct(model, tokenizer: CharTokenizer, examples: list, batch_size: int = 32) -> list[bool]:
     """For each example: would greedy decoding write exactly its answer and a newline?"""
     device = _device_of(model)
     out: list[bool] = []
+    _check_batch_size(batch_size)
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         prompts = [tokenizer.encode(e.prompt) for e in chunk]
@@ -131,6 +137,7 @@ def perplexity(model, tokenizer: CharTokenizer, text: str, batch_size: int = 8) 
     model.eval()
     total = 0.0
     device = _device_of(model)
+    _check_batch_size(batch_size)
     for i in range(0, n_windows, batch_size):
         xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
         total += model.loss(xb, yb).item() * xb.size(0)

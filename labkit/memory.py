@@ -181,6 +181,9 @@ def make_weight_file(path, total_mb: int = 256, n_tensors: int = 16, seed: int =
     """Write a safetensors file of ``n_tensors`` float32 matrices, about ``total_mb`` MB in all."""
     if total_mb < 1 or n_tensors < 1:
         raise ValueError(f"total_mb and n_tensors must be >= 1, got {total_mb} and {n_tensors}")
+    if n_tensors > total_mb * 2**20 // 4:
+        raise ValueError(f"n_tensors must be in 1..{total_mb * 2**20 // 4} (one float32 each at least) for "
+                         f"total_mb={total_mb}, got {n_tensors}")  # fmt: skip
     per_tensor = total_mb * 2**20 // 4 // n_tensors  # float32 elements per tensor
     side = int(per_tensor**0.5)
     g = torch.Generator().manual_seed(seed)

@@ -65,6 +65,9 @@ def get_config(name: str, **overrides) -> GPTConfig:
     """A copy of a named config, with fields overridden."""
     if name not in CONFIGS:
         raise ValueError(f"unknown config {name!r}; allowed: {sorted(CONFIGS)}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(GPTConfig)})
+    if unknown:
+        raise ValueError(f"unknown GPTConfig field(s) {unknown}; allowed: {[f.name for f in fields(GPTConfig)]}")
     return GPTConfig(**{**asdict(CONFIGS[name]), **overrides})
 
 
@@ -118,6 +121,27 @@ register_attention("manual", manual_attention)
 register_attention("sdpa", sdpa_attention)
 
 
+def _check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
+    """Token ids must index the embedding table. Checked on CPU tensors only: on a GPU the check would
+    wait for the device at every call (and break CUDA-graph capture); there the embedding asserts."""
+    if ids.device.type != "cpu" or ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{name} must be token ids in 0..{vocab_size - 1} (this model's vocabulary), got values in "
+                         f"{lo}..{hi}: was the text encoded with this model's tokenizer?")  # fmt: skip
+
+
+def _check_cache_fits(cache, config, batch: int, dtype: torch.dtype) -> None:
+    k = getattr(cache, "all_k", None)
+    if k is None:  # another cache class (serving's slot cache): it checks itself
+        return
+    if tuple(k.shape[:2]) != (config.n_layer, batch) or k.shape[-1] != config.head_size or k.dtype != dtype:
+        raise ValueError(f"cache holds {k.shape[0]} layers x batch {k.shape[1]} x head size {k.shape[-1]} in {k.dtype}; "
+                         f"this call needs {config.n_layer} layers x batch {batch} x head size {config.head_size} "
+                         f"in {dtype}: make it with this model's new_cache({batch})")  # fmt: skip
+
+
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated.
 
@@ -126,6 +150,8 @@ class KVCache:
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, device=None, dtype=torch.float32) -> None:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_size)
         # one tensor for all layers, seen as a list of per-layer views: code that writes several
         # layers at once (early exit's filled layers) does it in one copy
@@ -145,7 +171,7 @@ class KVCache:
 
     def crop(self, length: int) -> None:
         """Forget positions >= length (speculative decoding rolls back rejected tokens)."""
-        if not 0 <= length <= self.pos:
+        if not isinstance(length, int) or isinstance(length, bool) or not 0 <= length <= self.pos:
             raise ValueError(f"crop length must be in 0..{self.pos}, got {length}")
         self.pos = length
 
@@ -211,6 +237,9 @@ class LabGPT(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise ValueError(f"config must be a GPTConfig (e.g. get_config('nano')), got {type(config).__name__} "
+                             f"{config!r}")  # fmt: skip
         if config.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention {config.attention!r}; allowed: {sorted(ATTENTION_BACKENDS)}")
         self.config = config
@@ -270,12 +299,24 @@ class LabGPT(nn.Module):
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of idx (token ids) or inputs_embeds")
         if idx is not None:
-            if idx.dim() != 2 or idx.dtype != torch.long:
-                raise ValueError(f"idx must be a (batch, time) long tensor, got {tuple(idx.shape)} {idx.dtype}")
+            if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
+                raise ValueError(f"idx must be a (batch, time) long tensor, got "
+                                 f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__} "
+                                 f"{getattr(idx, 'dtype', '')}")  # fmt: skip
+            _check_token_ids("idx", idx, self.config.vocab_size)
             x = self.transformer.wte(idx)  # (B, T, C)
         else:
+            C, dtype = self.config.n_embd, self.transformer.wte.weight.dtype
+            if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 or inputs_embeds.size(-1) != C \
+                    or inputs_embeds.dtype != dtype:  # fmt: skip
+                raise ValueError(f"inputs_embeds must be a (batch, time, {C}) {dtype} tensor, got "
+                                 f"{tuple(getattr(inputs_embeds, 'shape', ()))} {getattr(inputs_embeds, 'dtype', '')}")  # fmt: skip
             x = inputs_embeds
         B, T, _ = x.shape
+        if T < 1:
+            raise ValueError("the sequence is empty: pass at least one token (allowed lengths 1..block_size)")
+        if cache is not None:
+            _check_cache_fits(cache, self.config, B, x.dtype)
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(
@@ -296,6 +337,13 @@ class LabGPT(nn.Module):
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy; targets of -1 are ignored."""
+        if not isinstance(targets, torch.Tensor) or targets.shape != getattr(idx, "shape", None):
+            raise ValueError(f"targets must have idx's shape {tuple(getattr(idx, 'shape', ()))}, got "
+                             f"{tuple(getattr(targets, 'shape', ())) or type(targets).__name__}")  # fmt: skip
+        kept = targets[targets != -1]
+        if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= self.config.vocab_size):
+            raise ValueError(f"targets must be token ids in 0..{self.config.vocab_size - 1} (or -1 to ignore), got "
+                             f"values in {int(kept.min())}..{int(kept.max())}")  # fmt: skip
         logits = self(idx)
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
 
@@ -321,12 +369,17 @@ class LabGPT(nn.Module):
         step (the O(n^2) baseline of the serving lab). ``stop_token`` ends generation once
         every row has produced it.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-        if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
-            raise ValueError(f"top_k must be in 1..{self.config.vocab_size} or None, got {top_k}")
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+            raise ValueError(f"idx must be a (batch, time) tensor of token ids, got "
+                             f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")  # fmt: skip
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0 \
+                or math.isinf(temperature):  # fmt: skip
+            raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)
+                                  or not 1 <= top_k <= self.config.vocab_size):  # fmt: skip
+            raise ValueError(f"top_k must be an int in 1..{self.config.vocab_size} or None, got {top_k!r}")
         total = idx.size(1) + max_new_tokens
         if idx.size(1) < 1 or total > self.config.block_size:
             raise ValueError(
@@ -395,6 +448,8 @@ def load_checkpoint(path, device=None, mmap: bool = True) -> LabGPT:
         raise ValueError(f"{Path(path).name} is not a labkit checkpoint (its metadata lacks format=labkit-gpt)")
     try:
         cfg = json.loads(meta["config"])
+        if not isinstance(cfg, dict):
+            raise TypeError(f"expected a JSON object, got {type(cfg).__name__}")
         allowed = {f.name for f in fields(GPTConfig)}
         config = GPTConfig(**{k: v for k, v in cfg.items() if k in allowed})
     except (json.JSONDecodeError, TypeError) as err:

@@ -271,7 +271,7 @@ class PrunedSelfAttention(nn.Module):
         """Keep the heads ``keep`` (indices into ``attn``'s heads) of a CausalSelfAttention or PrunedSelfAttention."""
         n_head, hs = attn.n_head, _head_size(attn)
         width = n_head * hs
-        keep = torch.as_tensor(keep, dtype=torch.long).sort().values  # keep the heads in their order
+        keep = _kept_indices(keep, n_head, "head")  # in their order
         head_rows = (keep[:, None] * hs + torch.arange(hs)).flatten()  # rows of the kept heads within q (or k, v)
         qkv_rows = torch.cat([part * width + head_rows for part in range(3)])  # the same rows in q, k and v
         with warnings.catch_warnings():  # keeping no head at all makes empty linears, which PyTorch warns about
@@ -321,9 +321,23 @@ def _dense_weight(linear: nn.Module) -> torch.Tensor:
     return linear.weight.detach()
 
 
+def _kept_indices(keep, n: int, what: str) -> torch.Tensor:
+    """``keep`` as sorted unique indices in 0..n-1, or a ValueError (a bool mask or floats would index wrongly)."""
+    t = torch.as_tensor(keep)
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex() or t.dim() != 1:
+        raise ValueError(f"keep must be a 1-D list or tensor of int {what} indices in 0..{n - 1}, got "
+                         f"{t.dtype} of shape {tuple(t.shape)}")  # fmt: skip
+    t = t.long()
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
+        raise ValueError(f"keep must be {what} indices in 0..{n - 1}, got values in {int(t.min())}..{int(t.max())}")
+    if t.unique().numel() != t.numel():
+        raise ValueError(f"keep must not repeat a {what}: got {t.tolist()}")
+    return t.sort().values
+
+
 def remove_neurons(mlp: nn.Module, keep: torch.Tensor) -> None:
     """Keep only the hidden neurons ``keep`` of an MLP: new, smaller c_fc (rows) and c_proj (columns)."""
-    keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+    keep = _kept_indices(keep, _dense_weight(mlp.c_fc).shape[0], "neuron")
     fc, proj = mlp.c_fc, mlp.c_proj
     w_fc, w_proj = _dense_weight(fc), _dense_weight(proj)
     with warnings.catch_warnings():  # keeping no neuron at all makes empty linears, which PyTorch warns about
@@ -358,6 +372,11 @@ def head_output_norms(y: torch.Tensor, proj_weight: torch.Tensor, n_head: int) -
     W_proj[:, h] are its hs-wide slices; its score is the Frobenius norm of that (tokens, C)
     matrix. Returns (n_head,).
     """
+    if not isinstance(n_head, int) or isinstance(n_head, bool) or n_head < 1 or proj_weight.shape[1] % n_head:
+        raise ValueError(f"n_head must be a positive int dividing proj_weight's {proj_weight.shape[1]} columns, "
+                         f"got {n_head!r}")  # fmt: skip
+    if y.shape[-1] != proj_weight.shape[1]:
+        raise ValueError(f"y's last dimension ({y.shape[-1]}) must equal proj_weight.shape[1] ({proj_weight.shape[1]})")
     hs = proj_weight.shape[1] // n_head
     y_heads = y.reshape(-1, n_head, hs)  # (tokens, nh, hs)
     w_heads = proj_weight.reshape(proj_weight.shape[0], n_head, hs)  # (C, nh, hs)
@@ -440,8 +459,10 @@ def select_heads(
 @torch.no_grad()
 def mask_neurons(model: LabGPT, keep: list[torch.Tensor]) -> LabGPT:
     """A copy of a dense model with every neuron not in ``keep`` zeroed: its c_fc row and bias, its c_proj column."""
+    _check_one_per_layer(model, keep)
     masked = copy.deepcopy(model)
     for block, kept in zip(masked.transformer.h, keep):
+        kept = _kept_indices(kept, block.mlp.c_fc.out_features, "neuron")
         removed = torch.ones(block.mlp.c_fc.out_features, dtype=torch.bool)
         removed[kept] = False
         block.mlp.c_fc.weight[removed] = 0
@@ -451,13 +472,22 @@ def mask_neurons(model: LabGPT, keep: list[torch.Tensor]) -> LabGPT:
     return masked
 
 
+def _check_one_per_layer(model: LabGPT, keep) -> None:
+    if len(keep) != model.config.n_layer:
+        raise ValueError(f"keep must hold one index list per layer (n_layer={model.config.n_layer}), got {len(keep)}")
+
+
 @torch.no_grad()
 def mask_heads(model: LabGPT, keep: list[torch.Tensor]) -> LabGPT:
     """A copy of a dense model with every head not in ``keep`` zeroed: its q, k, v rows (and biases), its c_proj columns."""
+    _check_one_per_layer(model, keep)
+    if any(getattr(block.attn, "n_head", None) != model.config.n_head for block in model.transformer.h):
+        raise ValueError("mask_heads needs a model with all its heads: this one has had heads removed")
     masked = copy.deepcopy(model)
     C, n_head = model.config.n_embd, model.config.n_head
     hs = C // n_head
     for block, kept in zip(masked.transformer.h, keep):
+        kept = _kept_indices(kept, n_head, "head")
         removed = torch.ones(n_head, dtype=torch.bool)
         removed[kept] = False
         rows = removed.repeat_interleave(hs)  # (C,): True on the removed heads' slices

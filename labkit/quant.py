@@ -65,6 +65,8 @@ def _check_float(x, name: str = "x") -> None:
         )
     if x.numel() == 0:
         raise ValueError(f"{name} is empty: there is nothing to quantize")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf: no finite scale can represent it")
 
 
 def _check_granularity(x: torch.Tensor, axis, group_size) -> None:
@@ -246,9 +248,17 @@ def quantize(
         scale, zero_point = calibrate(x, bits, axis, group_size, symmetric, method)
     else:
         scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-        zero_point = torch.as_tensor(0 if zero_point is None else zero_point, dtype=torch.int32, device=x.device)
+        given = torch.as_tensor(0 if zero_point is None else zero_point)
+        if given.is_floating_point() and not bool((given == given.round()).all()):
+            raise ValueError(f"zero_point must be an integer, got {zero_point!r}")
+        zero_point = given.to(device=x.device, dtype=torch.int32)
         if not bool((scale > 0).all()) or not bool(torch.isfinite(scale).all()):
             raise ValueError("scale must be finite and > 0")
+        qmin, qmax = integer_range(bits, symmetric)
+        if symmetric and bool((zero_point != 0).any()):
+            raise ValueError(f"zero_point must be 0 when symmetric=True, got {zero_point.tolist()}")
+        if bool((zero_point < qmin).any()) or bool((zero_point > qmax).any()):
+            raise ValueError(f"zero_point must be in {qmin}..{qmax} for {bits} bits, got {zero_point.tolist()}")
     qmin, qmax = integer_range(bits, symmetric)
     inv_scale = torch.reciprocal(_expand(scale.float(), x.shape))
     q = torch.round(x.float() * inv_scale) + _expand(zero_point, x.shape)
@@ -279,6 +289,9 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``quantize(x, 8, axis=0, symmetric=True)``, written for speed (no temporary |x|, in-place
     rounding): on a CPU these passes over the activations are most of W8A8's overhead.
     """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty 2-D float tensor (tokens, features), got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}")  # fmt: skip
     x = x.float()
     absmax = torch.maximum(x.amax(dim=1), -x.amin(dim=1))  # (M,) max |x| per row, without a temporary |x|
     scales = torch.clamp(absmax / 127.0, min=EPS)
@@ -294,8 +307,17 @@ class _QuantizedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def _check_input(self, x) -> None:
+        """A float tensor whose last dimension is in_features (else a clear ValueError, not a reshape error)."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__} takes a float tensor (..., in_features={self.in_features}), got "
+                             f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}")  # fmt: skip
 
     def _finish(self, y: torch.Tensor, shape) -> torch.Tensor:
         y = y.reshape(*shape[:-1], self.out_features)
@@ -337,6 +359,7 @@ class Int8WeightOnlyLinear(_Int8PerChannelLinear):
     """nn.Linear with int8 weights (symmetric, one scale per output channel) and float activations."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         y = int8_weight_only_linear(x.reshape(-1, self.in_features), self.weight, self.scales, _kernel_backend(x))
         return self._finish(y, x.shape)
 
@@ -408,6 +431,7 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
         return dequantize(unpack_int4(self.weight), self.scales.float(), self.zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         y = int4_weight_only_linear(
             x.reshape(-1, self.in_features), self.weight, self.scales, self.zeros, self.group_size, _kernel_backend(x)
         )
@@ -473,6 +497,7 @@ class W8A8Linear(_Int8PerChannelLinear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         x2 = x.reshape(-1, self.in_features)
         x_int8, x_scales = quantize_per_token(x2)  # dynamic: a fresh scale for every token, every call
         bias = self.bias.detach() if self.bias is not None else None

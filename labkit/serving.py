@@ -152,6 +152,9 @@ def decode_step(model: LabGPT, cache: SlotCache, slots, tokens: torch.Tensor, wh
     t = model.transformer
     # the position each new token takes (a finished row of a static batch may run on: clamp it)
     pos = cache.length[slots].clamp(max=model.config.block_size - 1)
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.numel() != pos.numel():
+        raise ValueError(f"tokens must be a 1-D tensor with one token per slot ({pos.numel()}), got "
+                         f"{tuple(getattr(tokens, 'shape', ())) or type(tokens).__name__}")  # fmt: skip
     x = t.wte(tokens) + t.wpe(pos)  # (B, C)
     x = x.unsqueeze(1)  # (B, 1, C)
     S = model.config.block_size if whole_cache else int(pos.max()) + 1
@@ -295,7 +298,16 @@ def serve(model: LabGPT, requests: list[Request], policy: str = "continuous", ma
         raise ValueError(f"policy must be 'static' or 'continuous', got {policy!r}")
     if not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+    if not requests:
+        raise ValueError("requests is empty: serve needs at least one Request (serving.make_workload makes some)")
     for r in requests:
+        if not (isinstance(r.arrival, (int, float)) and math.isfinite(r.arrival) and r.arrival >= 0):
+            raise ValueError(f"request {r.rid}: arrival must be a finite number of seconds >= 0, got {r.arrival!r}")
+        if not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 1:
+            raise ValueError(f"request {r.rid}: max_new_tokens must be an int >= 1, got {r.max_new_tokens!r}")
+        if not r.prompt or min(r.prompt) < 0 or max(r.prompt) >= model.config.vocab_size:
+            raise ValueError(f"request {r.rid}: the prompt must be a non-empty list of token ids in "
+                             f"0..{model.config.vocab_size - 1}")  # fmt: skip
         if len(r.prompt) + r.max_new_tokens > model.config.block_size:
             raise ValueError(f"request {r.rid}: prompt {len(r.prompt)} + {r.max_new_tokens} new tokens exceeds the "
                              f"context (block_size {model.config.block_size})")

@@ -143,6 +143,10 @@ def plot_masks(masks: dict[str, torch.Tensor], fig=None):
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The oracle: dense attention under a (T, S) boolean mask, O(n²) whatever the mask."""
     check_attention_inputs(q, k, v)
+    want = (q.size(-2), k.size(-2))
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape[-2:]) != want:
+        raise ValueError(f"mask must be a bool tensor of shape (T, S) = {want} (True: the query may see the key), "
+                         f"got {getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")  # fmt: skip
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 

@@ -288,6 +288,9 @@ def flash_attention_blockwise(
     running max ``m``, sum ``l`` and output ``acc``; one division at the end.
     """
     _check(q, k, v, causal, window)
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1 (rows of a tile), got {value!r}")
     T, S = q.size(2), k.size(2)
     scale = 1.0 / math.sqrt(q.size(-1))
     mask = attention_mask(T, S, causal, window, q.device)

@@ -1,0 +1,117 @@
+"""Bad input gets a ValueError that names the argument (found by an audit: each of these used to crash
+deep inside PyTorch, hang, or return a wrong answer)."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from labkit import data, distill, evaluation, prune, quant, serving, sparse
+from labkit.early_exit import ExitHeads, generate, generate_recomputed
+from labkit.kernels import flash_attention_blockwise
+from labkit.model import LabGPT, get_config
+from labkit.tokenizer import CharTokenizer
+from labkit.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def nano():
+    torch.manual_seed(0)
+    return LabGPT(get_config("nano")).eval()
+
+
+def test_model_rejects_foreign_token_ids_empty_input_and_mismatched_caches(nano):
+    V = nano.config.vocab_size
+    with pytest.raises(ValueError, match=rf"idx must be token ids in 0\.\.{V - 1}"):
+        nano(torch.tensor([[V]]))
+    with pytest.raises(ValueError, match="token ids"):
+        nano(torch.tensor([[-1, 3]]))
+    with pytest.raises(ValueError, match="empty"):
+        nano(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch 2"):
+        nano(torch.zeros(2, 3, dtype=torch.long), cache=nano.new_cache(1))
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        nano(inputs_embeds=torch.zeros(1, 3, nano.config.n_embd + 1))
+    with pytest.raises(ValueError, match="targets"):
+        nano.loss(torch.zeros(1, 3, dtype=torch.long), torch.full((1, 3), V))
+    with pytest.raises(ValueError, match="batch_size"):
+        nano.new_cache(0)
+    with pytest.raises(ValueError, match="config must be a GPTConfig"):
+        LabGPT("nano")
+    with pytest.raises(ValueError, match="unknown GPTConfig field"):
+        get_config("nano", layers=3)
+    idx = torch.zeros(1, 2, dtype=torch.long)
+    for kwargs, name in ((dict(max_new_tokens=2.5), "max_new_tokens"), (dict(max_new_tokens=2, temperature=math.nan),
+                         "temperature"), (dict(max_new_tokens=2, top_k=True), "top_k")):  # fmt: skip
+        with pytest.raises(ValueError, match=name):
+            nano.generate(idx, **kwargs)
+
+
+def test_training_and_evaluation_settings_are_checked(nano):
+    for kwargs, name in ((dict(min_lr=-1.0), "min_lr"), (dict(grad_clip=-1.0), "grad_clip"), (dict(warmup=-5), "warmup"),
+                         (dict(steps=1.5), "steps"), (dict(weight_decay=-0.1), "weight_decay")):  # fmt: skip
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(**kwargs)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="batch_size"):
+            evaluation.perplexity(nano, CharTokenizer(), "some text " * 40, batch_size=bad)
+    with pytest.raises(ValueError, match="op 'add' does not belong to task 'translate'"):
+        data.make_example("translate", op="add", rng=random.Random(0))
+    with pytest.raises(ValueError, match="label_scheme"):
+        data.make_example("sentiment", label_scheme="x", rng=random.Random(0))
+
+
+def test_pruning_indices_must_be_unique_ints_in_range_one_list_per_layer(nano):
+    mlp = LabGPT(get_config("nano")).transformer.h[0].mlp
+    hidden = mlp.c_fc.out_features
+    for keep, match in ((torch.ones(hidden, dtype=torch.bool), "int"), ([0, 0, 1], "repeat"), ([hidden], "indices in"),
+                        ([-1], "indices in"), ([0.5], "int")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            prune.remove_neurons(mlp, keep)
+    with pytest.raises(ValueError, match="one index list per layer"):
+        prune.mask_neurons(nano, [torch.arange(4)])
+    with pytest.raises(ValueError, match="n_head"):
+        prune.head_output_norms(torch.randn(4, 32), torch.randn(32, 32), 3)
+
+
+def test_quantization_inputs():
+    with pytest.raises(ValueError, match="NaN or inf"):
+        quant.quantize(torch.tensor([1.0, math.nan]))
+    with pytest.raises(ValueError, match=r"zero_point must be in 0\.\.255"):
+        quant.quantize(torch.randn(8), scale=0.1, zero_point=300)
+    with pytest.raises(ValueError, match="zero_point must be 0 when symmetric"):
+        quant.quantize(torch.randn(8), scale=0.1, zero_point=5, symmetric=True)
+    with pytest.raises(ValueError, match="2-D"):
+        quant.quantize_per_token(torch.randn(2, 3, 8))
+    layer = quant.W8A8Linear.from_linear(torch.nn.Linear(64, 8))
+    for x in (torch.ones(2, 64, dtype=torch.long), torch.randn(2, 63)):
+        with pytest.raises(ValueError, match="in_features=64"):
+            layer(x)
+    with pytest.raises(ValueError, match="out_features"):
+        quant.Int8WeightOnlyLinear(8, -1)
+
+
+def test_serving_sparse_distill_and_early_exit_inputs(nano):
+    with pytest.raises(ValueError, match="arrival"):
+        serving.serve(nano, [serving.Request(0, math.nan, [1], 2)], "continuous")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        serving.serve(nano, [serving.Request(0, 0.0, [1], 0)], "continuous")
+    with pytest.raises(ValueError, match="requests is empty"):
+        serving.serve(nano, [], "static")
+    cache = serving.SlotCache(nano, 2)
+    with pytest.raises(ValueError, match="one token per slot"):
+        serving.decode_step(nano, cache, torch.tensor([0, 1]), torch.tensor([4]))
+    q = k = v = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="bool"):
+        sparse.masked_attention(q, k, v, torch.ones(4, 4))
+    with pytest.raises(ValueError, match="block_m"):
+        flash_attention_blockwise(q, k, v, block_m=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        distill.target_continuations(nano, "text " * 100, 2, (4,), 2, batch_size=0, progress=False)
+    heads, idx = ExitHeads(nano), torch.zeros(1, 3, dtype=torch.long)
+    for fn in (generate, generate_recomputed):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            fn(nano, heads, idx, -3, 0.5)
+    with pytest.raises(ValueError, match="exit heads were made for 4 layers"):
+        generate(nano, ExitHeads(LabGPT(get_config("nano", n_layer=4))), idx, 2, 0.5)
