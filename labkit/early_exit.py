@@ -265,7 +265,6 @@ def _affine(norm: nn.LayerNorm, C: int, device) -> tuple[torch.Tensor, torch.Ten
     return gamma, beta
 
 
-@torch.no_grad()
 def _check_generate_args(model, heads, idx, max_new_tokens) -> None:
     from .model import _check_token_ids
 
@@ -285,6 +284,7 @@ def _check_generate_args(model, heads, idx, max_new_tokens) -> None:
                          f"{model.config.n_layer} layers of width {model.config.n_embd}")  # fmt: skip
 
 
+@torch.no_grad()
 def generate(model, heads: ExitHeads, idx: torch.Tensor, max_new_tokens: int, threshold: float = 1.0,
              stop_token: int | None = None, folded: FoldedExits | bool | None = None, timings: dict | None = None,
              ) -> tuple[torch.Tensor, list[int]]:  # fmt: skip

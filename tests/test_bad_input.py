@@ -115,3 +115,13 @@ def test_serving_sparse_distill_and_early_exit_inputs(nano):
             fn(nano, heads, idx, -3, 0.5)
     with pytest.raises(ValueError, match="exit heads were made for 4 layers"):
         generate(nano, ExitHeads(LabGPT(get_config("nano", n_layer=4))), idx, 2, 0.5)
+
+
+def test_early_exit_generation_records_no_autograd_graph(nano, monkeypatch):
+    """A misplaced decorator once left generate with gradients on: a graph kept per token, 500 MB a sweep."""
+    heads, seen = ExitHeads(nano), []
+    original = heads.logits
+    monkeypatch.setattr(heads, "logits", lambda *a: seen.append(torch.is_grad_enabled()) or original(*a))
+    for fn in (generate, generate_recomputed):
+        fn(nano, heads, torch.zeros(1, 3, dtype=torch.long), 3, 0.5, **({"folded": False} if fn is generate else {}))
+    assert seen and not any(seen)
