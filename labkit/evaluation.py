@@ -22,12 +22,12 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
 def _check_batch_size(batch_size) -> None:
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
 
+@torch.no_grad()
 def answer_correct(model, tokenizer: CharTokenizer, examples: list, batch_size: int = 32) -> list[bool]:
     """For each example: would greedy decoding write exactly its answer and a newline?"""
     device = _device_of(model)

@@ -125,3 +125,12 @@ def test_early_exit_generation_records_no_autograd_graph(nano, monkeypatch):
     for fn in (generate, generate_recomputed):
         fn(nano, heads, torch.zeros(1, 3, dtype=torch.long), 3, 0.5, **({"folded": False} if fn is generate else {}))
     assert seen and not any(seen)
+
+
+def test_scoring_answers_records_no_autograd_graph(nano, monkeypatch):
+    """Same slip as above, in evaluation.answer_correct: it must run without gradients."""
+    seen = []
+    forward = type(nano).forward
+    monkeypatch.setattr(type(nano), "forward", lambda self, *a, **k: seen.append(torch.is_grad_enabled()) or forward(self, *a, **k))
+    evaluation.answer_correct(nano, CharTokenizer(), data.examples("capital", "specific", 0, n=2))
+    assert seen and not any(seen)
