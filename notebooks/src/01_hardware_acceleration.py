@@ -66,6 +66,7 @@ with FlopCounterMode(display=False) as counter, torch.no_grad():
 print(f"PyTorch counts        {counter.get_total_flops():,} FLOPs")
 print(f"labkit.hardware says  {hardware.forward_flops(config, 1, 512, causal=False):,} FLOPs")
 print(f"useful (causal) work  {hardware.forward_flops(config, 1, 512):,} FLOPs")
+print("labkit's count equals PyTorch's:", counter.get_total_flops() == hardware.forward_flops(config, 1, 512, causal=False))
 
 # %% [markdown]
 # Training a forward *and* backward pass costs about 3× the forward. Decoding one token
