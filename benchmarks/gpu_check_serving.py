@@ -16,13 +16,20 @@ Variants (``--variants``, comma-separated):
 - ``fused_cuda_graph``: ``serving.fused_decode_step``, the kit's own Triton kernels, 3 a layer
   (LayerNorm + qkv GEMV writing the cache; attention fused with the output projection; the
   whole MLP in one kernel), autotuned per shape during the warm-up, then captured;
+- ``fused_tuned_cuda_graph``: the same after ``serving.tune_fused_decode_step`` chose each kernel's
+  launch configuration by timing whole steps replayed from a graph (each kernel's own autotuner
+  times it alone, launched from Python: at a few microseconds a kernel that measures the launch);
 - ``fused_nopdl_cuda_graph``: the same without programmatic dependent launch (on Hopper the
   fused kernels are launched with it by default: each starts while the previous finishes);
 - ``fused5_cuda_graph``: 5 kernels a layer (split attention merged in the output projection's
   prologue, the MLP's two linears apart). Its activations are fp32 where eager ones are
   bf16, so its greedy tokens may part from ``generate``'s on a random model's near-ties; the
   check also runs both steps teacher-forced on the same tokens and reports how often their
-  argmax agrees and how far the logits are apart.
+  argmax agrees and how far the logits are apart. ``fused_nopdl_tuned_cuda_graph`` and
+  ``fused5_tuned_cuda_graph``: those two, tuned.
+
+The greedy choice (argmax of the logits, copied into the next step's token) is captured in
+the graph with the step: a token is one replay.
 """
 
 from __future__ import annotations
@@ -38,18 +45,23 @@ import torch
 from labkit import bench, hardware, serving
 from labkit.model import LabGPT, get_config
 
-VARIANTS = ("fused_cuda_graph", "fused_nopdl_cuda_graph", "compiled_cuda_graph", "cuda_graph", "fused5_cuda_graph")
-FUSED = {"fused_cuda_graph": (3, None), "fused_nopdl_cuda_graph": (3, False), "fused5_cuda_graph": (5, None)}
+VARIANTS = ("fused_cuda_graph", "fused_tuned_cuda_graph", "fused_nopdl_cuda_graph", "fused_nopdl_tuned_cuda_graph",
+            "compiled_cuda_graph", "cuda_graph", "fused5_cuda_graph", "fused5_tuned_cuda_graph")
+# name: (kernels a layer, programmatic dependent launch (None: where supported), tuned on whole steps)
+FUSED = {"fused_cuda_graph": (3, None, False), "fused_tuned_cuda_graph": (3, None, True),
+         "fused_nopdl_cuda_graph": (3, False, False), "fused_nopdl_tuned_cuda_graph": (3, False, True),
+         "fused5_cuda_graph": (5, None, False), "fused5_tuned_cuda_graph": (5, None, True)}  # fmt: skip
 
 
 def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = None) -> dict:
-    """Capture one decode step in a CUDA graph, decode ``tokens`` greedily by replaying it;
-    tokens/s (median of 5 runs) and agreement with eager ``generate``."""
+    """Capture one decode step and its greedy choice in a CUDA graph, decode ``tokens`` greedily by
+    replaying it; tokens/s (median of 5 runs) and agreement with eager ``generate``."""
     cache = serving.SlotCache(model, 1)
+    tuning = None
 
     def step(tok):
         if variant in FUSED:
-            per_layer, pdl = FUSED[variant]
+            per_layer, pdl, _ = FUSED[variant]
             return serving.fused_decode_step(model, cache, tok, per_layer, pdl=pdl)
         return serving.decode_step(model, cache, slice(None), tok, whole_cache=True)
 
@@ -58,6 +70,8 @@ def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = 
     t0 = time.perf_counter()
     with torch.no_grad():
         first = cache.admit(model, 0, prompt[0].tolist()).argmax().view(1)
+        if variant in FUSED and FUSED[variant][2]:
+            tuning = serving.tune_fused_decode_step(model, cache, FUSED[variant][0], pdl=FUSED[variant][1])
         static_tok = first.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -68,7 +82,7 @@ def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = 
         cache.length.fill_(prompt.size(1))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_logits = step(static_tok)
+            static_tok.copy_(step(static_tok).argmax(-1))
         cache.length.fill_(prompt.size(1))  # capture ran one step: rewind
         prepare_s = time.perf_counter() - t0
 
@@ -78,7 +92,6 @@ def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = 
             out = [int(first)] if record else []
             for _ in range(n - 1):
                 graph.replay()
-                static_tok.copy_(static_logits.argmax(-1))
                 if record:
                     out.append(int(static_tok))  # a copy: static_tok is overwritten next step
             return out
@@ -96,7 +109,6 @@ def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = 
 
         def one_token():
             graph.replay()
-            static_tok.copy_(static_logits.argmax(-1))
 
         try:  # where a token's time goes: kernels, their overlap, and the gaps between them
             static_tok.copy_(first)
@@ -104,8 +116,13 @@ def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = 
             profile = bench.kernel_profile(one_token, steps=32, device=static_tok.device, top=10)
         except Exception as err:  # the profile is for reading; it must not cost the measurement
             profile = {"error": f"{type(err).__name__}: {err}"}
-    return {"tokens_per_s": 1 / statistics.median(times), "agreement_with_generate": agree, "prepare_s": prepare_s,
-            "profile": profile}  # fmt: skip
+    result = {"tokens_per_s": 1 / statistics.median(times), "agreement_with_generate": agree, "prepare_s": prepare_s,
+              "profile": profile}  # fmt: skip
+    if tuning is not None:
+        result["tuning"] = {"before_s": tuning["before_s"], "after_s": tuning["after_s"],
+                            "chosen": {str(k): str(c) for k, c in tuning["chosen"].items()},
+                            "kernels": {str(k): [[str(c), t] for c, t in v] for k, v in tuning["kernels"].items()}}  # fmt: skip
+    return result
 
 
 def profile_lines(name: str, profile: dict) -> str:
@@ -186,7 +203,7 @@ def main() -> None:
         try:
             r = graph_decoding(model, prompt, args.tokens, name, args.mode if compiled else None)
             if name in FUSED:
-                per_layer, pdl = FUSED[name]
+                per_layer, pdl, _ = FUSED[name]
                 r.update(teacher_forced(model, prompt, 64, per_layer, pdl))
                 r["kernels_per_token"] = per_layer * cfg.n_layer + 2
                 r["pdl"] = serving_pdl(model) if pdl is None else pdl
@@ -203,6 +220,12 @@ def main() -> None:
               f"({roofline:.0f} tokens/s); agreement with generate {r['agreement_with_generate']:.3f}; "
               f"prepared in {r['prepare_s']:.1f} s", flush=True)  # fmt: skip
         print(profile_lines(name, r["profile"]), flush=True)
+        if "tuning" in r:
+            t = r["tuning"]
+            us = [f"{v * 1e6:.1f} us" if v is not None else "wrong or failed" for v in (t["before_s"], t["after_s"])]
+            print(f"  {name} tuned on whole steps: {us[0]} -> {us[1]} a step", flush=True)
+            for key, config in t["chosen"].items():
+                print(f"    {key[:60]}: {config}", flush=True)
         (out / "gpu_serving.json").write_text(json.dumps(result, indent=2))
     from labkit.kernels import decode_kernels
 

@@ -33,7 +33,7 @@ check() {  # name, seconds, script, arguments...
 # quant first: about a minute, and its int4 bar is open too; serving writes its JSON after each variant, so a
 # run cut short keeps the variants it finished (the fused step's first)
 check gpu_check_quant 170 gpu_check_quant --out "$OUT"
-check gpu_check_serving 400 gpu_check_serving --out "$OUT" --variants fused_cuda_graph,fused_nopdl_cuda_graph,compiled_cuda_graph,cuda_graph,fused5_cuda_graph
+check gpu_check_serving 400 gpu_check_serving --out "$OUT" --variants fused_cuda_graph,fused_tuned_cuda_graph,fused_nopdl_tuned_cuda_graph,compiled_cuda_graph,cuda_graph,fused5_tuned_cuda_graph
 if [ "${ALL:-0}" = 1 ]; then
   check gpu_check_serving_autotune 200 gpu_check_serving --out "$OUT/autotune" --variants compiled_cuda_graph \
     --mode max-autotune-no-cudagraphs

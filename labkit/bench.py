@@ -116,6 +116,54 @@ def measure(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, device=
     )
 
 
+def graph_seconds(fn: Callable[[], object], replays: int = 20, rounds: int = 3, device=None) -> tuple[float, object]:
+    """Seconds per call of ``fn()`` replayed from a CUDA graph, and a copy of its output.
+
+    Work of a few microseconds a kernel, launched from Python, is timed as the launch
+    overhead in front of it (``measure`` says so); captured once in a CUDA graph and replayed
+    it runs as a server would run it. One warm-up call (outside the graph, on a side stream:
+    compilation, allocations), the capture, then ``rounds`` rounds of ``replays`` replays
+    between two events; the median round over ``replays``. The output returned comes from
+    one more replay after the captured output was filled with NaN, so a kernel that leaves
+    part of it unwritten shows. Elsewhere than CUDA there are no graphs: ``fn()`` is timed by
+    ``measure`` (one warm-up, ``rounds`` calls) and its last output returned.
+    """
+    if not callable(fn):
+        raise ValueError("fn must be a callable taking no arguments (wrap it in a lambda)")
+    for name, value in (("replays", replays), ("rounds", rounds)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    device = torch.device(device) if device is not None else get_device()
+    if device.type != "cuda":
+        outputs = []
+        m = measure(lambda: outputs.append(fn()), warmup=1, repeat=rounds, device=device)
+        return m.median_s, outputs[-1]
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end) / 1e3 / replays)
+    if isinstance(out, torch.Tensor):
+        if out.is_floating_point():
+            out.fill_(float("nan"))
+        graph.replay()
+        out = out.clone()  # the graph's memory goes with the graph
+    torch.cuda.synchronize(device)
+    return statistics.median(times), out
+
+
 @contextlib.contextmanager
 def native_stderr_silenced():
     """Send the C++ side's stderr to /dev/null for a moment: the profiler's backend (Kineto) prints

@@ -239,6 +239,75 @@ def fused_decode_step(model: LabGPT, cache: SlotCache, tokens: torch.Tensor, ker
     return dk.decode_linear(x, model.lm_head.weight, None, ln=ln_f, backend=backend, pdl=pdl)
 
 
+def tune_fused_decode_step(model: LabGPT, cache: SlotCache, kernels_per_layer: int = 3, pdl: bool | None = None,
+                           replays: int = 20, rounds: int = 3, tolerance: float = 1e-2,
+                           progress: bool = False) -> dict:  # fmt: skip
+    """Choose the launch configurations of ``fused_decode_step`` by timing whole steps; returns what it measured.
+
+    Each kernel's own autotuner (``decode_kernels``) times that kernel alone, launched again
+    and again from Python: for kernels of a few microseconds it measures the launch overhead
+    more than the GPU, with the kernel's weights hot in L2. This one times what decoding
+    runs: a whole step (every layer's weights read once), captured in a CUDA graph and
+    replayed (``bench.graph_seconds``). Kernel by kernel, in launch order, each candidate is
+    tried with the others held at their current choice, and the fastest kept (one pass of
+    coordinate descent). A candidate whose logits differ from the first choice's by more than
+    ``tolerance`` times the largest logit, or that fails to run, is left out.
+
+    The cache's lengths are restored afterwards (the step writes one position past them,
+    which the next real step overwrites). The choices stay in ``decode_kernels`` for every
+    later step of the same shapes. On a CPU (the Triton interpreter or the references) steps
+    are timed plainly, which is slow: for tests. Returns {"before_s", "after_s", "kernels":
+    {key: [(config, seconds or None), ...]}, "chosen": {key: config}}.
+    """
+    from tqdm.auto import tqdm
+
+    from . import bench
+    from .kernels import decode_kernels as dk
+
+    if not isinstance(tolerance, (int, float)) or not tolerance > 0:
+        raise ValueError(f"tolerance must be a number > 0, got {tolerance!r}")
+    device = model.lm_head.weight.device
+    tokens = torch.zeros_like(cache.length)
+    start = cache.length.clone()
+
+    def step():
+        cache.length.copy_(start)
+        return fused_decode_step(model, cache, tokens, kernels_per_layer, pdl=pdl)
+
+    def timed() -> float | None:
+        seconds, logits = bench.graph_seconds(step, replays, rounds, device)
+        off = (logits.float() - reference).abs().max()
+        return seconds if bool(torch.isfinite(off)) and off <= limit else None
+
+    try:
+        with torch.no_grad():
+            with dk.recording_keys() as keys:
+                reference = step().float().clone()  # each kernel's own autotuner runs here, once per shape
+            limit = tolerance * reference.abs().max()
+            before = timed()
+            log, chosen = {}, {}
+            for key in tqdm(keys, desc="tuning the fused step", disable=not progress):
+                first = dk._tuned.get(key)
+                results = []
+                for config in dk.candidates(key):
+                    dk._tuned[key] = config
+                    try:
+                        results.append((config, timed()))
+                    except Exception:  # noqa: BLE001 - a config this GPU cannot run is left out, as in kernels.fastest
+                        results.append((config, None))
+                ran = [r for r in results if r[1] is not None]
+                best = min(ran, key=lambda r: r[1])[0] if ran else first
+                if best is None:
+                    dk._tuned.pop(key, None)
+                else:
+                    dk._tuned[key] = best
+                log[key], chosen[key] = results, best
+            after = timed()
+    finally:
+        cache.length.copy_(start)
+    return {"before_s": before, "after_s": after, "kernels": log, "chosen": chosen}
+
+
 def count_ops(fn) -> dict[str, int]:
     """Call ``fn()`` and count the PyTorch operators it runs that compute something (views and
     reshapes left out): in eager mode on a GPU each is (at least) one kernel launch. Returns

@@ -401,3 +401,57 @@ def test_compile_for_gpu_names_missing_arguments():
 
     with pytest.raises(ValueError, match="missing"):
         compile_for_gpu(decode_triton.mlp_kernel, {}, dict(BLOCK_H=16, BLOCK_K=256, USE_PDL=False, PREFETCH=False))
+
+
+@requires_triton
+@pytest.mark.skipif(not (kernels.interpreting() and kernels.triton_at_least(kernels.MIN_TRITON)), reason="needs TRITON_INTERPRET=1 and triton >= 3.2")
+def test_tune_fused_step_times_whole_steps_and_leaves_wrong_configs_out(monkeypatch):
+    # on a GPU the steps are replayed from a CUDA graph; here the interpreter runs them, timed plainly
+    from labkit.kernels.decode_kernels import AttentionProjConfig, MLPConfig
+
+    gemv = [GemvConfig(8, 32, 1, 1, 1), GemvConfig(16, 64, 1, 1, 1)]
+    bad = MLPConfig(16, 64, 1)  # its launches are dropped below: a kernel that writes nothing
+    monkeypatch.setattr(dk, "_tuned", {})
+    monkeypatch.setattr(dk, "_candidates", {})
+    monkeypatch.setattr(dk, "DECODE_GEMV_CONFIGS", gemv)
+    monkeypatch.setattr(dk, "ATTENTION_PROJ_CONFIGS", [AttentionProjConfig(32, 16, 1), AttentionProjConfig(16, 32, 1)])
+    monkeypatch.setattr(dk, "MLP_CONFIGS", [MLPConfig(8, 32, 1), bad])
+    launch_mlp = dk._launch_mlp
+    monkeypatch.setattr(dk, "_launch_mlp", lambda *a, **k: None if a[7] == bad else launch_mlp(*a, **k))
+    torch.manual_seed(0)
+    model = LabGPT(get_config("nano")).eval()
+    cache = serving.SlotCache(model, 1)
+    cache.admit(model, 0, [1, 5, 7])
+    result = serving.tune_fused_decode_step(model, cache, replays=1, rounds=1)
+    assert cache.length.tolist() == [3]  # restored
+    kinds = [key[0] for key in result["kernels"]]
+    assert kinds == ["decode_linear", "decode_attention_proj", "decode_mlp", "decode_linear"]  # launch order, each once
+    for key, timings in result["kernels"].items():
+        assert [c for c, _ in timings] == dk.candidates(key)
+        assert result["chosen"][key] == dk._tuned[key]
+        times = dict(timings)
+        assert times[result["chosen"][key]] == min(t for t in times.values() if t is not None)
+    mlp_key = next(key for key in result["kernels"] if key[0] == "decode_mlp")
+    assert dict(result["kernels"][mlp_key])[bad] is None and dk._tuned[mlp_key] != bad
+    assert result["before_s"] > 0 and result["after_s"] > 0
+    # the tuned step still decodes: equal to the eager step's logits
+    reference_cache = serving.SlotCache(model, 1)
+    reference_cache.admit(model, 0, [1, 5, 7])
+    ref = serving.decode_step(model, reference_cache, slice(None), torch.tensor([4]))
+    got = serving.fused_decode_step(model, cache, torch.tensor([4]))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="tolerance"):
+        serving.tune_fused_decode_step(model, cache, tolerance=0)
+    with pytest.raises(ValueError, match="no kernel was launched"):
+        dk.candidates(("nothing",))
+
+
+def test_graph_seconds_times_calls_and_checks_its_arguments():
+    from labkit import bench
+
+    seconds, out = bench.graph_seconds(lambda: torch.ones(3) * 2, replays=2, rounds=2, device="cpu")
+    assert seconds > 0 and torch.equal(out, torch.full((3,), 2.0))
+    with pytest.raises(ValueError, match="replays"):
+        bench.graph_seconds(lambda: None, replays=0, device="cpu")
+    with pytest.raises(ValueError, match="fn must be"):
+        bench.graph_seconds(None, device="cpu")

@@ -42,6 +42,7 @@ the host.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -91,6 +92,8 @@ INTERPRETER_DECODE_GEMV = GemvConfig(8, 32, 1, 1, 1)
 ATTENTION_BLOCK_T = 16  # positions per step of the attention loop (and the unit a split is rounded to)
 _tuned: dict[tuple, GemvConfig] = {}
 autotune_log: dict[tuple, list] = {}
+_candidates: dict[tuple, list] = {}  # each key's candidate configs, as last launched
+_recording: list | None = None  # the keys launched inside recording_keys()
 
 
 def pdl_supported(t: torch.Tensor) -> bool:
@@ -367,12 +370,35 @@ def _config(key: tuple, config, candidates: list, interpreter_config, weight: to
     adds into its output is timed adding into a copy: tuning must not add into the residual stream."""
     if config is not None:
         return config
+    _candidates[key] = candidates
+    if _recording is not None and key not in _recording:
+        _recording.append(key)
+    if key in _tuned:  # tuned here, or chosen by serving.tune_fused_decode_step (also under the interpreter)
+        return _tuned[key]
     if _on_interpreter(weight):
         return interpreter_config
-    if key not in _tuned:
-        target = y.clone() if accumulates else y
-        _tuned[key], autotune_log[key] = fastest(candidates, lambda c: launch(c, target), weight.device)
+    target = y.clone() if accumulates else y
+    _tuned[key], autotune_log[key] = fastest(candidates, lambda c: launch(c, target), weight.device)
     return _tuned[key]
+
+
+@contextlib.contextmanager
+def recording_keys():
+    """Collect the tuning keys of the kernels launched inside the block, in launch order, each once
+    (``serving.tune_fused_decode_step`` tries each key's candidates, ``candidates(key)``)."""
+    global _recording
+    outer, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = outer
+
+
+def candidates(key: tuple) -> list:
+    """The launch configurations a kernel's autotuner chooses among for this key (seen at a launch)."""
+    if key not in _candidates:
+        raise ValueError(f"no kernel was launched with key {key!r}")
+    return list(_candidates[key])
 
 
 def _launch_linear(x, weight, bias, ln, gelu, y, accumulate, kv, zero, cfg: GemvConfig, pdl: bool = False) -> None:
@@ -436,10 +462,12 @@ class MLPConfig:
 
 ATTENTION_PROJ_CONFIGS = [AttentionProjConfig(*c) for c in (
     (64, 16, 2), (64, 32, 4), (128, 32, 4), (32, 16, 2), (128, 64, 4), (256, 32, 8), (64, 64, 4), (32, 32, 2),
+    (16, 32, 2), (32, 64, 4),
 )]  # fmt: skip
 MLP_CONFIGS = [MLPConfig(*c) for c in (
     (8, 256, 4), (16, 256, 4), (32, 256, 8), (16, 128, 4), (4, 256, 2), (32, 128, 4), (64, 128, 8), (8, 128, 2),
     (4, 1024, 4), (8, 1024, 4), (8, 1024, 8), (16, 1024, 8),  # whole rows in one tile: loaded before the wait
+    (2, 1024, 2), (4, 1024, 8), (16, 1024, 4), (32, 512, 8),
 )]  # fmt: skip
 INTERPRETER_ATTENTION_PROJ = AttentionProjConfig(32, 16, 1)
 INTERPRETER_MLP = MLPConfig(8, 32, 1)
