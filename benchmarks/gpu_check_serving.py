@@ -71,7 +71,8 @@ def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = 
     with torch.no_grad():
         first = cache.admit(model, 0, prompt[0].tolist()).argmax().view(1)
         if variant in FUSED and FUSED[variant][2]:
-            tuning = serving.tune_fused_decode_step(model, cache, FUSED[variant][0], pdl=FUSED[variant][1])
+            tuning = serving.tune_fused_decode_step(model, cache, FUSED[variant][0], pdl=FUSED[variant][1],
+                                                    length=prompt.size(1) + tokens // 2)  # mid-context, as below
         static_tok = first.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

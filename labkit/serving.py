@@ -240,7 +240,7 @@ def fused_decode_step(model: LabGPT, cache: SlotCache, tokens: torch.Tensor, ker
 
 
 def tune_fused_decode_step(model: LabGPT, cache: SlotCache, kernels_per_layer: int = 3, pdl: bool | None = None,
-                           replays: int = 20, rounds: int = 3, tolerance: float = 1e-2,
+                           length: int | None = None, replays: int = 20, rounds: int = 3, tolerance: float = 1e-2,
                            progress: bool = False) -> dict:  # fmt: skip
     """Choose the launch configurations of ``fused_decode_step`` by timing whole steps; returns what it measured.
 
@@ -253,7 +253,10 @@ def tune_fused_decode_step(model: LabGPT, cache: SlotCache, kernels_per_layer: i
     coordinate descent). A candidate whose logits differ from the first choice's by more than
     ``tolerance`` times the largest logit, or that fails to run, is left out.
 
-    The cache's lengths are restored afterwards (the step writes one position past them,
+    ``length`` is the position every row's step is timed at (default: each row's length now):
+    the attention reads that many positions, so tune where decoding will spend its time (an
+    H100 run chose a configuration fast at 33 positions and slow at 160). The cache's lengths
+    are restored afterwards (the step writes one position past them,
     which the next real step overwrites). The choices stay in ``decode_kernels`` for every
     later step of the same shapes. On a CPU (the Triton interpreter or the references) steps
     are timed plainly, which is slow: for tests. Returns {"before_s", "after_s", "kernels":
@@ -266,12 +269,16 @@ def tune_fused_decode_step(model: LabGPT, cache: SlotCache, kernels_per_layer: i
 
     if not isinstance(tolerance, (int, float)) or not tolerance > 0:
         raise ValueError(f"tolerance must be a number > 0, got {tolerance!r}")
+    block_size = model.config.block_size
+    if length is not None and (not isinstance(length, int) or not 0 <= length < block_size):
+        raise ValueError(f"length must be an int in [0, {block_size - 1}] (the context), got {length!r}")
     device = model.lm_head.weight.device
     tokens = torch.zeros_like(cache.length)
     start = cache.length.clone()
+    timed_at = start if length is None else torch.full_like(start, length)
 
     def step():
-        cache.length.copy_(start)
+        cache.length.copy_(timed_at)
         return fused_decode_step(model, cache, tokens, kernels_per_layer, pdl=pdl)
 
     def timed() -> float | None:

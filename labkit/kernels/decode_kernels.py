@@ -463,11 +463,13 @@ class MLPConfig:
 ATTENTION_PROJ_CONFIGS = [AttentionProjConfig(*c) for c in (
     (64, 16, 2), (64, 32, 4), (128, 32, 4), (32, 16, 2), (128, 64, 4), (256, 32, 8), (64, 64, 4), (32, 32, 2),
     (16, 32, 2), (32, 64, 4),
+    # a long context in few steps: more positions in flight per program
+    (64, 128, 4), (128, 128, 8), (32, 128, 4), (64, 256, 8),
 )]  # fmt: skip
 MLP_CONFIGS = [MLPConfig(*c) for c in (
     (8, 256, 4), (16, 256, 4), (32, 256, 8), (16, 128, 4), (4, 256, 2), (32, 128, 4), (64, 128, 8), (8, 128, 2),
     (4, 1024, 4), (8, 1024, 4), (8, 1024, 8), (16, 1024, 8),  # whole rows in one tile: loaded before the wait
-    (2, 1024, 2), (4, 1024, 8), (16, 1024, 4), (32, 512, 8),
+    (2, 1024, 2), (4, 1024, 8), (16, 1024, 4), (32, 512, 8), (16, 1024, 2), (32, 1024, 8),
 )]  # fmt: skip
 INTERPRETER_ATTENTION_PROJ = AttentionProjConfig(32, 16, 1)
 INTERPRETER_MLP = MLPConfig(8, 32, 1)
