@@ -26,7 +26,9 @@ Variants (``--variants``, comma-separated):
   bf16, so its greedy tokens may part from ``generate``'s on a random model's near-ties; the
   check also runs both steps teacher-forced on the same tokens and reports how often their
   argmax agrees and how far the logits are apart. ``fused_nopdl_tuned_cuda_graph`` and
-  ``fused5_tuned_cuda_graph``: those two, tuned.
+  ``fused5_tuned_cuda_graph``: those two, tuned. ``fused_tuned_greedy_cuda_graph``: tuned, and the greedy
+  choice made by the kernels (``fused_decode_step(next_tokens=)``: the lm_head GEMV folds each block's
+  largest logit into one int64 by atomic max, one small kernel unpacks it into the next token).
 
 The greedy choice (argmax of the logits, copied into the next step's token) is captured in
 the graph with the step: a token is one replay.
@@ -45,12 +47,15 @@ import torch
 from labkit import bench, hardware, serving
 from labkit.model import LabGPT, get_config
 
-VARIANTS = ("fused_cuda_graph", "fused_tuned_cuda_graph", "fused_nopdl_cuda_graph", "fused_nopdl_tuned_cuda_graph",
-            "compiled_cuda_graph", "cuda_graph", "fused5_cuda_graph", "fused5_tuned_cuda_graph")
-# name: (kernels a layer, programmatic dependent launch (None: where supported), tuned on whole steps)
-FUSED = {"fused_cuda_graph": (3, None, False), "fused_tuned_cuda_graph": (3, None, True),
-         "fused_nopdl_cuda_graph": (3, False, False), "fused_nopdl_tuned_cuda_graph": (3, False, True),
-         "fused5_cuda_graph": (5, None, False), "fused5_tuned_cuda_graph": (5, None, True)}  # fmt: skip
+VARIANTS = ("fused_cuda_graph", "fused_tuned_cuda_graph", "fused_tuned_greedy_cuda_graph", "fused_nopdl_cuda_graph",
+            "fused_nopdl_tuned_cuda_graph", "compiled_cuda_graph", "cuda_graph", "fused5_cuda_graph",
+            "fused5_tuned_cuda_graph")  # fmt: skip
+# name: (kernels a layer, programmatic dependent launch (None: where supported), tuned on whole steps, greedy
+# choice in the kernels)
+FUSED = {"fused_cuda_graph": (3, None, False, False), "fused_tuned_cuda_graph": (3, None, True, False),
+         "fused_tuned_greedy_cuda_graph": (3, None, True, True),
+         "fused_nopdl_cuda_graph": (3, False, False, False), "fused_nopdl_tuned_cuda_graph": (3, False, True, False),
+         "fused5_cuda_graph": (5, None, False, False), "fused5_tuned_cuda_graph": (5, None, True, False)}  # fmt: skip
 
 
 def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = None) -> dict:
@@ -59,10 +64,12 @@ def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = 
     cache = serving.SlotCache(model, 1)
     tuning = None
 
-    def step(tok):
+    greedy = variant in FUSED and FUSED[variant][3]
+
+    def step(tok, next_tokens=None):
         if variant in FUSED:
-            per_layer, pdl, _ = FUSED[variant]
-            return serving.fused_decode_step(model, cache, tok, per_layer, pdl=pdl)
+            per_layer, pdl, *_ = FUSED[variant]
+            return serving.fused_decode_step(model, cache, tok, per_layer, pdl=pdl, next_tokens=next_tokens)
         return serving.decode_step(model, cache, slice(None), tok, whole_cache=True)
 
     if variant == "compiled_cuda_graph":
@@ -78,12 +85,15 @@ def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = 
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up outside the graph (compilation, allocations, kernel selection)
             for _ in range(3):
-                step(static_tok)
+                step(static_tok, torch.empty_like(static_tok) if greedy else None)
         torch.cuda.current_stream().wait_stream(stream)
         cache.length.fill_(prompt.size(1))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_tok.copy_(step(static_tok).argmax(-1))
+            if greedy:
+                step(static_tok, next_tokens=static_tok)  # the kernels write the next token over this one
+            else:
+                static_tok.copy_(step(static_tok).argmax(-1))
         cache.length.fill_(prompt.size(1))  # capture ran one step: rewind
         prepare_s = time.perf_counter() - t0
 
@@ -204,7 +214,7 @@ def main() -> None:
         try:
             r = graph_decoding(model, prompt, args.tokens, name, args.mode if compiled else None)
             if name in FUSED:
-                per_layer, pdl, _ = FUSED[name]
+                per_layer, pdl, *_ = FUSED[name]
                 r.update(teacher_forced(model, prompt, 64, per_layer, pdl))
                 r["kernels_per_token"] = per_layer * cfg.n_layer + 2
                 r["pdl"] = serving_pdl(model) if pdl is None else pdl

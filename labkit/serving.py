@@ -185,7 +185,8 @@ def decode_step(model: LabGPT, cache: SlotCache, slots, tokens: torch.Tensor, wh
 
 @torch.no_grad()
 def fused_decode_step(model: LabGPT, cache: SlotCache, tokens: torch.Tensor, kernels_per_layer: int = 3,
-                      splits: int | None = None, backend: str | None = None, pdl: bool | None = None) -> torch.Tensor:  # fmt: skip
+                      splits: int | None = None, backend: str | None = None, pdl: bool | None = None,
+                      next_tokens: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """``decode_step`` for every slot of ``cache`` in a few fused kernels a layer; returns (B, vocab) fp32 logits.
 
     The kernels of ``labkit.kernels.decode_kernels``. With ``kernels_per_layer=5``:
@@ -204,6 +205,12 @@ def fused_decode_step(model: LabGPT, cache: SlotCache, tokens: torch.Tensor, ker
     supported, Hopper GPUs) launches each kernel with programmatic dependent launch: it starts
     while the previous one finishes (loading weights, which no kernel writes) and waits for
     its results only where it reads them.
+
+    ``next_tokens`` (B,) integer, if given, receives each row's greedy token (the argmax of
+    the logits, first index on ties) from the kernels themselves: the lm_head GEMV folds each
+    block's largest logit into one int64 a row by atomic max, and one small kernel unpacks it
+    (``decode_kernels.greedy_tokens``); no separate pass over the logits. It may be ``tokens``
+    itself: a graph-captured step then feeds itself.
     """
     from .kernels import decode_kernels as dk
 
@@ -214,6 +221,10 @@ def fused_decode_step(model: LabGPT, cache: SlotCache, tokens: torch.Tensor, ker
     if tokens.shape != cache.length.shape:
         raise ValueError(f"tokens must have one entry per cache slot, shape {tuple(cache.length.shape)}, "
                          f"got {tuple(tokens.shape)}")  # fmt: skip
+    if next_tokens is not None and (next_tokens.shape != cache.length.shape or next_tokens.dtype not in
+                                    (torch.int32, torch.int64) or not next_tokens.is_contiguous()):  # fmt: skip
+        raise ValueError(f"next_tokens must be a contiguous integer tensor of shape {tuple(cache.length.shape)}, got "
+                         f"{next_tokens.dtype} {tuple(next_tokens.shape)}")  # fmt: skip
     pdl = dk.pdl_supported(tokens) if pdl is None else pdl
     x, pos = dk.embed(tokens, cache.length, t.wte.weight, t.wpe.weight, backend, pdl)  # length moves on here
     spare = torch.empty_like(x) if kernels_per_layer == 3 else None
@@ -236,7 +247,14 @@ def fused_decode_step(model: LabGPT, cache: SlotCache, tokens: torch.Tensor, ker
             h = dk.decode_linear(x, mlp.c_fc.weight, mlp.c_fc.bias, ln=ln_2, gelu=True, backend=backend, pdl=pdl)
             dk.decode_linear(h, mlp.c_proj.weight, mlp.c_proj.bias, out=x, backend=backend, pdl=pdl)
     ln_f = (t.ln_f.weight, t.ln_f.bias, t.ln_f.eps)
-    return dk.decode_linear(x, model.lm_head.weight, None, ln=ln_f, backend=backend, pdl=pdl)
+    if next_tokens is None:
+        return dk.decode_linear(x, model.lm_head.weight, None, ln=ln_f, backend=backend, pdl=pdl)
+    best = cache.__dict__.get("_greedy_best")  # kept with the cache: the greedy kernel empties it after each step
+    if best is None or best.shape != cache.length.shape:
+        best = cache.__dict__["_greedy_best"] = dk.greedy_buffer(cache.length.shape[0], cache.length.device)
+    logits = dk.decode_linear(x, model.lm_head.weight, None, ln=ln_f, argmax=best, backend=backend, pdl=pdl)
+    dk.greedy_tokens(best, next_tokens, model.lm_head.weight.shape[0], backend, pdl)
+    return logits
 
 
 def tune_fused_decode_step(model: LabGPT, cache: SlotCache, kernels_per_layer: int = 3, pdl: bool | None = None,

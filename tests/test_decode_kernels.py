@@ -342,7 +342,8 @@ def _hopper_compiler():
 P16, P32, I32 = "*bf16", "*fp32", "i32"
 LINEAR_SIG = dict(x_ptr=P32, w_ptr=P16, b_ptr=P16, y_ptr=P32, lnw_ptr=P16, lnb_ptr=P16, m_ptr=P32, l_ptr=P32, a_ptr=P32,
                   kc_ptr=P16, vc_ptr=P16, pos_ptr="*i64", z_ptr=P32, N=I32, K=I32, eps="fp32", stride_xm=I32,
-                  stride_wn=I32, stride_ym=I32, stride_cb=I32, stride_ch=I32, stride_ct=I32, Z=I32)  # fmt: skip
+                  stride_wn=I32, stride_ym=I32, stride_cb=I32, stride_ch=I32, stride_ct=I32, Z=I32,
+                  best_ptr="*i64")  # fmt: skip
 
 
 GEMV_VARIANTS = [(1, False, False, True, 1), (2, False, True, False, 1), (1, True, False, False, 1), (0, False, True, False, 4)]
@@ -356,7 +357,7 @@ def test_decode_kernels_compile_for_hopper_with_vector_loads():
     gemvs = [dict(name="linear_kernel", signature=LINEAR_SIG, constexprs=dict(
         C=768, HS=64, SPLITS=8, PROLOGUE=prologue, HAS_BIAS=True, GELU=gelu, ACCUMULATE=accumulate, KV_WRITE=kv,
         ZERO=kv, BLOCK_N=16, BLOCK_K=1024 if pdl and split_k == 1 else 256, SPLIT_K=split_k, USE_PDL=pdl,
-        PREFETCH=pdl and split_k == 1))
+        PREFETCH=pdl and split_k == 1, ARGMAX=False))
         for (prologue, gelu, accumulate, kv, split_k), pdl in zip(GEMV_VARIANTS, PDL)]  # fmt: skip
     layer = [
         dict(name="attention_proj_kernel", signature=dict(
@@ -392,6 +393,24 @@ def test_decode_kernels_compile_for_hopper_with_vector_loads():
         assert any(op.startswith("ld.global.v") for op in ops), ops  # weights and cache arrive in vector loads
         # with PDL each kernel waits for its predecessor's writes and lets its successor launch; without, neither
         assert ("griddepcontrol.wait" in ops) == ("griddepcontrol.launch_dependents" in ops) == uses_pdl, ops
+
+
+def test_greedy_kernels_compile_for_hopper():
+    # the lm_head GEMV folding its blocks' argmax into one int64 a row, and the kernel that unpacks it
+    _hopper_compiler()
+    from labkit.kernels.ptx import kernel_report
+
+    full = kernel_report("labkit.kernels.decode_triton", [
+        dict(name="linear_kernel", signature=LINEAR_SIG, constexprs=dict(
+            C=1, HS=1, SPLITS=1, PROLOGUE=1, HAS_BIAS=False, GELU=False, ACCUMULATE=False, KV_WRITE=False, ZERO=False,
+            BLOCK_N=8, BLOCK_K=1024, SPLIT_K=1, USE_PDL=True, PREFETCH=True, ARGMAX=True)),
+        dict(name="greedy_kernel", signature=dict(best_ptr="*i64", tok_ptr="*i64", N=I32),
+             constexprs=dict(EMPTY=dk.GREEDY_EMPTY, USE_PDL=True), num_warps=1),
+    ])  # fmt: skip
+    gemv, greedy = full
+    # one 64-bit signed max a program, fire-and-forget: a RED, not an ATOM that waits for the old value
+    assert any(op.split(".")[0] in ("RED", "REDG") and "MAX" in op and "64" in op for op in gemv["sass"]), gemv["sass"]
+    assert "griddepcontrol.wait" in greedy["memory"] and "griddepcontrol.wait" in gemv["memory"]
 
 
 def test_compile_for_gpu_names_missing_arguments():
@@ -457,3 +476,72 @@ def test_graph_seconds_times_calls_and_checks_its_arguments():
         bench.graph_seconds(lambda: None, replays=0, device="cpu")
     with pytest.raises(ValueError, match="fn must be"):
         bench.graph_seconds(None, device="cpu")
+
+
+# ------------------------------------------------------------------ greedy decoding inside the kernels
+def test_pack_best_orders_as_argmax_first_index_on_ties():
+    values = torch.tensor([-float("inf"), -3.5, -1e-30, 0.0, 1e-30, 2.0, 2.0, float("inf")])
+    keys = dk.pack_best(values, torch.arange(8))
+    assert torch.equal(keys.argsort(), torch.tensor([0, 1, 2, 3, 4, 6, 5, 7]))  # the tie: index 5 above 6
+    assert (keys > dk.GREEDY_EMPTY).all()
+
+
+@pytest.mark.parametrize("device", ["reference"] + triton_params)
+def test_decode_linear_argmax_equals_torch_argmax(device):
+    backend = "reference" if device == "reference" else "triton"
+    device = "cpu" if device == "reference" else device
+    g = _gen(3)
+    x, w = torch.rand(3, 32, generator=g), torch.randn(203, 32, generator=g) / 8  # 203 outputs: a ragged last block
+    w[[40, 60, 150]] = 1.0  # the largest output of every row, three times: the first index wins
+    x, w = x.to(device), w.to(device)
+    best = dk.greedy_buffer(3, device)
+    tokens = torch.full((3,), -1, dtype=torch.long, device=device)
+    y = dk.decode_linear(x, w, argmax=best, backend=backend)
+    assert dk.greedy_tokens(best, tokens, 203, backend=backend).tolist() == [40, 40, 40]
+    assert torch.equal(tokens, y.argmax(-1))
+    assert (best == dk.GREEDY_EMPTY).all()  # emptied for the next step
+    x = torch.randn(3, 32, generator=g).to(device)  # no ties: random rows, negative maxima too
+    w = torch.randn(203, 32, generator=g).to(device) - 3
+    y = dk.decode_linear(x, w, argmax=best, backend=backend)
+    dk.greedy_tokens(best, tokens, 203, backend=backend)
+    assert torch.equal(tokens, F.linear(x, w).argmax(-1)) and torch.equal(tokens, y.argmax(-1))
+    dk.decode_linear(x, w.neg(), argmax=best, backend=backend)
+    assert torch.equal(dk.greedy_tokens(best, tokens, 203, backend=backend), F.linear(x, w.neg()).argmax(-1))
+
+
+def test_greedy_bad_input():
+    best = dk.greedy_buffer(2)
+    with pytest.raises(ValueError, match="argmax must be"):
+        dk.decode_linear(torch.randn(2, 4), torch.randn(5, 4), argmax=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="argmax and out"):
+        dk.decode_linear(torch.randn(2, 4), torch.randn(5, 4), out=torch.zeros(2, 5), argmax=best)
+    with pytest.raises(ValueError, match="tokens must be"):
+        dk.greedy_tokens(best, torch.zeros(3, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match="best must be"):
+        dk.greedy_tokens(best.float(), torch.zeros(2, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match="vocab"):
+        dk.greedy_tokens(best, torch.zeros(2, dtype=torch.long), 0)
+    model = LabGPT(get_config("nano")).eval()
+    cache = serving.SlotCache(model, 2)
+    with pytest.raises(ValueError, match="next_tokens must be"):
+        serving.fused_decode_step(model, cache, torch.tensor([1, 2]), next_tokens=torch.zeros(2))
+
+
+@pytest.mark.parametrize("device", ["reference"] + triton_params)
+def test_fused_step_greedy_tokens_feed_the_next_step(device):
+    backend = "reference" if device == "reference" else "triton"
+    device = "cpu" if device == "reference" else device
+    torch.manual_seed(0)
+    model = LabGPT(get_config("nano")).to(device).eval()
+    caches = [serving.SlotCache(model, 2) for _ in range(2)]
+    for cache in caches:
+        cache.admit(model, 0, [1, 5, 7])
+        cache.admit(model, 1, list(range(20, 40)))
+    tokens = torch.tensor([4, 9], device=device)
+    fed = tokens.clone()
+    for _ in range(5):
+        ref = serving.decode_step(model, caches[0], slice(None), tokens)
+        got = serving.fused_decode_step(model, caches[1], fed, backend=backend, next_tokens=fed)  # feeds itself
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        tokens = ref.argmax(-1)
+        assert torch.equal(fed, tokens)

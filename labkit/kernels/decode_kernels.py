@@ -75,6 +75,12 @@ def _kernels():
     return triton, t.embed_kernel, t.linear_kernel, t.attention_kernel, t.attention_proj_kernel, t.mlp_kernel
 
 
+def _greedy_kernel():
+    from . import decode_triton as t
+
+    return t.greedy_kernel
+
+
 # ---------------------------------------------------------------------------------------
 # Launch configurations (GEMV: BLOCK_N, BLOCK_K, SPLIT_K, warps, stages), timed per shape on a GPU.
 # Decoding matrices are small (768 x 2304 in GPT-2-small): programs must be small and many.
@@ -269,7 +275,8 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 # ---------------------------------------------------------------------------------------
 # The GEMV with a prologue and an epilogue.
 # ---------------------------------------------------------------------------------------
-def decode_linear_reference(x, weight, bias=None, ln=None, gelu=False, out=None, kv=None, zero=None) -> torch.Tensor:
+def decode_linear_reference(x, weight, bias=None, ln=None, gelu=False, out=None, kv=None, zero=None,
+                            argmax=None) -> torch.Tensor:  # fmt: skip
     h = merge_attention(x) if isinstance(x, AttentionParts) else x.float()
     if ln is not None:
         h = F.layer_norm(h, (h.shape[-1],), ln[0].float(), None if ln[1] is None else ln[1].float(), ln[2])
@@ -287,9 +294,53 @@ def decode_linear_reference(x, weight, bias=None, ln=None, gelu=False, out=None,
         v_cache[rows, :, pos] = y[:, 2 * C :].view(B, H, hs).to(v_cache.dtype)
     if zero is not None:
         zero.zero_()
+    if argmax is not None:
+        torch.maximum(argmax, pack_best(*y.max(dim=-1)), out=argmax)
     if out is not None:
         return out.add_(y)
     return y
+
+
+# ---------------------------------------------------------------------------------------
+# Greedy decoding inside the kernels: the last GEMV folds each block's largest logit into one int64 a row.
+# ---------------------------------------------------------------------------------------
+GREEDY_EMPTY = -(2**63) + 1  # below every packed (value, index): a row's best before any block folds in
+
+
+def pack_best(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """(value, index) pairs as int64s whose order is the value's, then the smaller index's: the max of
+    these is the argmax as ``torch.argmax`` returns it (the first index of the largest value). A float's
+    bits, read as an int32, order as the float once a negative one's magnitude bits are flipped."""
+    bits = values.float().contiguous().view(torch.int32)
+    key = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).long()
+    return (key << 32) | (0x7FFFFFFF - indices.long())
+
+
+def greedy_buffer(rows: int, device=None) -> torch.Tensor:
+    """The int64 a row that ``decode_linear(..., argmax=)`` folds into, empty (``GREEDY_EMPTY``)."""
+    return torch.full((rows,), GREEDY_EMPTY, dtype=torch.long, device=device)
+
+
+def greedy_tokens_reference(best: torch.Tensor, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    tokens.copy_((0x7FFFFFFF - (best & 0x7FFFFFFF)).clamp(max=vocab - 1))
+    best.fill_(GREEDY_EMPTY)
+    return tokens
+
+
+def greedy_tokens(best: torch.Tensor, tokens: torch.Tensor, vocab: int, backend=None, pdl: bool = False):
+    """Each row's greedy token, unpacked from ``best`` into ``tokens`` (in place, e.g. the next step's
+    input), and ``best`` emptied for the next step: one small kernel. Returns ``tokens``."""
+    if best.dtype != torch.long or best.dim() != 1 or not best.is_contiguous():
+        raise ValueError(f"best must be a contiguous 1-D int64 tensor, got {best.dtype} {tuple(best.shape)}")
+    if tokens.shape != best.shape or tokens.dtype not in (torch.int32, torch.int64) or not tokens.is_contiguous():
+        raise ValueError(f"tokens must be a contiguous integer tensor of shape {tuple(best.shape)}, got "
+                         f"{tokens.dtype} {tuple(tokens.shape)}")  # fmt: skip
+    if not isinstance(vocab, int) or vocab < 1:
+        raise ValueError(f"vocab must be an int >= 1, got {vocab!r}")
+    if _choose(backend, best) == "reference":
+        return greedy_tokens_reference(best, tokens, vocab)
+    _greedy_kernel()[(best.shape[0],)](best, tokens, vocab, EMPTY=GREEDY_EMPTY, **_pdl_args(pdl))
+    return tokens
 
 
 def decode_linear(
@@ -302,6 +353,7 @@ def decode_linear(
     out: torch.Tensor | None = None,
     kv: tuple | None = None,
     zero: torch.Tensor | None = None,
+    argmax: torch.Tensor | None = None,
     backend: str | None = None,
     config: GemvConfig | None = None,
     pdl: bool = False,
@@ -314,7 +366,10 @@ def decode_linear(
     returned. ``kv=(k_cache, v_cache, pos)``: columns C..2C of y (the key) and 2C..3C (the
     value) are also written into the caches at each row's ``pos``, with C = N / 3.
     ``zero`` (B, Z) fp32 with Z <= N is set to 0 on the side (the next residual accumulator
-    of ``fused_decode_step``'s three-kernel layer), saving a launch.
+    of ``fused_decode_step``'s three-kernel layer), saving a launch. ``argmax`` (B,) int64
+    (``greedy_buffer``): each row's largest output and its index, packed (``pack_best``), are
+    folded in by atomic max, so greedy decoding needs no separate pass over the logits
+    (``greedy_tokens`` unpacks them).
     """
     parts = isinstance(x, AttentionParts)
     _check_2d("weight", weight)
@@ -345,12 +400,18 @@ def decode_linear(
                              or not zero.is_contiguous()):  # fmt: skip
         raise ValueError(f"zero must be a contiguous fp32 tensor of shape ({B}, Z) with Z <= {N}, got "
                          f"{zero.dtype} {tuple(zero.shape)}")  # fmt: skip
+    if argmax is not None:
+        if argmax.shape != (B,) or argmax.dtype != torch.long or not argmax.is_contiguous():
+            raise ValueError(f"argmax must be a contiguous int64 tensor of shape ({B},) (greedy_buffer), got "
+                             f"{argmax.dtype} {tuple(argmax.shape)}")  # fmt: skip
+        if out is not None:
+            raise ValueError("argmax and out cannot be combined: the argmax is of whole outputs, not of added parts")
     inputs = {"parts.m": x.m, "parts.denom": x.denom, "parts.acc": x.acc} if parts else {"x": x}
     _check_apart("out", out, inputs)
     _check_apart("zero", zero, {**inputs, "out": out})
     anchor = x.acc if parts else x
     if _choose(backend, anchor, weight) == "reference":
-        return decode_linear_reference(x, weight, bias, ln, gelu, out, kv, zero)
+        return decode_linear_reference(x, weight, bias, ln, gelu, out, kv, zero, argmax)
     y = out if out is not None else torch.empty(B, N, device=weight.device, dtype=torch.float32)
     if config is not None and config.split_k > 1 and out is None:
         raise ValueError("split_k > 1 needs out (the K-slices add into it)")
@@ -359,7 +420,7 @@ def decode_linear(
     candidates = [c for c in DECODE_GEMV_CONFIGS if out is not None or c.split_k == 1]
     config = _config(key, config, candidates, INTERPRETER_DECODE_GEMV, weight, y, out is not None,
                      lambda c, y: _launch_linear(x, weight, bias, ln, gelu, y, out is not None, kv, zero, c, pdl))  # fmt: skip
-    _launch_linear(x, weight, bias, ln, gelu, y, out is not None, kv, zero, config, pdl)
+    _launch_linear(x, weight, bias, ln, gelu, y, out is not None, kv, zero, config, pdl, argmax)
     return y
 
 
@@ -401,7 +462,8 @@ def candidates(key: tuple) -> list:
     return list(_candidates[key])
 
 
-def _launch_linear(x, weight, bias, ln, gelu, y, accumulate, kv, zero, cfg: GemvConfig, pdl: bool = False) -> None:
+def _launch_linear(x, weight, bias, ln, gelu, y, accumulate, kv, zero, cfg: GemvConfig, pdl: bool = False,
+                   argmax: torch.Tensor | None = None) -> None:  # fmt: skip
     triton, _, kernel, *_ = _kernels()
     parts = isinstance(x, AttentionParts)
     w = weight if weight.stride(1) == 1 else weight.contiguous()
@@ -430,12 +492,14 @@ def _launch_linear(x, weight, bias, ln, gelu, y, accumulate, kv, zero, cfg: Gemv
     grid = (B, cfg.split_k, triton.cdiv(N, cfg.block_n))
     kernel[grid](
         xs, w, bias if bias is not None else dummy, y, lnw, lnb if lnb is not None else torch.zeros_like(lnw),
-        m, lsum, acc, k_cache, v_cache, pos, zero if zero is not None else dummy, N, K, float(eps), stride_xm,
+        m, lsum, acc, k_cache, v_cache, pos, zero if zero is not None else dummy,
+        argmax if argmax is not None else dummy, N, K, float(eps), stride_xm,
         w.stride(0), y.stride(0), *cache_strides, zero.shape[1] if zero is not None else 0,
         C=N // 3 if kv is not None else 1, HS=hs, SPLITS=splits, PROLOGUE=2 if parts else (1 if ln is not None else 0),
         HAS_BIAS=bias is not None, GELU=gelu, ACCUMULATE=accumulate, KV_WRITE=kv is not None, ZERO=zero is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, PREFETCH=cfg.block_k >= K and cfg.split_k == 1, **_pdl_args(pdl),
+        num_stages=cfg.num_stages, PREFETCH=cfg.block_k >= K and cfg.split_k == 1, ARGMAX=argmax is not None,
+        **_pdl_args(pdl),
     )  # fmt: skip
 
 

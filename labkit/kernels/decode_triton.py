@@ -108,12 +108,12 @@ def gemv_input(x_ptr, m, stride_xm, kk, K, lnw_ptr, lnb_ptr, mean, rstd, m_ptr, 
 
 @triton.jit
 def linear_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, lnw_ptr, lnb_ptr, m_ptr, l_ptr, a_ptr, kc_ptr, vc_ptr, pos_ptr, z_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, lnw_ptr, lnb_ptr, m_ptr, l_ptr, a_ptr, kc_ptr, vc_ptr, pos_ptr, z_ptr, best_ptr,
     N, K, eps, stride_xm, stride_wn, stride_ym, stride_cb, stride_ch, stride_ct, Z,
     C: tl.constexpr, HS: tl.constexpr, SPLITS: tl.constexpr, PROLOGUE: tl.constexpr,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, ACCUMULATE: tl.constexpr, KV_WRITE: tl.constexpr,
     ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, ARGMAX: tl.constexpr,
 ):  # fmt: skip
     # program (m, pid_k, pid_n): row m, K-slice pid_k, outputs pid_n*BLOCK_N..; a GEMV as in
     # quant_kernels.int8_gemv_kernel, with a prologue (PROLOGUE 1: LayerNorm of the row; 2: merge the
@@ -170,6 +170,33 @@ def linear_kernel(
     if ZERO:  # on the side: set row m of a (B, Z) buffer to 0 (the next residual accumulator)
         if pid_k == 0:
             tl.store(z_ptr + m * Z + out, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=out < Z)
+    if ARGMAX:  # greedy decoding: this block's largest output (its first index on ties) folded into row m's best
+        v = tl.where(keep, y, float("-inf"))
+        top = tl.max(v, axis=0)
+        first = tl.min(tl.where(v == top, out, N), axis=0)
+        tl.atomic_max(best_ptr + m, pack_best(top, first), sem="relaxed")
+
+
+@triton.jit
+def pack_best(value, index):
+    # (value, index) as one int64 whose signed order is the value's, then the smaller index's: an atomic max of
+    # these keeps a row's argmax as torch.argmax does (the first index of the largest value). The float's bits
+    # are an int whose order is the float's once a negative one's magnitude bits are flipped.
+    bits = value.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (key.to(tl.int64) << 32) | (0x7FFFFFFF - index).to(tl.int64)
+
+
+@triton.jit
+def greedy_kernel(best_ptr, tok_ptr, N, EMPTY: tl.constexpr, USE_PDL: tl.constexpr):
+    # row b's greedy token out of its packed best (as the next step's input), and the best emptied for that step
+    b = tl.program_id(0)
+    grid_dependency_wait(USE_PDL)
+    launch_dependents(USE_PDL)
+    packed = tl.load(best_ptr + b)
+    index = 0x7FFFFFFF - (packed & 0x7FFFFFFF).to(tl.int32)
+    tl.store(tok_ptr + b, tl.minimum(index, N - 1).to(tok_ptr.dtype.element_ty))  # never past the vocabulary
+    tl.store(best_ptr + b, packed * 0 + EMPTY)
 
 @triton.jit
 def attention_kernel(
