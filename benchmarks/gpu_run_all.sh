@@ -20,7 +20,8 @@ run() {  # name, seconds, command...
   echo "   exit $? after $((SECONDS - start)) s; tail:"; tail -n 5 "$OUT/$name.log"
 }
 # The open bars first (issue 5: int4 GEMV; issue 10: GPT-2-small decode vs the bandwidth roofline, with the
-# fused Triton step, with and without programmatic dependent launch), 6 to 9 minutes; with ALL=1 also torch.compile's max-autotune mode of the
+# fused Triton step tuned on whole steps, with and without programmatic dependent launch, then Nsight Compute
+# on both), 6 to 9 minutes; with ALL=1 also torch.compile's max-autotune mode of the
 # decode step and the resolved matmul and attention checks (about 8 minutes more).
 check() {  # name, seconds, script, arguments...
   local name=$1 limit=$2 script=$3; shift 3
@@ -33,7 +34,12 @@ check() {  # name, seconds, script, arguments...
 # quant first: about a minute, and its int4 bar is open too; serving writes its JSON after each variant, so a
 # run cut short keeps the variants it finished (the fused step's first)
 check gpu_check_quant 170 gpu_check_quant --out "$OUT"
-check gpu_check_serving 400 gpu_check_serving --out "$OUT" --variants fused_cuda_graph,fused_tuned_cuda_graph,fused_nopdl_tuned_cuda_graph,compiled_cuda_graph,cuda_graph,fused5_tuned_cuda_graph
+check gpu_check_serving 300 gpu_check_serving --out "$OUT" --variants fused_tuned_greedy_cuda_graph,fused_tuned_cuda_graph,fused_nopdl_tuned_cuda_graph,compiled_cuda_graph,cuda_graph
+# what bounds the kernels of both open bars: Nsight Compute, one line a kernel (two files: ncu_summary.txt, ncu.tgz)
+if [ "${NCU:-1}" = 1 ] && [ -f benchmarks/gpu_ncu.sh ]; then
+  echo "== gpu_ncu"
+  bash benchmarks/gpu_ncu.sh "$OUT"
+fi
 if [ "${ALL:-0}" = 1 ]; then
   check gpu_check_serving_autotune 200 gpu_check_serving --out "$OUT/autotune" --variants compiled_cuda_graph \
     --mode max-autotune-no-cudagraphs
