@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._args import check_int
 from .device import get_device, synchronize
 
 
@@ -73,10 +74,8 @@ def measure(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, device=
     """
     if not callable(fn):
         raise ValueError("fn must be a callable taking no arguments (wrap it in a lambda)")
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-    if not isinstance(repeat, int) or repeat < 1:
-        raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
+    check_int("warmup", warmup, 0)
+    check_int("repeat", repeat)
     device = torch.device(device) if device is not None else get_device()
     for _ in range(warmup):
         fn()
@@ -130,9 +129,8 @@ def graph_seconds(fn: Callable[[], object], replays: int = 20, rounds: int = 3, 
     """
     if not callable(fn):
         raise ValueError("fn must be a callable taking no arguments (wrap it in a lambda)")
-    for name, value in (("replays", replays), ("rounds", rounds)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_int("replays", replays)
+    check_int("rounds", rounds)
     device = torch.device(device) if device is not None else get_device()
     if device.type != "cuda":
         outputs = []
@@ -209,8 +207,7 @@ def kernel_profile(fn: Callable[[], object], steps: int = 10, device=None, top: 
     """
     from torch.profiler import ProfilerActivity, profile
 
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    check_int("steps", steps)
     device = torch.device(device) if device is not None else get_device()
     on_gpu = device.type == "cuda"
     fn()  # outside the profile: first-call work (compilation, allocation) is not the steady state
@@ -344,8 +341,7 @@ def compare_rounds(variants: dict, rounds: int = 3, repeat: int = 5, warmup: int
     Each row's ``spread`` is then the range of its rounds' medians over the kept one (how far the
     rounds disagree), and ``rounds_s`` lists those medians.
     """
-    if not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    check_int("rounds", rounds)
     runs = [compare(variants, warmup=warmup, repeat=repeat, suite=suite, show=False) for _ in range(rounds)]
     rows = []
     for i in range(len(variants)):

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import DATA_DIR, data, early_exit, evaluation, prune, quant, serving, train
+from ._args import check_int
 from .bench import measure, native_stderr_silenced
 from .model import GPTConfig, KVCache, LabGPT
 from .tokenizer import CharTokenizer
@@ -114,9 +115,7 @@ def _check_threshold(threshold) -> None:
         raise ValueError(f"threshold τ must be a number in (0, 1] (1 never exits), got {threshold!r}")
 
 
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+_check_int = check_int
 
 
 def _check_steps(steps: Sequence[str]) -> tuple[str, ...]:

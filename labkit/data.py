@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from ._args import check_int
+
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 FORMATS = ("vague", "specific", "contextual")
 MAX_SHOTS = 8
@@ -214,8 +216,7 @@ def make_example(
 def examples(task: str, fmt: str = "specific", shots: int = 0, n: int = 200, seed: int = 1234) -> list[Example]:
     """``n`` evaluation prompts, a pure function of the arguments."""
     _check(task, fmt, shots)
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_int("n", n)
     rng = random.Random(f"{seed}-{task}-{fmt}-{shots}")
     return [make_example(task, fmt, shots, rng) for _ in range(n)]
 
@@ -254,8 +255,7 @@ def training_document(rng: random.Random, task_fraction: float = 0.75) -> str:
 
 def corpus(n_chars: int, seed: int = 0, task_fraction: float = 0.75) -> str:
     """About ``n_chars`` characters of training text; documents separated by a blank line."""
-    if not isinstance(n_chars, int) or n_chars < 1:
-        raise ValueError(f"n_chars must be a positive int, got {n_chars!r}")
+    check_int("n_chars", n_chars)
     if not 0.0 <= task_fraction <= 1.0:
         raise ValueError(f"task_fraction must be in [0, 1], got {task_fraction}")
     rng = random.Random(seed)

@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._args import check_int
+
 
 def distillation_loss(
     student_logits: torch.Tensor,
@@ -77,12 +79,9 @@ def target_continuations(
     from .tokenizer import CharTokenizer
     from .train import Batches
 
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if not isinstance(new_tokens, int) or new_tokens < 1:
-        raise ValueError(f"new_tokens must be an int >= 1, got {new_tokens!r}")
+    check_int("n", n)
+    check_int("batch_size", batch_size)
+    check_int("new_tokens", new_tokens)
     if not prompt_lengths or min(prompt_lengths) < 1 or max(prompt_lengths) + new_tokens > target.config.block_size:
         raise ValueError(
             f"prompt_lengths {tuple(prompt_lengths)} + new_tokens {new_tokens} must fit the context "

@@ -15,6 +15,7 @@ import math
 import torch
 
 from . import data
+from ._args import check_int
 from .tokenizer import CharTokenizer
 
 
@@ -23,8 +24,7 @@ def _device_of(model) -> torch.device:
 
 
 def _check_batch_size(batch_size) -> None:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_int("batch_size", batch_size)
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ from fractions import Fraction
 import torch
 import torch.nn as nn
 
+from ._args import check_int
 from .model import replace_linears
 
 
@@ -89,10 +90,7 @@ def _check_keep(keep: float) -> None:
         raise ValueError(f"keep must be a number in (0, 1] (fraction of the dense parameters kept), got {keep!r}")
 
 
-def _check_positive_int(name: str, value) -> None:
-    """Reject anything but an int >= 1 (bools included), naming the argument."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int (allowed: 1, 2, ...), got {value!r}")
+_check_positive_int = check_int
 
 
 def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:

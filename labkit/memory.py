@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ._args import check_int
+
 # safetensors dtype names <-> torch dtypes.
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -410,8 +412,7 @@ def ddp_accumulation(world_size: int = 2, micro_batches: int = 4, no_sync: bool 
     """
     from .parallel.launch import launch
 
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    check_int("world_size", world_size)
     if not isinstance(micro_batches, int) or not 1 <= micro_batches <= 32:
         raise ValueError(f"micro_batches must be an int in 1..32 (the per-rank batch), got {micro_batches!r}")
     gathered = launch(_ddp_accumulation_worker, world_size, micro_batches, no_sync, timeout=timeout)
@@ -448,8 +449,7 @@ def minor_page_faults() -> int | None:
 
 def page_faults_per_call(fn, repeat: int = 10, warmup: int = 2) -> float | None:
     """Average minor page faults of one call of ``fn()`` (after ``warmup`` calls), None where unknown."""
-    if not isinstance(repeat, int) or repeat < 1:
-        raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
+    check_int("repeat", repeat)
     for _ in range(warmup):
         fn()
     before = minor_page_faults()
@@ -532,8 +532,7 @@ def allocator_experiment(model: str = "tiny", batch: int = 4, length: int = 256,
     if model not in available_models():
         raise ValueError(f"model must be one of {available_models()}, got {model!r}")
     for name, value in (("batch", batch), ("length", length), ("repeat", repeat)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_int(name, value)
     code = _ALLOCATOR_EXPERIMENT.format(model=model, batch=batch, length=length, repeat=repeat,
                                         threads=torch.get_num_threads())  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._args import check_int
 from .memory import load_safetensors, save_safetensors
 
 
@@ -38,8 +39,7 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+            check_int(f"GPTConfig.{name}", getattr(self, name))
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
@@ -150,8 +150,7 @@ class KVCache:
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, device=None, dtype=torch.float32) -> None:
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        check_int("batch_size", batch_size)
         shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_size)
         # one tensor for all layers, seen as a list of per-layer views: code that writes several
         # layers at once (early exit's filled layers) does it in one copy

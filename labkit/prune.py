@@ -46,6 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._args import check_int
 from .model import ATTENTION_BACKENDS, KVCache, LabGPT
 
 STRUCTURES = ("unstructured", "neurons", "heads", "2:4")
@@ -594,9 +595,8 @@ def iterative_prune(
 
     _check_sparsity(sparsity)
     _check_choice("structure", structure, STRUCTURES)
-    for name, value in (("rounds", rounds), ("steps_per_round", steps_per_round)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int (allowed: 1, 2, ...), got {value!r}")
+    check_int("rounds", rounds)
+    check_int("steps_per_round", steps_per_round)
     model = copy.deepcopy(model)
     history = []
     for r in range(1, rounds + 1):

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ._args import check_int
 from .model import KVCache, LabGPT
 
 # -- 1. the KV cache ----------------------------------------------------------------
@@ -94,8 +95,7 @@ def make_workload(n_requests: int = 48, rate: float = 50.0, prompt_len=(8, 64), 
     """Poisson arrivals at ``rate`` requests/s; prompt lengths uniform in ``prompt_len``; output
     lengths bimodal (most answers short, ``long_fraction`` of them long): the high variance that
     real chat traffic has and that static batching handles badly."""
-    if not isinstance(n_requests, int) or n_requests < 1:
-        raise ValueError(f"n_requests must be an int >= 1, got {n_requests!r}")
+    check_int("n_requests", n_requests)
     if not rate > 0:
         raise ValueError(f"rate (offered load, requests per second) must be > 0, got {rate!r}")
     if not 0 <= long_fraction <= 1:
@@ -390,15 +390,13 @@ def serve(model: LabGPT, requests: list[Request], policy: str = "continuous", ma
     """
     if policy not in ("static", "continuous"):
         raise ValueError(f"policy must be 'static' or 'continuous', got {policy!r}")
-    if not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+    check_int("max_batch", max_batch)
     if not requests:
         raise ValueError("requests is empty: serve needs at least one Request (serving.make_workload makes some)")
     for r in requests:
         if not (isinstance(r.arrival, (int, float)) and math.isfinite(r.arrival) and r.arrival >= 0):
             raise ValueError(f"request {r.rid}: arrival must be a finite number of seconds >= 0, got {r.arrival!r}")
-        if not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 1:
-            raise ValueError(f"request {r.rid}: max_new_tokens must be an int >= 1, got {r.max_new_tokens!r}")
+        check_int(f"request {r.rid}: max_new_tokens", r.max_new_tokens)
         if not r.prompt or min(r.prompt) < 0 or max(r.prompt) >= model.config.vocab_size:
             raise ValueError(f"request {r.rid}: the prompt must be a non-empty list of token ids in "
                              f"0..{model.config.vocab_size - 1}")  # fmt: skip

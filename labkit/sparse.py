@@ -32,6 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._args import check_int
 from .kernels.flash_attention import check_attention_inputs
 from .model import LabGPT, register_attention
 
@@ -39,9 +40,7 @@ PATTERNS = ("local", "strided", "block")
 CHUNK_BYTES = 1 << 20  # score tensor per step of the loop: small enough to stay in cache, big enough to amortise
 
 
-def _check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+_check_positive = check_int
 
 
 # ---------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data
+from ._args import check_int
 from .device import get_device, seed_everything
 from .distill import distillation_loss
 from .evaluation import evaluate, perplexity
@@ -57,9 +58,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "corpus_chars", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_int(name, getattr(self, name))
         if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:
             raise ValueError(f"warmup must be an int >= 0 (steps), got {self.warmup!r}")
         if not 0 < self.lr < math.inf:

@@ -134,3 +134,20 @@ def test_scoring_answers_records_no_autograd_graph(nano, monkeypatch):
     monkeypatch.setattr(type(nano), "forward", lambda self, *a, **k: seen.append(torch.is_grad_enabled()) or forward(self, *a, **k))
     evaluation.answer_correct(nano, CharTokenizer(), data.examples("capital", "specific", 0, n=2))
     assert seen and not any(seen)
+
+
+def test_int_arguments_reject_bools_and_name_the_argument():
+    # one shared check (labkit._args.check_int): True is an int to Python, never a count here
+    from labkit import bench
+    from labkit._args import check_int
+
+    assert check_int("n", 3) == 3 and check_int("warmup", 0, 0) == 0
+    for bad in (True, 0, 1.0, "2", None):
+        with pytest.raises(ValueError, match=r"n must be an int >= 1, got "):
+            check_int("n", bad)
+    with pytest.raises(ValueError, match="repeat must be an int >= 1, got True"):
+        bench.measure(lambda: None, repeat=True)
+    with pytest.raises(ValueError, match="n_chars must be an int >= 1"):
+        data.corpus(0)
+    with pytest.raises(ValueError, match="max_batch must be an int >= 1"):
+        serving.serve(LabGPT(get_config("nano")), [], "static", max_batch=False)

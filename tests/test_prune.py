@@ -262,7 +262,7 @@ def test_bad_input_is_a_value_error_that_names_it(small):
         prune_model(small, 0.5, scope="model")
     with pytest.raises(ValueError, match="sparsity must be 0.5 for structure '2:4'"):
         prune_model(small, 0.3, "2:4")
-    with pytest.raises(ValueError, match="rounds must be a positive int"):
+    with pytest.raises(ValueError, match="rounds must be an int >= 1"):
         iterative_prune(small, 0.5, rounds=0)
     with pytest.raises(ValueError, match="divisible by 4"):
         semi_structured_mask(torch.randn(3, 6))
