@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data
+from ._args import check_int
 from .memory import load_safetensors, save_safetensors
 from .tokenizer import CharTokenizer
 from .train import Batches
@@ -271,8 +272,7 @@ def _check_generate_args(model, heads, idx, max_new_tokens) -> None:
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(0) != 1 or idx.size(1) < 1:
         raise ValueError(f"early-exit generation takes one non-empty sequence, shape (1, T); got "
                          f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")  # fmt: skip
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, 0)
     if idx.size(1) + max_new_tokens > model.config.block_size:
         raise ValueError(f"prompt + max_new_tokens exceeds the context of {model.config.block_size}")
     _check_token_ids("idx", idx, model.config.vocab_size)

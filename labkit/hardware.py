@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ._args import check_int
 from .bench import device_label, measure
 from .device import get_device
 from .model import GPTConfig
@@ -34,8 +35,7 @@ DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 def matmul_flops(m: int, n: int, k: int) -> int:
     """(m, k) @ (k, n): m*n dot products of length k, a multiply and an add each."""
     for name, v in (("m", m), ("n", n), ("k", k)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_int(name, v)
     return 2 * m * n * k
 
 
@@ -145,8 +145,7 @@ def matmul_rate(fmt: str, n: int, device=None, repeat: int = 5) -> Peak | None:
     """Measured FLOP/s (OP/s for int8) of an n x n x n matmul in ``fmt``; None if unsupported here."""
     if fmt not in ("fp32", "tf32", "bf16", "fp16", "int8"):
         raise ValueError(f"fmt must be one of fp32, tf32, bf16, fp16, int8; got {fmt!r}")
-    if not isinstance(n, int) or n < 16:
-        raise ValueError(f"n must be an int >= 16, got {n!r}")
+    check_int("n", n, 16)
     device = torch.device(device) if device is not None else get_device()
     if fmt == "tf32" and device.type != "cuda":
         return None  # TF32 is an NVIDIA tensor-core format

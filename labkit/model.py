@@ -371,8 +371,7 @@ class LabGPT(nn.Module):
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
             raise ValueError(f"idx must be a (batch, time) tensor of token ids, got "
                              f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")  # fmt: skip
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        check_int("max_new_tokens", max_new_tokens, 0)
         if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0 \
                 or math.isinf(temperature):  # fmt: skip
             raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")

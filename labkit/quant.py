@@ -688,8 +688,7 @@ class LossScaler:
             raise ValueError(f"growth_factor must be > 1, got {growth_factor!r}")
         if not 0.0 < backoff_factor < 1.0:
             raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
-        if not isinstance(growth_interval, int) or growth_interval < 1:
-            raise ValueError(f"growth_interval must be an int >= 1, got {growth_interval!r}")
+        check_int("growth_interval", growth_interval)
         self.scale_value = torch.tensor(init_scale, dtype=torch.float32)  # fp32, as GradScaler keeps it
         self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
         self.growth_tracker = 0  # clean steps since the last change of scale

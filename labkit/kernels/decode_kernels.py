@@ -51,6 +51,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .._args import check_int
 from . import MIN_TRITON_PDL, fastest, triton_at_least
 from .quant_kernels import GemvConfig, _choose, _on_interpreter
 
@@ -335,8 +336,7 @@ def greedy_tokens(best: torch.Tensor, tokens: torch.Tensor, vocab: int, backend=
     if tokens.shape != best.shape or tokens.dtype not in (torch.int32, torch.int64) or not tokens.is_contiguous():
         raise ValueError(f"tokens must be a contiguous integer tensor of shape {tuple(best.shape)}, got "
                          f"{tokens.dtype} {tuple(tokens.shape)}")  # fmt: skip
-    if not isinstance(vocab, int) or vocab < 1:
-        raise ValueError(f"vocab must be an int >= 1, got {vocab!r}")
+    check_int("vocab", vocab)
     if _choose(backend, best) == "reference":
         return greedy_tokens_reference(best, tokens, vocab)
     _greedy_kernel()[(best.shape[0],)](best, tokens, vocab, EMPTY=GREEDY_EMPTY, **_pdl_args(pdl))

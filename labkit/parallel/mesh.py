@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .._args import check_int
 from .data import global_batch, shard
 from .launch import rank_device
 from .pipeline import PipelineStage, run_pipeline, stage_layers, sync_tied_gradients
@@ -44,8 +45,7 @@ class ProcessMesh:
 
     def __init__(self, dp: int, tp: int, pp: int) -> None:
         for name, v in (("dp", dp), ("tp", tp), ("pp", pp)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+            check_int(name, v)
         self.dp, self.tp, self.pp = dp, tp, pp
         self.size = dp * tp * pp
         self.groups: dict[str, object] = {}

@@ -34,15 +34,15 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._args import check_int
+
 SCHEDULES = ("gpipe", "1f1b")
 
 
 def bubble_fraction(p: int, m: int) -> float:
     """Idle fraction of a GPipe or 1F1B step with ``p`` stages and ``m`` micro-batches: (p-1)/(m+p-1)."""
-    if not isinstance(p, int) or p < 1:
-        raise ValueError(f"p (pipeline stages) must be an int >= 1, got {p!r}")
-    if not isinstance(m, int) or m < 1:
-        raise ValueError(f"m (micro-batches) must be an int >= 1, got {m!r}")
+    check_int("p (pipeline stages)", p)
+    check_int("m (micro-batches)", m)
     return (p - 1) / (m + p - 1)
 
 
@@ -152,8 +152,7 @@ def plot_timeline(events: list[Event], p: int, ax=None, title: str | None = None
 
 def stage_layers(n_layer: int, p: int) -> list[range]:
     """Contiguous layer ranges, as equal as possible (earlier stages get the extra layers)."""
-    if not isinstance(p, int) or p < 1:
-        raise ValueError(f"pipeline stages must be an int >= 1, got {p!r}")
+    check_int("pipeline stages", p)
     if p > n_layer:
         raise ValueError(f"{p} pipeline stages is more than the model's {n_layer} layers (allowed 1..{n_layer})")
     base, extra = divmod(n_layer, p)

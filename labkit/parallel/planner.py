@@ -59,14 +59,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .._args import check_int
 from .pipeline import bubble_fraction
 
 RECOMPUTE = ("none", "selective", "full")
 
 
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+_positive_int = check_int
 
 
 def _ring(n_bytes: float, n: int, bandwidth: float) -> float:

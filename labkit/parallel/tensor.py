@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._args import check_int
 from ..model import ATTENTION_BACKENDS
 
 # all-reduce calls and bytes the conjugate functions moved (this process), for the lab's tables
@@ -197,8 +198,7 @@ class ParallelSelfAttention(nn.Module):
 
 def check_tensor_parallel_size(config, tp: int) -> None:
     """A ValueError unless ``tp`` splits the heads and the MLP evenly."""
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"tensor-parallel size must be an int >= 1, got {tp!r}")
+    check_int("tensor-parallel size", tp)
     if config.n_head % tp:
         allowed = [d for d in range(1, config.n_head + 1) if config.n_head % d == 0]
         raise ValueError(f"tensor-parallel size {tp} does not divide n_head={config.n_head}; allowed: {allowed}")
