@@ -29,6 +29,11 @@ Variants (``--variants``, comma-separated):
   ``fused5_tuned_cuda_graph``: those two, tuned. ``fused_tuned_greedy_cuda_graph``: tuned, and the greedy
   choice made by the kernels (``fused_decode_step(next_tokens=)``: the lm_head GEMV folds each block's
   largest logit into one int64 by atomic max, one small kernel unpacks it into the next token).
+  ``fused_tuned_greedy_x4_cuda_graph``: the same, four steps a graph (a step feeds the next on the GPU:
+  no graph launch between them, and programmatic dependent launch across them).
+
+``--device cpu`` is a dry run: the nano model, the kernels' PyTorch references (or the Triton
+interpreter with ``TRITON_INTERPRET=1``), no graphs; it checks this script, not the GPU.
 
 The greedy choice (argmax of the logits, copied into the next step's token) is captured in
 the graph with the step: a token is one replay.
@@ -45,26 +50,62 @@ from pathlib import Path
 import torch
 
 from labkit import bench, hardware, serving
+from labkit.device import synchronize
 from labkit.model import LabGPT, get_config
 
 VARIANTS = ("fused_cuda_graph", "fused_tuned_cuda_graph", "fused_tuned_greedy_cuda_graph", "fused_nopdl_cuda_graph",
             "fused_nopdl_tuned_cuda_graph", "compiled_cuda_graph", "cuda_graph", "fused5_cuda_graph",
-            "fused5_tuned_cuda_graph")  # fmt: skip
+            "fused5_tuned_cuda_graph", "fused_tuned_greedy_x4_cuda_graph")  # fmt: skip
 # name: (kernels a layer, programmatic dependent launch (None: where supported), tuned on whole steps, greedy
-# choice in the kernels)
+# choice in the kernels[, steps a graph: default 1])
 FUSED = {"fused_cuda_graph": (3, None, False, False), "fused_tuned_cuda_graph": (3, None, True, False),
          "fused_tuned_greedy_cuda_graph": (3, None, True, True),
+         "fused_tuned_greedy_x4_cuda_graph": (3, None, True, True, 4),
          "fused_nopdl_cuda_graph": (3, False, False, False), "fused_nopdl_tuned_cuda_graph": (3, False, True, False),
          "fused5_cuda_graph": (5, None, False, False), "fused5_tuned_cuda_graph": (5, None, True, False)}  # fmt: skip
 
 
+class Replayable:
+    """``body()`` captured in a CUDA graph, replayed by ``replay()``; on a CPU (``--device cpu``, a dry run
+    of this script) ``replay()`` simply calls ``body()``."""
+
+    def __init__(self, body, device: torch.device) -> None:
+        self.body, self.graph = body, None
+        if device.type == "cuda":
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                body()
+
+    def replay(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.body()
+
+
+def warm_up(fn, device: torch.device, calls: int = 3) -> None:
+    """Run ``fn`` outside any graph (compilation, allocations, kernel selection): on a side stream on CUDA."""
+    if device.type != "cuda":
+        for _ in range(calls):
+            fn()
+        return
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+
+
 def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = None) -> dict:
-    """Capture one decode step and its greedy choice in a CUDA graph, decode ``tokens`` greedily by
-    replaying it; tokens/s (median of 5 runs) and agreement with eager ``generate``."""
+    """Capture one decode step and its greedy choice in a CUDA graph (or several steps: with the greedy
+    choice in the kernels a step feeds the next on the GPU), decode ``tokens`` greedily by replaying
+    it; tokens/s (median of 5 runs) and agreement with eager ``generate``."""
     cache = serving.SlotCache(model, 1)
     tuning = None
 
     greedy = variant in FUSED and FUSED[variant][3]
+    per_graph = FUSED[variant][4] if variant in FUSED and len(FUSED[variant]) > 4 else 1
 
     def step(tok, next_tokens=None):
         if variant in FUSED:
@@ -81,42 +122,51 @@ def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = 
             tuning = serving.tune_fused_decode_step(model, cache, FUSED[variant][0], pdl=FUSED[variant][1],
                                                     length=prompt.size(1) + tokens // 2)  # mid-context, as below
         static_tok = first.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up outside the graph (compilation, allocations, kernel selection)
-            for _ in range(3):
-                step(static_tok, torch.empty_like(static_tok) if greedy else None)
-        torch.cuda.current_stream().wait_stream(stream)
-        cache.length.fill_(prompt.size(1))
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            if greedy:
-                step(static_tok, next_tokens=static_tok)  # the kernels write the next token over this one
-            else:
-                static_tok.copy_(step(static_tok).argmax(-1))
-        cache.length.fill_(prompt.size(1))  # capture ran one step: rewind
-        prepare_s = time.perf_counter() - t0
+        device = static_tok.device
+        warm_up(lambda: step(static_tok, torch.empty_like(static_tok) if greedy else None), device)
+        history = torch.empty(per_graph, dtype=torch.long, device=device)
 
-        def decode(n: int, record: bool) -> list[int]:
+        def capture(record: bool) -> Replayable:
+            def body():
+                for i in range(per_graph):
+                    if greedy:
+                        step(static_tok, next_tokens=static_tok)  # the kernels write the next token over this one
+                    else:
+                        static_tok.copy_(step(static_tok).argmax(-1))
+                    if record:  # each step's token, for the agreement check (the timed graph has no copies)
+                        history[i].copy_(static_tok[0])
+
+            cache.length.fill_(prompt.size(1))
+            graph = Replayable(body, device)
+            cache.length.fill_(prompt.size(1))  # capturing ran nothing on a GPU; a CPU's dry run ran the body
+            return graph
+
+        graph, recording = capture(False), capture(True)
+        prepare_s = time.perf_counter() - t0
+        replays = (tokens - 1) // per_graph  # each replay decodes per_graph tokens
+
+        def decode(record: bool) -> list[int]:
             static_tok.copy_(first)
             cache.length.fill_(prompt.size(1))
             out = [int(first)] if record else []
-            for _ in range(n - 1):
-                graph.replay()
+            for _ in range(replays):
                 if record:
-                    out.append(int(static_tok))  # a copy: static_tok is overwritten next step
+                    recording.replay()
+                    out.extend(history.tolist())
+                else:
+                    graph.replay()
             return out
 
-        got = decode(tokens, record=True)
+        got = decode(record=True)
         reference = model.generate(prompt, tokens, temperature=0)[0, prompt.size(1) :].tolist()
-        agree = sum(a == b for a, b in zip(got, reference)) / len(reference)
+        agree = sum(a == b for a, b in zip(got, reference)) / len(got)
         times = []
         for _ in range(5):
-            torch.cuda.synchronize()
+            synchronize(device)
             t0 = time.perf_counter()
-            decode(tokens, record=False)
-            torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) / (tokens - 1))
+            decode(record=False)
+            synchronize(device)
+            times.append((time.perf_counter() - t0) / (replays * per_graph))
 
         def one_token():
             graph.replay()
@@ -124,11 +174,11 @@ def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = 
         try:  # where a token's time goes: kernels, their overlap, and the gaps between them
             static_tok.copy_(first)
             cache.length.fill_(prompt.size(1) + tokens // 2)  # mid-context, like the roofline's bytes
-            profile = bench.kernel_profile(one_token, steps=32, device=static_tok.device, top=10)
+            profile = bench.kernel_profile(one_token, steps=32, device=device, top=10)
         except Exception as err:  # the profile is for reading; it must not cost the measurement
             profile = {"error": f"{type(err).__name__}: {err}"}
     result = {"tokens_per_s": 1 / statistics.median(times), "agreement_with_generate": agree, "prepare_s": prepare_s,
-              "profile": profile}  # fmt: skip
+              "profile": profile, "steps_per_graph": per_graph}  # fmt: skip
     if tuning is not None:
         result["tuning"] = {"before_s": tuning["before_s"], "after_s": tuning["after_s"],
                             "chosen": {str(k): str(c) for k, c in tuning["chosen"].items()},
@@ -136,11 +186,12 @@ def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = 
     return result
 
 
-def profile_lines(name: str, profile: dict) -> str:
-    """The profile of one variant, as text for the log."""
+def profile_lines(name: str, profile: dict, per_graph: int = 1) -> str:
+    """The profile of one variant (one graph replay: ``per_graph`` tokens), as text for the log."""
     if "error" in profile:
         return f"  {name} profile: {profile['error']}"
-    lines = [f"  {name} per token: wall {profile['wall_s'] * 1e6:.1f} us, kernels busy {profile['busy_s'] * 1e6:.1f} us "
+    unit = "per token" if per_graph == 1 else f"per replay ({per_graph} tokens)"
+    lines = [f"  {name} {unit}: wall {profile['wall_s'] * 1e6:.1f} us, kernels busy {profile['busy_s'] * 1e6:.1f} us "
              f"(sum of kernel times {profile['kernel_s'] * 1e6:.1f} us), idle {profile['idle_s'] * 1e6:.1f} us, "
              f"{profile['launches']:.0f} kernels"]  # fmt: skip
     for k in profile["kernels"][:6]:
@@ -177,11 +228,15 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS))
     parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs "
                         "(Triton GEMV templates with fused epilogues; minutes to tune)")  # fmt: skip
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of this script (the nano model, no "
+                        "graphs, the kernels' references or the Triton interpreter), to check it before a GPU session")  # fmt: skip
     args = parser.parse_args()
-    assert torch.cuda.is_available(), "needs a CUDA GPU"
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU (or --device cpu for a dry run)")
     torch.manual_seed(0)
-    model = LabGPT(get_config("gpt2")).to(dev, torch.bfloat16).eval()
+    model = LabGPT(get_config("gpt2" if dev.type == "cuda" else "nano"))
+    model = model.to(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
     cfg = model.config
     prompt = torch.randint(0, cfg.vocab_size, (1, 32), device=dev)
     bw = hardware.copy_bandwidth(device=dev).value
@@ -189,7 +244,7 @@ def main() -> None:
     ideal_bytes = hardware.decode_step_bytes(cfg, 1, mid_context, bytes_per_element=2)
     roofline = bw / ideal_bytes
     result = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (a dry run)",
         "torch": torch.__version__,
         "bandwidth_gbs": bw / 1e9,
         "roofline_tokens_per_s": roofline,
@@ -201,10 +256,10 @@ def main() -> None:
     with torch.no_grad():
         eager = []
         for _ in range(3):
-            torch.cuda.synchronize()
+            synchronize(dev)
             t0 = time.perf_counter()
             model.generate(prompt, 64, temperature=0)
-            torch.cuda.synchronize()
+            synchronize(dev)
             eager.append((time.perf_counter() - t0) / 64)
     result["eager_generate_tokens_per_s"] = 1 / statistics.median(eager)
     for name in args.variants.split(","):
@@ -230,7 +285,7 @@ def main() -> None:
         print(f"{name}: {r['tokens_per_s']:.0f} tokens/s = {100 * r['fraction_of_roofline']:.1f}% of the roofline "
               f"({roofline:.0f} tokens/s); agreement with generate {r['agreement_with_generate']:.3f}; "
               f"prepared in {r['prepare_s']:.1f} s", flush=True)  # fmt: skip
-        print(profile_lines(name, r["profile"]), flush=True)
+        print(profile_lines(name, r["profile"], r["steps_per_graph"]), flush=True)
         if "tuning" in r:
             t = r["tuning"]
             us = [f"{v * 1e6:.1f} us" if v is not None else "wrong or failed" for v in (t["before_s"], t["after_s"])]

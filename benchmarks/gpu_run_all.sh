@@ -34,7 +34,7 @@ check() {  # name, seconds, script, arguments...
 # quant first: about a minute, and its int4 bar is open too; serving writes its JSON after each variant, so a
 # run cut short keeps the variants it finished (the fused step's first)
 check gpu_check_quant 170 gpu_check_quant --out "$OUT"
-check gpu_check_serving 300 gpu_check_serving --out "$OUT" --variants fused_tuned_greedy_cuda_graph,fused_tuned_cuda_graph,fused_nopdl_tuned_cuda_graph,compiled_cuda_graph,cuda_graph
+check gpu_check_serving 300 gpu_check_serving --out "$OUT" --variants fused_tuned_greedy_x4_cuda_graph,fused_tuned_greedy_cuda_graph,fused_tuned_cuda_graph,fused_nopdl_tuned_cuda_graph,compiled_cuda_graph,cuda_graph
 # what bounds the kernels of both open bars: Nsight Compute, one line a kernel (two files: ncu_summary.txt, ncu.tgz)
 if [ "${NCU:-1}" = 1 ] && [ -f benchmarks/gpu_ncu.sh ]; then
   echo "== gpu_ncu"
