@@ -32,6 +32,12 @@ DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 # ---------------------------------------------------------------------------------------
 # Counting: FLOPs (a multiply-add is 2) and the minimum bytes that must cross memory.
 # ---------------------------------------------------------------------------------------
+def _check_sizes(low: int = 1, **sizes) -> None:
+    """Each size an int >= ``low`` (a ValueError naming it): counts of negative sizes are not counts."""
+    for name, value in sizes.items():
+        check_int(name, value, low)
+
+
 def matmul_flops(m: int, n: int, k: int) -> int:
     """(m, k) @ (k, n): m*n dot products of length k, a multiply and an add each."""
     for name, v in (("m", m), ("n", n), ("k", k)):
@@ -41,12 +47,15 @@ def matmul_flops(m: int, n: int, k: int) -> int:
 
 def matmul_bytes(m: int, n: int, k: int, bytes_per_element: int = 2) -> int:
     """Read A and B once, write C once: the least traffic any kernel can have."""
-    matmul_flops(m, n, k)
+    _check_sizes(m=m, n=n, k=k, bytes_per_element=bytes_per_element)
     return (m * k + k * n + m * n) * bytes_per_element
 
 
 def causal_pairs(q_len: int, kv_len: int) -> int:
     """Number of (query, key) pairs a causal mask keeps, queries at the end of the keys."""
+    _check_sizes(q_len=q_len, kv_len=kv_len)
+    if q_len > kv_len:
+        raise ValueError(f"q_len ({q_len}) must be <= kv_len ({kv_len})")
     offset = kv_len - q_len  # query i sits at position offset + i and sees keys 0..offset+i
     return sum(offset + i + 1 for i in range(q_len))
 
@@ -56,6 +65,7 @@ def attention_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: i
 
     Causal attention computes only the kept pairs (softmax's few FLOPs per pair are left out).
     """
+    _check_sizes(batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, head_dim=head_dim)
     if q_len > kv_len:
         raise ValueError(f"q_len ({q_len}) must be <= kv_len ({kv_len})")
     pairs = causal_pairs(q_len, kv_len) if causal else q_len * kv_len
@@ -64,6 +74,8 @@ def attention_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: i
 
 def attention_bytes(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, bytes_per_element: int = 2) -> int:
     """A fused (flash) kernel reads Q, K, V and writes O once; the score matrix never leaves the chip."""
+    _check_sizes(batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
+                 bytes_per_element=bytes_per_element)  # fmt: skip
     return batch * heads * (2 * q_len + 2 * kv_len) * head_dim * bytes_per_element
 
 
@@ -73,6 +85,7 @@ def forward_flops(config: GPTConfig, batch: int, seq_len: int, causal: bool = Tr
     ``causal=True`` counts only the attention pairs the mask keeps (the useful work);
     ``causal=False`` counts all T x T pairs, which is what a masked dense kernel computes.
     """
+    _check_sizes(batch=batch, seq_len=seq_len)
     C, L, T = config.n_embd, config.n_layer, seq_len
     per_token_linear = L * (2 * C * 3 * C + 2 * C * C + 2 * C * 4 * C * 2) + 2 * C * config.vocab_size
     attn = L * attention_flops(batch, config.n_head, T, T, config.head_size, causal=causal)
@@ -81,6 +94,7 @@ def forward_flops(config: GPTConfig, batch: int, seq_len: int, causal: bool = Tr
 
 def weight_bytes(config: GPTConfig, bytes_per_element: int = 4) -> int:
     """Bytes of the weights a forward pass reads (the tied head counted once)."""
+    _check_sizes(bytes_per_element=bytes_per_element)
     C, L = config.n_embd, config.n_layer
     per_layer = 12 * C * C + 13 * C  # qkv, proj, MLP up and down with biases, two LayerNorms
     return (config.vocab_size * C + config.block_size * C + L * per_layer + 2 * C) * bytes_per_element
@@ -94,6 +108,7 @@ def forward_bytes(config: GPTConfig, batch: int, seq_len: int, bytes_per_element
     embeddings (C) and the logits (vocab). Attention scores are not counted (a fused kernel
     keeps them on chip).
     """
+    _check_sizes(batch=batch, seq_len=seq_len)
     C, V = config.n_embd, config.vocab_size
     activations = batch * seq_len * (config.n_layer * 24 * C + C + V)
     return weight_bytes(config, bytes_per_element) + activations * bytes_per_element
@@ -101,6 +116,8 @@ def forward_bytes(config: GPTConfig, batch: int, seq_len: int, bytes_per_element
 
 def decode_step_flops(config: GPTConfig, batch: int, context_len: int) -> int:
     """FLOPs to generate one token per sequence with a KV cache holding ``context_len`` tokens."""
+    _check_sizes(batch=batch)
+    _check_sizes(0, context_len=context_len)
     C, L = config.n_embd, config.n_layer
     linear = L * (2 * C * 3 * C + 2 * C * C + 2 * C * 4 * C * 2) + 2 * C * config.vocab_size
     return batch * linear + L * attention_flops(batch, config.n_head, 1, context_len + 1, config.head_size)
@@ -108,6 +125,8 @@ def decode_step_flops(config: GPTConfig, batch: int, context_len: int) -> int:
 
 def decode_step_bytes(config: GPTConfig, batch: int, context_len: int, bytes_per_element: int = 4) -> int:
     """Bytes a decode step must move: all weights, plus each sequence's cached keys and values."""
+    _check_sizes(batch=batch)
+    _check_sizes(0, context_len=context_len)
     cache = 2 * config.n_layer * batch * (context_len + 1) * config.n_embd * bytes_per_element
     return weight_bytes(config, bytes_per_element) + cache
 

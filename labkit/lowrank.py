@@ -70,12 +70,23 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-def _float64(t: torch.Tensor) -> torch.Tensor:
-    """A float64 copy for the factorizations (on the CPU for Apple's MPS, which has no float64)."""
+def _as_float64(t: torch.Tensor) -> torch.Tensor:
+    """A float64 copy (on the CPU for Apple's MPS, which has no float64)."""
     t = t.detach()
     if t.device.type == "mps":
         t = t.cpu()
     return t.to(torch.float64)
+
+
+def _float64(t: torch.Tensor) -> torch.Tensor:
+    """A float64 copy for the factorizations; NaN or inf in it would make every factor NaN (or the SVD
+    fail deep inside LAPACK), so that is a ValueError here."""
+    t = _as_float64(t)
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise ValueError(f"the weight or tensor to factorize holds {bad} NaN or inf values (of {t.numel()}): "
+                         "a decomposition of it means nothing; find where they came from first")  # fmt: skip
+    return t
 
 
 def _check_energy(energy: float) -> None:
@@ -271,11 +282,11 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     """||approx - exact||_F / ||exact||_F: the share of the tensor an approximation misses."""
     if approx.shape != exact.shape:
         raise ValueError(f"approx {tuple(approx.shape)} and exact {tuple(exact.shape)} must have the same shape")
-    exact64 = _float64(exact)
+    exact64 = _as_float64(exact)
     norm = torch.linalg.vector_norm(exact64)
     if norm == 0:
         raise ValueError("exact is all zeros: the relative error is undefined")
-    return (torch.linalg.vector_norm(_float64(approx).to(exact64.device) - exact64) / norm).item()
+    return (torch.linalg.vector_norm(_as_float64(approx).to(exact64.device) - exact64) / norm).item()
 
 
 def _leading_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:

@@ -118,6 +118,9 @@ def read_safetensors_header(path) -> tuple[dict, dict[str, str], int]:
     if not isinstance(header, dict):
         raise ValueError(f"{path.name}: header must be a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError(f"{path.name}: __metadata__ must be a JSON object of strings to strings (the format stores "
+                         f"only strings), got {json.dumps(metadata)[:80]}")  # fmt: skip
     data_start = 8 + n
     data_len = file_size - data_start
     spans = []
@@ -127,9 +130,9 @@ def read_safetensors_header(path) -> tuple[dict, dict[str, str], int]:
         if info["dtype"] not in DTYPES:
             raise ValueError(f"{path.name}: tensor {name!r} has dtype {info['dtype']!r}; allowed: {sorted(DTYPES)}")
         shape, offsets = info["shape"], info["data_offsets"]
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise ValueError(f"{path.name}: tensor {name!r} has shape {shape!r}; allowed: a list of non-negative ints")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
             raise ValueError(f"{path.name}: tensor {name!r} has data_offsets {offsets!r}; allowed: [begin, end]")
         begin, end = offsets
         nbytes = math.prod(shape) * DTYPES[info["dtype"]].itemsize

@@ -163,7 +163,7 @@ def finetune(
     model: LabGPT,
     steps: int = 50,
     batch_size: int = 8,
-    seq_len: int = 256,
+    seq_len: int | None = None,
     lr: float = 3e-4,
     seed: int = 1,
     corpus_chars: int = 2_000_000,
@@ -172,13 +172,15 @@ def finetune(
     """A short fine-tune of an existing model (compressed, quantized, pruned...) on fresh corpus text.
 
     AdamW at a constant small learning rate on every parameter that requires grad; the
-    data come from a seed the shipped checkpoints were not trained on. Returns the losses.
+    data come from a seed the shipped checkpoints were not trained on. ``seq_len`` defaults
+    to 256 or the model's context, whichever is shorter. Returns the losses.
     """
-    if steps < 1 or batch_size < 1 or not 1 <= seq_len <= model.config.block_size:
-        raise ValueError(
-            f"steps and batch_size must be >= 1 and seq_len in 1..{model.config.block_size}; "
-            f"got {steps}, {batch_size}, {seq_len}"
-        )
+    check_int("steps", steps)
+    check_int("batch_size", batch_size)
+    block_size = model.config.block_size
+    seq_len = min(256, block_size) if seq_len is None else seq_len
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= block_size:
+        raise ValueError(f"seq_len must be an int in 1..{block_size} (the model's context), got {seq_len!r}")
     device = next(model.parameters()).device
     batches = Batches(data.corpus(corpus_chars, seed=seed), CharTokenizer(), seq_len, seed)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -151,3 +151,106 @@ def test_int_arguments_reject_bools_and_name_the_argument():
         data.corpus(0)
     with pytest.raises(ValueError, match="max_batch must be an int >= 1"):
         serving.serve(LabGPT(get_config("nano")), [], "static", max_batch=False)
+
+
+def test_counting_functions_reject_impossible_sizes():
+    from labkit import hardware
+
+    cfg = get_config("nano")
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        hardware.matmul_bytes(4, 4, -1)
+    with pytest.raises(ValueError, match="bytes_per_element must be an int >= 1"):
+        hardware.matmul_bytes(4, 4, 4, bytes_per_element=0)
+    with pytest.raises(ValueError, match="head_dim must be an int >= 1"):
+        hardware.attention_flops(1, 2, 3, 4, -8)
+    with pytest.raises(ValueError, match="q_len"):
+        hardware.causal_pairs(5, 4)
+    with pytest.raises(ValueError, match="seq_len must be an int >= 1"):
+        hardware.forward_flops(cfg, 1, 0)
+    with pytest.raises(ValueError, match="context_len must be an int >= 0"):
+        hardware.decode_step_bytes(cfg, 1, -1)
+    assert hardware.decode_step_bytes(cfg, 1, 0) > hardware.weight_bytes(cfg)  # an empty cache is allowed
+    assert hardware.causal_pairs(3, 5) == 3 + 4 + 5
+
+
+def test_parallel_layouts_reject_impossible_ranks_and_batches():
+    from labkit.parallel import data as dp
+    from labkit.parallel.mesh import check_mesh
+
+    x = torch.arange(8)
+    assert dp.shard(x, 1, 2).tolist() == [4, 5, 6, 7]
+    with pytest.raises(ValueError, match="world_size must be an int >= 1"):
+        dp.shard(x, 0, 0)
+    with pytest.raises(ValueError, match=r"rank must be an int in 0..1"):
+        dp.shard(x, 2, 2)
+    with pytest.raises(ValueError, match="micro_batches must be an int >= 1"):
+        check_mesh(get_config("nano"), 1, 1, 1, 8, 0)
+
+
+def _takes_rank(rank, world_size):  # a module-level function: launch can send it
+    return rank
+
+
+def test_launch_rejects_what_it_cannot_send_before_starting_anything():
+    import threading
+
+    from labkit.parallel.launch import _check_picklable
+
+    _check_picklable(_takes_rank)
+    with pytest.raises(ValueError, match="fn must be a function"):
+        _check_picklable(42)
+
+    class Holding:  # a callable whose state cannot be pickled
+        def __init__(self):
+            self.lock = threading.Lock()
+
+        def __call__(self, rank, world_size):
+            return rank
+
+    with pytest.raises(ValueError, match="cannot be sent to the child processes"):
+        _check_picklable(Holding())
+
+
+def test_decompositions_reject_nan_weights():
+    from labkit import lowrank
+
+    linear = torch.nn.Linear(8, 6)
+    with torch.no_grad():
+        linear.weight[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="1 NaN or inf values"):
+        lowrank.svd_linear(linear, rank=2)
+    tensor = torch.randn(3, 4, 5)
+    tensor[0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        lowrank.tucker(tensor, [2, 2, 2])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        lowrank.cp_als(tensor, 2)
+    assert math.isnan(lowrank.relative_error(torch.full((2,), float("nan")), torch.ones(2)))  # a report, not a check
+
+
+def test_safetensors_metadata_must_be_strings(tmp_path):
+    import json
+    import struct
+
+    from labkit import memory
+
+    path = tmp_path / "m.safetensors"
+    memory.save_safetensors({"w": torch.ones(2)}, path, metadata={"note": "ok"})
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"] = {"steps": 5}  # a number: not a string map
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+    with pytest.raises(ValueError, match="__metadata__ must be a JSON object of strings"):
+        memory.load_safetensors(path)
+
+
+def test_finetune_defaults_to_a_sequence_the_model_can_hold():
+    from labkit.train import finetune
+
+    model = LabGPT(get_config("nano", block_size=32))
+    losses = finetune(model, steps=1, batch_size=2, corpus_chars=5_000, progress=False)  # 256 would not fit
+    assert len(losses) == 1
+    with pytest.raises(ValueError, match=r"seq_len must be an int in 1..32"):
+        finetune(model, steps=1, seq_len=64, progress=False)

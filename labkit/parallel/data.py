@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .._args import check_int
+
 METHODS = ("naive", "ring", "bucketed", "ddp")
 
 
@@ -52,6 +54,9 @@ def global_batch(step: int, batch_size: int, seq_len: int, vocab_size: int, seed
 
 def shard(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Rank ``rank``'s contiguous slice of the batch dimension (batch must divide evenly)."""
+    check_int("world_size", world_size)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in 0..{world_size - 1} (world_size {world_size}), got {rank!r}")
     if x.shape[0] % world_size:
         raise ValueError(f"batch size {x.shape[0]} must be divisible by the data-parallel size {world_size}")
     per = x.shape[0] // world_size

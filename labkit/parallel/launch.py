@@ -28,6 +28,7 @@ variables torchrun sets and calls ``fn`` in this process, with this process's ra
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing as mp
 import os
 import pickle
@@ -142,6 +143,10 @@ def _context():
 
 
 def _check_picklable(fn: Callable) -> None:
+    """Before any process starts: children import ``fn`` by name, so it must be a module-level function of
+    an importable module, and its pickle must load back as the same function."""
+    if not callable(fn):
+        raise ValueError(f"fn must be a function fn(rank, world_size, *args), got {type(fn).__name__}")
     module = getattr(fn, "__module__", None)
     if module == "__main__" and not hasattr(sys.modules["__main__"], "__file__"):
         raise ValueError(
@@ -150,6 +155,14 @@ def _check_picklable(fn: Callable) -> None:
         )
     if "<locals>" in getattr(fn, "__qualname__", "") or getattr(fn, "__name__", "") == "<lambda>":
         raise ValueError("fn must be a module-level function (not a lambda or a nested function)")
+    try:
+        same = pickle.loads(pickle.dumps(fn)) is fn  # noqa: S301 - our own bytes, just made
+    except Exception as err:  # noqa: BLE001 - whatever pickling raises, the message names fn
+        raise ValueError(f"fn ({getattr(fn, '__qualname__', fn)!r}) cannot be sent to the child processes: "
+                         f"{type(err).__name__}: {err}") from None  # fmt: skip
+    if not same and inspect.isfunction(fn):
+        raise ValueError(f"fn ({getattr(fn, '__qualname__', fn)!r}) does not come back as itself from a pickle; "
+                         "pass a module-level function")  # fmt: skip
 
 
 def _stop(procs) -> None:

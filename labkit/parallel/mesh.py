@@ -85,6 +85,8 @@ class ProcessMesh:
 def check_mesh(config, dp: int, tp: int, pp: int, batch_size: int, micro_batches: int) -> None:
     """The ValueErrors of an impossible layout, each naming what is wrong."""
     ProcessMesh(dp, tp, pp)
+    check_int("batch_size", batch_size)
+    check_int("micro_batches", micro_batches)
     check_tensor_parallel_size(config, tp)
     stage_layers(config.n_layer, pp)
     if batch_size % (dp * micro_batches):
