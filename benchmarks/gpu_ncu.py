@@ -82,6 +82,7 @@ INT4_CONFIGS = {  # the H100 autotuner's leaders on 2026-11-27 (gpu_check_quant_
     "int4 words 128x128 w2": GemvConfig(128, 128, 1, 2, 4, True),
     "int4 halves 64x128 w2": GemvConfig(64, 128, 1, 2, 4, True, True),
     "int4 halves 128x128 w2": GemvConfig(128, 128, 1, 2, 4, True, True),
+    "int4 halves 64x128 split4 w2": GemvConfig(64, 128, 4, 2, 4, True, True),  # added after that run
 }
 
 

@@ -25,7 +25,8 @@ from labkit.kernels.ptx import kernel_report
 P16, P32, I32 = "*bf16", "*fp32", "i32"
 LINEAR = dict(x_ptr=P32, w_ptr=P16, b_ptr=P16, y_ptr=P32, lnw_ptr=P16, lnb_ptr=P16, m_ptr=P32, l_ptr=P32, a_ptr=P32,
               kc_ptr=P16, vc_ptr=P16, pos_ptr="*i64", z_ptr=P32, N=I32, K=I32, eps="fp32", stride_xm=I32,
-              stride_wn=I32, stride_ym=I32, stride_cb=I32, stride_ch=I32, stride_ct=I32, Z=I32)  # fmt: skip
+              stride_wn=I32, stride_ym=I32, stride_cb=I32, stride_ch=I32, stride_ct=I32, Z=I32,
+              best_ptr="*i64")  # fmt: skip
 ATTENTION_PROJ = dict(qkv_ptr=P32, kc_ptr=P16, vc_ptr=P16, pos_ptr="*i64", w_ptr=P16, b_ptr=P16, x_ptr=P32,
                       qk_scale="fp32", N=I32, stride_qm=I32, stride_cb=I32, stride_ch=I32, stride_ct=I32,
                       stride_wn=I32, stride_xm=I32)  # fmt: skip
@@ -51,7 +52,8 @@ def decode_kernels() -> list[tuple[str, dict]]:
             out.append((f"{use} {c}", dict(name="linear_kernel", signature=LINEAR, num_warps=c.num_warps, constexprs=dict(
                 C=WIDTH if kv else 1, HS=HEAD_SIZE, SPLITS=8, PROLOGUE=prologue, HAS_BIAS=bias, GELU=gelu,
                 ACCUMULATE=accumulate, KV_WRITE=kv, ZERO=kv, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k,
-                USE_PDL=True, PREFETCH=c.block_k >= k and c.split_k == 1))))  # fmt: skip
+                USE_PDL=True, PREFETCH=c.block_k >= k and c.split_k == 1,
+                ARGMAX=use == "lm_head"))))  # fmt: skip  (the greedy step's lm_head folds its argmax in)
     for c in dk.ATTENTION_PROJ_CONFIGS:
         out.append((f"attention+proj {c}", dict(name="attention_proj_kernel", signature=ATTENTION_PROJ,
                     num_warps=c.num_warps, constexprs=dict(H=HEADS, HS=HEAD_SIZE, BLOCK_D=HEAD_SIZE, BLOCK_T=c.block_t,
