@@ -274,9 +274,9 @@ def tune_fused_decode_step(model: LabGPT, cache: SlotCache, kernels_per_layer: i
     ``length`` is the position every row's step is timed at (default: each row's length now):
     the attention reads that many positions, so tune where decoding will spend its time (an
     H100 run chose a configuration fast at 33 positions and slow at 160). The cache's lengths
-    are restored afterwards (the step writes one position past them,
-    which the next real step overwrites). The choices stay in ``decode_kernels`` for every
-    later step of the same shapes. On a CPU (the Triton interpreter or the references) steps
+    are restored afterwards (the step writes one position past them, which the next real
+    step overwrites). The choices stay in ``decode_kernels`` for every later step of the
+    same shapes. On a CPU (the Triton interpreter or the references) steps
     are timed plainly, which is slow: for tests. Returns {"before_s", "after_s", "kernels":
     {key: [(config, seconds or None), ...]}, "chosen": {key: config}}.
     """
@@ -288,7 +288,7 @@ def tune_fused_decode_step(model: LabGPT, cache: SlotCache, kernels_per_layer: i
     if not isinstance(tolerance, (int, float)) or not tolerance > 0:
         raise ValueError(f"tolerance must be a number > 0, got {tolerance!r}")
     block_size = model.config.block_size
-    if length is not None and (not isinstance(length, int) or not 0 <= length < block_size):
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or not 0 <= length < block_size):
         raise ValueError(f"length must be an int in [0, {block_size - 1}] (the context), got {length!r}")
     device = model.lm_head.weight.device
     tokens = torch.zeros_like(cache.length)
