@@ -180,7 +180,7 @@ def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = 
     result = {"tokens_per_s": 1 / statistics.median(times), "agreement_with_generate": agree, "prepare_s": prepare_s,
               "profile": profile, "steps_per_graph": per_graph}  # fmt: skip
     if tuning is not None:
-        result["tuning"] = {"before_s": tuning["before_s"], "after_s": tuning["after_s"],
+        result["tuning"] = {"before_s": tuning["before_s"], "after_s": tuning["after_s"], "passes": tuning["passes"],
                             "chosen": {str(k): str(c) for k, c in tuning["chosen"].items()},
                             "kernels": {str(k): [[str(c), t] for c, t in v] for k, v in tuning["kernels"].items()}}  # fmt: skip
     return result

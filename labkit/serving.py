@@ -259,7 +259,7 @@ def fused_decode_step(model: LabGPT, cache: SlotCache, tokens: torch.Tensor, ker
 
 def tune_fused_decode_step(model: LabGPT, cache: SlotCache, kernels_per_layer: int = 3, pdl: bool | None = None,
                            length: int | None = None, replays: int = 20, rounds: int = 3, tolerance: float = 1e-2,
-                           progress: bool = False) -> dict:  # fmt: skip
+                           passes: int = 2, progress: bool = False) -> dict:  # fmt: skip
     """Choose the launch configurations of ``fused_decode_step`` by timing whole steps; returns what it measured.
 
     Each kernel's own autotuner (``decode_kernels``) times that kernel alone, launched again
@@ -267,9 +267,11 @@ def tune_fused_decode_step(model: LabGPT, cache: SlotCache, kernels_per_layer: i
     more than the GPU, with the kernel's weights hot in L2. This one times what decoding
     runs: a whole step (every layer's weights read once), captured in a CUDA graph and
     replayed (``bench.graph_seconds``). Kernel by kernel, in launch order, each candidate is
-    tried with the others held at their current choice, and the fastest kept (one pass of
-    coordinate descent). A candidate whose logits differ from the first choice's by more than
-    ``tolerance`` times the largest logit, or that fails to run, is left out.
+    tried with the others held at their current choice, and the fastest kept: coordinate
+    descent, up to ``passes`` passes over the kernels (it stops early when a pass changes no
+    choice; with programmatic dependent launch one kernel's best depends on its neighbours').
+    A candidate whose logits differ from the first choice's by more than ``tolerance`` times
+    the largest logit, or that fails to run, is left out.
 
     ``length`` is the position every row's step is timed at (default: each row's length now):
     the attention reads that many positions, so tune where decoding will spend its time (an
@@ -277,8 +279,9 @@ def tune_fused_decode_step(model: LabGPT, cache: SlotCache, kernels_per_layer: i
     are restored afterwards (the step writes one position past them, which the next real
     step overwrites). The choices stay in ``decode_kernels`` for every later step of the
     same shapes. On a CPU (the Triton interpreter or the references) steps
-    are timed plainly, which is slow: for tests. Returns {"before_s", "after_s", "kernels":
-    {key: [(config, seconds or None), ...]}, "chosen": {key: config}}.
+    are timed plainly, which is slow: for tests. Returns {"before_s", "after_s", "passes",
+    "kernels": {key: [(config, seconds or None), ...]} (the last pass's timings), "chosen":
+    {key: config}}.
     """
     from tqdm.auto import tqdm
 
@@ -287,6 +290,7 @@ def tune_fused_decode_step(model: LabGPT, cache: SlotCache, kernels_per_layer: i
 
     if not isinstance(tolerance, (int, float)) or not tolerance > 0:
         raise ValueError(f"tolerance must be a number > 0, got {tolerance!r}")
+    check_int("passes", passes)
     block_size = model.config.block_size
     if length is not None and (isinstance(length, bool) or not isinstance(length, int) or not 0 <= length < block_size):
         raise ValueError(f"length must be an int in [0, {block_size - 1}] (the context), got {length!r}")
@@ -311,26 +315,36 @@ def tune_fused_decode_step(model: LabGPT, cache: SlotCache, kernels_per_layer: i
             limit = tolerance * reference.abs().max()
             before = timed()
             log, chosen = {}, {}
-            for key in tqdm(keys, desc="tuning the fused step", disable=not progress):
-                first = dk._tuned.get(key)
-                results = []
-                for config in dk.candidates(key):
-                    dk._tuned[key] = config
-                    try:
-                        results.append((config, timed()))
-                    except Exception:  # noqa: BLE001 - a config this GPU cannot run is left out, as in kernels.fastest
-                        results.append((config, None))
-                ran = [r for r in results if r[1] is not None]
-                best = min(ran, key=lambda r: r[1])[0] if ran else first
-                if best is None:
-                    dk._tuned.pop(key, None)
-                else:
-                    dk._tuned[key] = best
-                log[key], chosen[key] = results, best
+            bar = tqdm(total=passes * len(keys), desc="tuning the fused step", disable=not progress)
+            done = 0
+            while done < passes:
+                done += 1
+                changed = False
+                for key in keys:
+                    first = dk._tuned.get(key)
+                    results = []
+                    for config in dk.candidates(key):
+                        dk._tuned[key] = config
+                        try:
+                            results.append((config, timed()))
+                        except Exception:  # noqa: BLE001 - a config this GPU cannot run is left out, as in kernels.fastest
+                            results.append((config, None))
+                    ran = [r for r in results if r[1] is not None]
+                    best = min(ran, key=lambda r: r[1])[0] if ran else first
+                    if best is None:
+                        dk._tuned.pop(key, None)
+                    else:
+                        dk._tuned[key] = best
+                    changed |= best != first
+                    log[key], chosen[key] = results, best
+                    bar.update()
+                if not changed:
+                    break
+            bar.close()
             after = timed()
     finally:
         cache.length.copy_(start)
-    return {"before_s": before, "after_s": after, "kernels": log, "chosen": chosen}
+    return {"before_s": before, "after_s": after, "passes": done, "kernels": log, "chosen": chosen}
 
 
 def count_ops(fn) -> dict[str, int]:

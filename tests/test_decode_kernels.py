@@ -443,6 +443,7 @@ def test_tune_fused_step_times_whole_steps_and_leaves_wrong_configs_out(monkeypa
     cache.admit(model, 0, [1, 5, 7])
     result = serving.tune_fused_decode_step(model, cache, length=20, replays=1, rounds=1)
     assert cache.length.tolist() == [3]  # restored
+    assert result["passes"] in (1, 2)  # a second pass only where the first one changed a choice
     kinds = [key[0] for key in result["kernels"]]
     assert kinds == ["decode_linear", "decode_attention_proj", "decode_mlp", "decode_linear"]  # launch order, each once
     for key, timings in result["kernels"].items():
@@ -459,6 +460,8 @@ def test_tune_fused_step_times_whole_steps_and_leaves_wrong_configs_out(monkeypa
     ref = serving.decode_step(model, reference_cache, slice(None), torch.tensor([4]))
     got = serving.fused_decode_step(model, cache, torch.tensor([4]))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="passes must be an int >= 1"):
+        serving.tune_fused_decode_step(model, cache, passes=0)
     with pytest.raises(ValueError, match="length must be"):
         serving.tune_fused_decode_step(model, cache, length=model.config.block_size)
     with pytest.raises(ValueError, match="tolerance"):
