@@ -51,6 +51,7 @@ import torch
 
 from labkit import bench, hardware, serving
 from labkit.device import synchronize
+from labkit.kernels import decode_kernels
 from labkit.model import LabGPT, get_config
 
 VARIANTS = ("fused_cuda_graph", "fused_tuned_cuda_graph", "fused_tuned_greedy_cuda_graph", "fused_nopdl_cuda_graph",
@@ -138,7 +139,7 @@ def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = 
 
             cache.length.fill_(prompt.size(1))
             graph = Replayable(body, device)
-            cache.length.fill_(prompt.size(1))  # capturing ran nothing on a GPU; a CPU's dry run ran the body
+            cache.length.fill_(prompt.size(1))
             return graph
 
         graph, recording = capture(False), capture(True)
@@ -200,8 +201,6 @@ def profile_lines(name: str, profile: dict, per_graph: int = 1) -> str:
 
 
 def serving_pdl(model) -> bool:
-    from labkit.kernels import decode_kernels
-
     return decode_kernels.pdl_supported(model.transformer.wte.weight)
 
 
@@ -224,7 +223,8 @@ def teacher_forced(model, prompt, tokens: int, kernels_per_layer: int = 3, pdl: 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
-    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=None, help="tokens to decode (default 256; on a CPU, as many as "
+                        "the nano model's context holds after the prompt, up to 64)")  # fmt: skip
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS))
     parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs "
                         "(Triton GEMV templates with fused epilogues; minutes to tune)")  # fmt: skip
@@ -237,6 +237,10 @@ def main() -> None:
     torch.manual_seed(0)
     model = LabGPT(get_config("gpt2" if dev.type == "cuda" else "nano"))
     model = model.to(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
+    if args.tokens is None:
+        args.tokens = 256 if dev.type == "cuda" else min(64, model.config.block_size - 32 - 1)
+    if not 9 <= args.tokens <= model.config.block_size - 32 - 1:
+        raise SystemExit(f"--tokens must be in 9..{model.config.block_size - 33} (after the 32-token prompt)")
     cfg = model.config
     prompt = torch.randint(0, cfg.vocab_size, (1, 32), device=dev)
     bw = hardware.copy_bandwidth(device=dev).value
@@ -266,6 +270,7 @@ def main() -> None:
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}")
         compiled = name == "compiled_cuda_graph"
+        chosen = dict(decode_kernels._tuned)  # a tuned variant's choices must not carry into the next variant
         try:
             r = graph_decoding(model, prompt, args.tokens, name, args.mode if compiled else None)
             if name in FUSED:
@@ -278,6 +283,8 @@ def main() -> None:
         except Exception as err:  # one variant failing must not cost the others their measurement
             print(f"{name}: FAILED: {type(err).__name__}: {err}", flush=True)
             result[name] = {"error": f"{type(err).__name__}: {err}"}
+            decode_kernels._tuned.clear()
+            decode_kernels._tuned.update(chosen)
             continue
         r["compile_mode"] = args.mode if compiled else None
         r["fraction_of_roofline"] = r["tokens_per_s"] / roofline
@@ -293,7 +300,8 @@ def main() -> None:
             for key, config in t["chosen"].items():
                 print(f"    {key[:60]}: {config}", flush=True)
         (out / "gpu_serving.json").write_text(json.dumps(result, indent=2))
-    from labkit.kernels import decode_kernels
+        decode_kernels._tuned.clear()
+        decode_kernels._tuned.update(chosen)
 
     result["decode_autotune"] = {str(k): [[str(c), t] for c, t in v] for k, v in decode_kernels.autotune_log.items()}
     print(json.dumps(result, indent=2))

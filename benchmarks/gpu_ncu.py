@@ -139,6 +139,8 @@ def _number(text: str) -> float | None:
 def summarize(path: str) -> list[str]:
     """One line a profiled kernel from ncu's ``--csv --page raw`` output (a header row, a row of units, then
     a row a kernel; lines before the header, e.g. ncu's own messages, are skipped)."""
+    if not Path(path).is_file():
+        return [f"{path}: not written (ncu failed before profiling anything? see its log)"]
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     start = next((i for i, r in enumerate(rows) if "Kernel Name" in r and "ID" in r), None)

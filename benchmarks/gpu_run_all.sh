@@ -16,7 +16,7 @@ run() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit}s)"
   local start=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "   exit $? after $((SECONDS - start)) s; tail:"; tail -n 5 "$OUT/$name.log"
 }
 # The open bars first (issue 5: int4 GEMV; issue 10: GPT-2-small decode vs the bandwidth roofline, with the
@@ -35,10 +35,14 @@ check() {  # name, seconds, script, arguments...
 # run cut short keeps the variants it finished (the fused step's first)
 check gpu_check_quant 170 gpu_check_quant --out "$OUT"
 check gpu_check_serving 300 gpu_check_serving --out "$OUT" --variants fused_tuned_greedy_x4_cuda_graph,fused_tuned_greedy_cuda_graph,fused_tuned_cuda_graph,fused_nopdl_tuned_cuda_graph,compiled_cuda_graph,cuda_graph
-# what bounds the kernels of both open bars: Nsight Compute, one line a kernel (two files: ncu_summary.txt, ncu.tgz)
-if [ "${NCU:-1}" = 1 ] && [ -f benchmarks/gpu_ncu.sh ]; then
-  echo "== gpu_ncu"
-  bash benchmarks/gpu_ncu.sh "$OUT"
+# what bounds the kernels of both open bars: Nsight Compute, one line a kernel (two files: ncu_summary.txt, ncu.tgz),
+# in what is left of BUDGET less a minute for the kernel tests; RUN_NCU=0 leaves it out
+left=$(( ${BUDGET:-580} - SECONDS - 60 ))
+if [ "${RUN_NCU:-1}" = 1 ] && [ -f benchmarks/gpu_ncu.sh ] && [ "$left" -ge 90 ]; then
+  echo "== gpu_ncu (${left}s at most)"
+  NCU_SECONDS=$(( left > 270 ? 270 : left )) bash benchmarks/gpu_ncu.sh "$OUT"
+else
+  echo "== gpu_ncu: skipped (RUN_NCU=${RUN_NCU:-1}, ${left}s left)"
 fi
 if [ "${ALL:-0}" = 1 ]; then
   check gpu_check_serving_autotune 200 gpu_check_serving --out "$OUT/autotune" --variants compiled_cuda_graph \

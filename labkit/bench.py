@@ -142,8 +142,13 @@ def graph_seconds(fn: Callable[[], object], replays: int = 20, rounds: int = 3, 
         fn()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    stream = torch.cuda.current_stream(device)
+    try:
+        with torch.cuda.graph(graph):
+            out = fn()
+    except Exception:
+        torch.cuda.set_stream(stream)  # a failed capture can leave its own stream current
+        raise
     times = []
     for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -33,9 +33,14 @@ DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 # Counting: FLOPs (a multiply-add is 2) and the minimum bytes that must cross memory.
 # ---------------------------------------------------------------------------------------
 def _check_sizes(low: int = 1, **sizes) -> None:
-    """Each size an int >= ``low`` (a ValueError naming it): counts of negative sizes are not counts."""
+    """Each size an int >= ``low`` (a ValueError naming it): counts of negative sizes are not counts.
+    ``bytes_per_element`` may be any number > 0 (int4 packs two elements a byte: 0.5)."""
     for name, value in sizes.items():
-        check_int(name, value, low)
+        if name == "bytes_per_element":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"bytes_per_element must be a number > 0 (0.5 for int4), got {value!r}")
+        else:
+            check_int(name, value, low)
 
 
 def matmul_flops(m: int, n: int, k: int) -> int:

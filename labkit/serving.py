@@ -275,10 +275,10 @@ def tune_fused_decode_step(model: LabGPT, cache: SlotCache, kernels_per_layer: i
 
     ``length`` is the position every row's step is timed at (default: each row's length now):
     the attention reads that many positions, so tune where decoding will spend its time (an
-    H100 run chose a configuration fast at 33 positions and slow at 160). The cache's lengths
-    are restored afterwards (the step writes one position past them, which the next real
-    step overwrites). The choices stay in ``decode_kernels`` for every later step of the
-    same shapes. On a CPU (the Triton interpreter or the references) steps
+    H100 run chose a configuration fast at 33 positions and slow at 160). The cache is left
+    as it was: its lengths, and the keys and values the timed steps overwrite at that
+    position. The choices stay in ``decode_kernels`` for every later step of the same shapes;
+    the logits each candidate is checked against come from the kernels' PyTorch references. On a CPU (the Triton interpreter or the references) steps
     are timed plainly, which is slow: for tests. Returns {"before_s", "after_s", "passes",
     "kernels": {key: [(config, seconds or None), ...]} (the last pass's timings), "chosen":
     {key: config}}.
@@ -298,10 +298,12 @@ def tune_fused_decode_step(model: LabGPT, cache: SlotCache, kernels_per_layer: i
     tokens = torch.zeros_like(cache.length)
     start = cache.length.clone()
     timed_at = start if length is None else torch.full_like(start, length)
+    rows, written = torch.arange(len(start), device=start.device), timed_at.clamp(max=block_size - 1)
+    kept = [(k[rows, :, written].clone(), v[rows, :, written].clone()) for k, v in zip(cache.k, cache.v)]
 
-    def step():
+    def step(backend=None):
         cache.length.copy_(timed_at)
-        return fused_decode_step(model, cache, tokens, kernels_per_layer, pdl=pdl)
+        return fused_decode_step(model, cache, tokens, kernels_per_layer, pdl=pdl, backend=backend)
 
     def timed() -> float | None:
         seconds, logits = bench.graph_seconds(step, replays, rounds, device)
@@ -311,7 +313,8 @@ def tune_fused_decode_step(model: LabGPT, cache: SlotCache, kernels_per_layer: i
     try:
         with torch.no_grad():
             with dk.recording_keys() as keys:
-                reference = step().float().clone()  # each kernel's own autotuner runs here, once per shape
+                step()  # each kernel's own autotuner runs here, once per shape
+            reference = step(backend="reference").float()  # what every candidate must give
             limit = tolerance * reference.abs().max()
             before = timed()
             log, chosen = {}, {}
@@ -322,19 +325,21 @@ def tune_fused_decode_step(model: LabGPT, cache: SlotCache, kernels_per_layer: i
                 changed = False
                 for key in keys:
                     first = dk._tuned.get(key)
-                    results = []
-                    for config in dk.candidates(key):
-                        dk._tuned[key] = config
-                        try:
-                            results.append((config, timed()))
-                        except Exception:  # noqa: BLE001 - a config this GPU cannot run is left out, as in kernels.fastest
-                            results.append((config, None))
-                    ran = [r for r in results if r[1] is not None]
-                    best = min(ran, key=lambda r: r[1])[0] if ran else first
-                    if best is None:
-                        dk._tuned.pop(key, None)
-                    else:
-                        dk._tuned[key] = best
+                    results, best = [], first
+                    try:
+                        for config in dk.candidates(key):
+                            dk._tuned[key] = config
+                            try:
+                                results.append((config, timed()))
+                            except Exception:  # noqa: BLE001 - a config this GPU cannot run is left out, as in kernels.fastest
+                                results.append((config, None))
+                        ran = [r for r in results if r[1] is not None]
+                        best = min(ran, key=lambda r: r[1])[0] if ran else first
+                    finally:  # also when interrupted: never leave an unchecked candidate in place
+                        if best is None:
+                            dk._tuned.pop(key, None)
+                        else:
+                            dk._tuned[key] = best
                     changed |= best != first
                     log[key], chosen[key] = results, best
                     bar.update()
@@ -344,6 +349,9 @@ def tune_fused_decode_step(model: LabGPT, cache: SlotCache, kernels_per_layer: i
             after = timed()
     finally:
         cache.length.copy_(start)
+        for (k, v), (k_kept, v_kept) in zip(zip(cache.k, cache.v), kept):
+            k[rows, :, written] = k_kept
+            v[rows, :, written] = v_kept
     return {"before_s": before, "after_s": after, "passes": done, "kernels": log, "chosen": chosen}
 
 

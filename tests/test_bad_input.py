@@ -159,8 +159,9 @@ def test_counting_functions_reject_impossible_sizes():
     cfg = get_config("nano")
     with pytest.raises(ValueError, match="k must be an int >= 1"):
         hardware.matmul_bytes(4, 4, -1)
-    with pytest.raises(ValueError, match="bytes_per_element must be an int >= 1"):
+    with pytest.raises(ValueError, match="bytes_per_element must be a number > 0"):
         hardware.matmul_bytes(4, 4, 4, bytes_per_element=0)
+    assert hardware.matmul_bytes(4, 4, 4, bytes_per_element=0.5) == 24  # int4: two elements a byte
     with pytest.raises(ValueError, match="head_dim must be an int >= 1"):
         hardware.attention_flops(1, 2, 3, 4, -8)
     with pytest.raises(ValueError, match="q_len"):

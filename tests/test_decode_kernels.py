@@ -440,9 +440,12 @@ def test_tune_fused_step_times_whole_steps_and_leaves_wrong_configs_out(monkeypa
     torch.manual_seed(0)
     model = LabGPT(get_config("nano")).eval()
     cache = serving.SlotCache(model, 1)
-    cache.admit(model, 0, [1, 5, 7])
+    cache.admit(model, 0, list(range(1, 31)))  # 30 positions: the step timed at 20 writes over a real one
+    before = [(k.clone(), v.clone()) for k, v in zip(cache.k, cache.v)]
     result = serving.tune_fused_decode_step(model, cache, length=20, replays=1, rounds=1)
-    assert cache.length.tolist() == [3]  # restored
+    assert cache.length.tolist() == [30]  # restored
+    for (k, v), (k0, v0) in zip(zip(cache.k, cache.v), before):  # and what the timed steps wrote, put back
+        assert torch.equal(k, k0) and torch.equal(v, v0)
     assert result["passes"] in (1, 2)  # a second pass only where the first one changed a choice
     kinds = [key[0] for key in result["kernels"]]
     assert kinds == ["decode_linear", "decode_attention_proj", "decode_mlp", "decode_linear"]  # launch order, each once
@@ -456,7 +459,7 @@ def test_tune_fused_step_times_whole_steps_and_leaves_wrong_configs_out(monkeypa
     assert result["before_s"] > 0 and result["after_s"] > 0
     # the tuned step still decodes: equal to the eager step's logits
     reference_cache = serving.SlotCache(model, 1)
-    reference_cache.admit(model, 0, [1, 5, 7])
+    reference_cache.admit(model, 0, list(range(1, 31)))
     ref = serving.decode_step(model, reference_cache, slice(None), torch.tensor([4]))
     got = serving.fused_decode_step(model, cache, torch.tensor([4]))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
@@ -487,6 +490,8 @@ def test_pack_best_orders_as_argmax_first_index_on_ties():
     keys = dk.pack_best(values, torch.arange(8))
     assert torch.equal(keys.argsort(), torch.tensor([0, 1, 2, 3, 4, 6, 5, 7]))  # the tie: index 5 above 6
     assert (keys > dk.GREEDY_EMPTY).all()
+    signed_zeros = dk.pack_best(torch.tensor([0.0, -0.0]), torch.tensor([1, 0]))  # equal, as torch.argmax sees them
+    assert signed_zeros[1] > signed_zeros[0]  # so the smaller index wins
 
 
 @pytest.mark.parametrize("device", ["reference"] + triton_params)

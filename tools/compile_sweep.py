@@ -42,6 +42,7 @@ def decode_kernels() -> list[tuple[str, dict]]:
     out = []
     # (use, PROLOGUE, GELU, ACCUMULATE, KV_WRITE, HAS_BIAS, K, split-K allowed): as fused_decode_step launches them
     uses = [("qkv", 1, False, False, True, True, WIDTH, False), ("lm_head", 1, False, False, False, False, WIDTH, False),
+            ("lm_head greedy", 1, False, False, False, False, WIDTH, False),  # folds its argmax in (next_tokens=)
             ("proj (5 a layer)", 2, False, True, False, True, WIDTH, True),
             ("fc (5 a layer)", 1, True, False, False, True, WIDTH, False),
             ("mlp proj (5 a layer)", 0, False, True, False, True, 4 * WIDTH, True)]  # fmt: skip
@@ -52,8 +53,7 @@ def decode_kernels() -> list[tuple[str, dict]]:
             out.append((f"{use} {c}", dict(name="linear_kernel", signature=LINEAR, num_warps=c.num_warps, constexprs=dict(
                 C=WIDTH if kv else 1, HS=HEAD_SIZE, SPLITS=8, PROLOGUE=prologue, HAS_BIAS=bias, GELU=gelu,
                 ACCUMULATE=accumulate, KV_WRITE=kv, ZERO=kv, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k,
-                USE_PDL=True, PREFETCH=c.block_k >= k and c.split_k == 1,
-                ARGMAX=use == "lm_head"))))  # fmt: skip  (the greedy step's lm_head folds its argmax in)
+                USE_PDL=True, PREFETCH=c.block_k >= k and c.split_k == 1, ARGMAX=use.endswith("greedy")))))  # fmt: skip
     for c in dk.ATTENTION_PROJ_CONFIGS:
         out.append((f"attention+proj {c}", dict(name="attention_proj_kernel", signature=ATTENTION_PROJ,
                     num_warps=c.num_warps, constexprs=dict(H=HEADS, HS=HEAD_SIZE, BLOCK_D=HEAD_SIZE, BLOCK_T=c.block_t,

@@ -312,7 +312,7 @@ def pack_best(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """(value, index) pairs as int64s whose order is the value's, then the smaller index's: the max of
     these is the argmax as ``torch.argmax`` returns it (the first index of the largest value). A float's
     bits, read as an int32, order as the float once a negative one's magnitude bits are flipped."""
-    bits = values.float().contiguous().view(torch.int32)
+    bits = (values.float() + 0.0).contiguous().view(torch.int32)  # + 0.0: -0.0 becomes +0.0, as argmax sees it
     key = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).long()
     return (key << 32) | (0x7FFFFFFF - indices.long())
 

@@ -174,7 +174,7 @@ def linear_kernel(
         v = tl.where(keep, y, float("-inf"))
         top = tl.max(v, axis=0)
         first = tl.min(tl.where(v == top, out, N), axis=0)
-        tl.atomic_max(best_ptr + m, pack_best(top, first), sem="relaxed")
+        tl.atomic_max(best_ptr + m, pack_best(top + 0.0, first), sem="relaxed")  # + 0.0: -0.0 ties +0.0
 
 
 @triton.jit
