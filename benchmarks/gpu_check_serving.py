@@ -67,35 +67,19 @@ FUSED = {"fused_cuda_graph": (3, None, False, False), "fused_tuned_cuda_graph": 
 
 
 class Replayable:
-    """``body()`` captured in a CUDA graph, replayed by ``replay()``; on a CPU (``--device cpu``, a dry run
-    of this script) ``replay()`` simply calls ``body()``."""
+    """``body()`` captured in a CUDA graph (``bench.capture_graph``), replayed by ``replay()``; on a CPU
+    (``--device cpu``, a dry run of this script) ``replay()`` simply calls ``body()``."""
 
     def __init__(self, body, device: torch.device) -> None:
         self.body, self.graph = body, None
         if device.type == "cuda":
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                body()
+            self.graph, _ = bench.capture_graph(body, device)
 
     def replay(self) -> None:
         if self.graph is not None:
             self.graph.replay()
         else:
             self.body()
-
-
-def warm_up(fn, device: torch.device, calls: int = 3) -> None:
-    """Run ``fn`` outside any graph (compilation, allocations, kernel selection): on a side stream on CUDA."""
-    if device.type != "cuda":
-        for _ in range(calls):
-            fn()
-        return
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(calls):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
 
 
 def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = None) -> dict:
@@ -124,7 +108,7 @@ def graph_decoding(model, prompt, tokens: int, variant: str, mode: str | None = 
                                                     length=prompt.size(1) + tokens // 2)  # mid-context, as below
         static_tok = first.clone()
         device = static_tok.device
-        warm_up(lambda: step(static_tok, torch.empty_like(static_tok) if greedy else None), device)
+        bench.warm_up(lambda: step(static_tok, torch.empty_like(static_tok) if greedy else None), device)
         history = torch.empty(per_graph, dtype=torch.long, device=device)
 
         def capture(record: bool) -> Replayable:

@@ -22,6 +22,7 @@ profiler: a check that this file works before a GPU session spends its minutes o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import sys
 from pathlib import Path
@@ -37,22 +38,18 @@ from labkit.kernels.quant_kernels import GemvConfig  # noqa: E402
 from labkit.model import LabGPT, get_config  # noqa: E402
 
 
+@contextlib.contextmanager
 def profiled(device: torch.device):
-    """start() and stop() of the range ncu profiles (nothing on a CPU)."""
-    on = device.type == "cuda"
-
-    class Range:
-        def __enter__(self):
-            if on:
-                torch.cuda.synchronize()
-                torch.cuda.profiler.start()
-
-        def __exit__(self, *exc):
-            if on:
-                torch.cuda.synchronize()
-                torch.cuda.profiler.stop()
-
-    return Range()
+    """The range ncu profiles: between cudaProfilerStart and Stop (nothing on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+    try:
+        yield
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.profiler.stop()
 
 
 def decode(device: torch.device) -> None:

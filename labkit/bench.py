@@ -115,6 +115,36 @@ def measure(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, device=
     )
 
 
+def warm_up(fn: Callable[[], object], device, calls: int = 3) -> None:
+    """Call ``fn`` outside any graph before capturing it (compilation, allocations, kernel selection): on a
+    side stream on CUDA, as graph capture asks; plainly elsewhere."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        for _ in range(calls):
+            fn()
+        return
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(calls):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
+def capture_graph(fn: Callable[[], object], device) -> tuple[torch.cuda.CUDAGraph, object]:
+    """``fn()`` captured in a CUDA graph (warm it up first: ``warm_up``); returns the graph and the captured
+    output, which each ``graph.replay()`` rewrites."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.current_stream(device)
+    try:
+        with torch.cuda.graph(graph):
+            out = fn()
+    except Exception:
+        torch.cuda.set_stream(stream)  # a failed capture can leave its own stream current
+        raise
+    return graph, out
+
+
 def graph_seconds(fn: Callable[[], object], replays: int = 20, rounds: int = 3, device=None) -> tuple[float, object]:
     """Seconds per call of ``fn()`` replayed from a CUDA graph, and a copy of its output.
 
@@ -136,19 +166,8 @@ def graph_seconds(fn: Callable[[], object], replays: int = 20, rounds: int = 3, 
         outputs = []
         m = measure(lambda: outputs.append(fn()), warmup=1, repeat=rounds, device=device)
         return m.median_s, outputs[-1]
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.current_stream(device)
-    try:
-        with torch.cuda.graph(graph):
-            out = fn()
-    except Exception:
-        torch.cuda.set_stream(stream)  # a failed capture can leave its own stream current
-        raise
+    warm_up(fn, device, calls=1)
+    graph, out = capture_graph(fn, device)
     times = []
     for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

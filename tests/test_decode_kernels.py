@@ -553,3 +553,11 @@ def test_fused_step_greedy_tokens_feed_the_next_step(device):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         tokens = ref.argmax(-1)
         assert torch.equal(fed, tokens)
+
+
+def test_warm_up_calls_fn_outside_any_graph():
+    from labkit import bench
+
+    calls = []
+    bench.warm_up(lambda: calls.append(1), "cpu", calls=2)
+    assert calls == [1, 1]
