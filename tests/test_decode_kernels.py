@@ -147,7 +147,8 @@ def test_embed_kernel_matches_reference_and_clamps_at_the_context_end(device):
 @requires_triton
 @pytest.mark.parametrize("device", triton_params)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_proj_kernel_matches_reference_and_sdpa(device, dtype):
+@pytest.mark.parametrize("block_t", [16, 32, 128])  # earlier positions in the prefetched tile and a loop; all in it
+def test_attention_proj_kernel_matches_reference_and_sdpa(device, dtype, block_t):
     k, v = _cache(3, 2, 70, 12, dtype, device, seed=8)
     g = _gen(9)
     qkv = torch.randn(3, 72, generator=g).to(device)
@@ -156,7 +157,8 @@ def test_attention_proj_kernel_matches_reference_and_sdpa(device, dtype):
     pos = torch.tensor([0, 16, 69], device=device)
     start = torch.randn(3, 40, generator=g).to(device)
     ref = dk.decode_attention_proj(qkv, k, v, pos, 2, w, b, start.clone(), backend="reference")
-    got = dk.decode_attention_proj(qkv, k, v, pos, 2, w, b, start.clone(), backend="triton")
+    got = dk.decode_attention_proj(qkv, k, v, pos, 2, w, b, start.clone(), backend="triton",
+                                   config=dk.AttentionProjConfig(32, block_t, 1))  # fmt: skip
     torch.testing.assert_close(got, ref, **TOL[dtype])
     for row in range(3):  # the oracle: PyTorch's attention over the visible keys, then the projection
         n = int(pos[row]) + 1
@@ -393,6 +395,30 @@ def test_decode_kernels_compile_for_hopper_with_vector_loads():
         assert any(op.startswith("ld.global.v") for op in ops), ops  # weights and cache arrive in vector loads
         # with PDL each kernel waits for its predecessor's writes and lets its successor launch; without, neither
         assert ("griddepcontrol.wait" in ops) == ("griddepcontrol.launch_dependents" in ops) == uses_pdl, ops
+
+
+def test_decode_kernels_load_what_no_earlier_kernel_writes_before_the_wait():
+    # with PDL a kernel's loads before griddepcontrol.wait overlap the previous kernel; after it, each is a round trip
+    _hopper_compiler()
+    from labkit.kernels.ptx import kernel_report
+
+    def gemv(prologue):
+        return dict(name="linear_kernel", signature=LINEAR_SIG, constexprs=dict(
+            C=768, HS=64, SPLITS=8, PROLOGUE=prologue, HAS_BIAS=True, GELU=False, ACCUMULATE=False, KV_WRITE=True,
+            ZERO=True, BLOCK_N=8, BLOCK_K=1024, SPLIT_K=1, USE_PDL=True, PREFETCH=True, ARGMAX=False))  # fmt: skip
+
+    def attention(block_t):
+        return dict(name="attention_proj_kernel", signature=dict(
+            qkv_ptr=P32, kc_ptr=P16, vc_ptr=P16, pos_ptr="*i64", w_ptr=P16, b_ptr=P16, x_ptr=P32, qk_scale="fp32",
+            N=I32, stride_qm=I32, stride_cb=I32, stride_ch=I32, stride_ct=I32, stride_wn=I32, stride_xm=I32),
+            constexprs=dict(H=12, HS=64, BLOCK_D=64, BLOCK_T=block_t, BLOCK_N=64, HAS_BIAS=True, USE_PDL=True))  # fmt: skip
+
+    plain, normed, short, long = (r["loads"] for r in kernel_report(
+        "labkit.kernels.decode_triton", [gemv(0), gemv(1), attention(16), attention(64)]))  # fmt: skip
+    # the LayerNorm's weight and bias load before the wait; after it, the row once, as without a LayerNorm
+    assert normed["before"] > plain["before"] and normed["after"] == plain["after"], (plain, normed)
+    # the earlier positions' keys and values load before the wait: a longer first tile, more loads there
+    assert long["before"] > short["before"], (short, long)
 
 
 def test_greedy_kernels_compile_for_hopper():

@@ -21,6 +21,24 @@ def layernorm_stats(row_ptr, K, eps, BLOCK_K: tl.constexpr):
         s2 += d * d
     return mean, 1.0 / tl.sqrt(tl.sum(s2, axis=0) / K + eps)
 
+
+@triton.jit
+def layernorm_tile(row_ptr, offs, K, g, beta, eps):
+    # LayerNorm of a row that fits one tile, given its (prefetched) weight g and bias beta: the row is loaded
+    # once and both statistics come from registers (the same two-pass arithmetic as layernorm_stats)
+    inside = offs < K
+    x = tl.load(row_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / K
+    d = tl.where(inside, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / K + eps)
+    return d * rstd * g + beta
+
+
+@triton.jit
+def load_tile(ptr, offs, K):
+    # a vector of K weights (a LayerNorm's weight or bias) in fp32, zero past the edge
+    return tl.load(ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+
 @triton.jit
 def attend(q, k_ptr, v_ptr, start, end, stride_t, offs_d, d_in, BLOCK_T: tl.constexpr):
     # online softmax of q (scaled to log2 units) over the keys at positions start..end-1 of one head:
@@ -124,17 +142,23 @@ def linear_kernel(
     if PREFETCH:  # one tile holds the program's whole slice of W: load it before waiting for the input
         w_all = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=(offs_k < K)[None, :], other=0.0,
                         eviction_policy="evict_first")  # fmt: skip
+        if PROLOGUE == 1:  # and the LayerNorm's weight and bias
+            g_all = load_tile(lnw_ptr, offs_k, K)
+            beta_all = load_tile(lnb_ptr, offs_k, K)
     grid_dependency_wait(USE_PDL)
     launch_dependents(USE_PDL)
-    mean = 0.0
-    rstd = 1.0
-    if PROLOGUE == 1:
-        mean, rstd = layernorm_stats(x_ptr + m * stride_xm, K, eps, BLOCK_K)
     if PREFETCH:
-        xk = gemv_input(x_ptr, m, stride_xm, offs_k, K, lnw_ptr, lnb_ptr, mean, rstd, m_ptr, l_ptr, a_ptr, HS,
-                        SPLITS, PROLOGUE)  # fmt: skip
+        if PROLOGUE == 1:  # the row loaded once: one round trip to memory after the wait, not three
+            xk = layernorm_tile(x_ptr + m * stride_xm, offs_k, K, g_all, beta_all, eps)
+        else:
+            xk = gemv_input(x_ptr, m, stride_xm, offs_k, K, lnw_ptr, lnb_ptr, 0.0, 1.0, m_ptr, l_ptr, a_ptr, HS,
+                            SPLITS, PROLOGUE)  # fmt: skip
         y = tl.sum(w_all.to(tl.float32) * xk[None, :], axis=1)
     else:
+        mean = 0.0
+        rstd = 1.0
+        if PROLOGUE == 1:
+            mean, rstd = layernorm_stats(x_ptr + m * stride_xm, K, eps, BLOCK_K)
         k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
         k_start = pid_k * k_per_split
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # elementwise products, summed once at the end
@@ -240,16 +264,39 @@ def attention_proj_kernel(
     d_in = offs_d < HS
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_in = offs_n < N
-    # the weights depend on no earlier kernel: with PDL they load while the previous kernel finishes
+    # Before the wait, what no kernel of this step writes: the weights, and the keys and values of the row's
+    # earlier positions (0..pos-1, the first BLOCK_T of them), written by earlier steps. pos itself comes from
+    # the step's embed kernel, two or more kernels back: with PDL this kernel starts only once every program of
+    # the one before it has waited, so the kernel before that one has finished.
     w = tl.load(w_ptr + offs_n[:, None] * stride_wn + (h * HS + offs_d)[None, :], mask=n_in[:, None] & d_in[None, :],
                 other=0.0, eviction_policy="evict_first").to(tl.float32)  # fmt: skip
+    pos = tl.load(pos_ptr + b)
+    head = b.to(tl.int64) * stride_cb + h * stride_ch  # 64-bit: a whole cache may pass 2^31 elements
+    offs_t = tl.arange(0, BLOCK_T)
+    earlier = offs_t < pos
+    kv = offs_t[:, None] * stride_ct + offs_d[None, :]
+    both = earlier[:, None] & d_in[None, :]
+    keys = tl.load(kc_ptr + head + kv, mask=both, other=0.0)
+    values = tl.load(vc_ptr + head + kv, mask=both, other=0.0)
     grid_dependency_wait(USE_PDL)
     launch_dependents(USE_PDL)
+    # after it: the query, and the new key and value (at pos), which the kernel before this one wrote
     q = tl.load(qkv_ptr + b * stride_qm + h * HS + offs_d, mask=d_in, other=0.0).to(tl.float32) * qk_scale
-    length = tl.load(pos_ptr + b) + 1
-    head = b.to(tl.int64) * stride_cb + h * stride_ch  # 64-bit: a whole cache may pass 2^31 elements
-    m_i, l_i, acc = attend(q, kc_ptr + head, vc_ptr + head,
-                           0, length, stride_ct, offs_d, d_in, BLOCK_T)  # fmt: skip
+    k_new = tl.load(kc_ptr + head + pos * stride_ct + offs_d, mask=d_in, other=0.0).to(tl.float32)
+    v_new = tl.load(vc_ptr + head + pos * stride_ct + offs_d, mask=d_in, other=0.0).to(tl.float32)
+    scores = tl.where(earlier, tl.sum(keys.to(tl.float32) * q[None, :], axis=1), float("-inf"))
+    s_new = tl.sum(k_new * q, axis=0)
+    m_i = tl.maximum(tl.max(scores, axis=0), s_new)  # finite: the new position is always there
+    p = tl.exp2(scores - m_i)
+    p_new = tl.exp2(s_new - m_i)
+    l_i = tl.sum(p, axis=0) + p_new
+    acc = tl.sum(p[:, None] * values.to(tl.float32), axis=0) + p_new * v_new
+    # the earlier positions past the first tile, BLOCK_T..pos-1 (none at short lengths), merged in exactly
+    m_r, l_r, acc_r = attend(q, kc_ptr + head, vc_ptr + head, BLOCK_T, pos, stride_ct, offs_d, d_in, BLOCK_T)
+    m_all = tl.maximum(m_i, m_r)
+    alpha, beta = tl.exp2(m_i - m_all), tl.exp2(m_r - m_all)  # beta = 0 when nothing was left (m_r = -inf)
+    l_i = l_i * alpha + l_r * beta
+    acc = acc * alpha + acc_r * beta
     o = acc / l_i  # (BLOCK_D,): this head's output
     y = tl.sum(w * o[None, :], axis=1)
     if HAS_BIAS:
@@ -275,13 +322,15 @@ def mlp_kernel(
                        eviction_policy="evict_first")  # fmt: skip
         w_pt = tl.load(wpt_ptr + offs_h[:, None] * stride_pt + offs_k[None, :], mask=both, other=0.0,
                        eviction_policy="evict_first")  # fmt: skip
+        g_all = load_tile(lnw_ptr, offs_k, C)
+        beta_all = load_tile(lnb_ptr, offs_k, C)
     grid_dependency_wait(USE_PDL)
     launch_dependents(USE_PDL)
-    mean, rstd = layernorm_stats(x_ptr + m * stride_xm, C, eps, BLOCK_K)
-    if PREFETCH:
-        hidden = tl.sum(w_fc.to(tl.float32) * layernormed(x_ptr + m * stride_xm, offs_k, C, lnw_ptr, lnb_ptr, mean,
-                                                          rstd)[None, :], axis=1)  # fmt: skip
+    if PREFETCH:  # the row loaded once after the wait
+        xn = layernorm_tile(x_ptr + m * stride_xm, offs_k, C, g_all, beta_all, eps)
+        hidden = tl.sum(w_fc.to(tl.float32) * xn[None, :], axis=1)
     else:
+        mean, rstd = layernorm_stats(x_ptr + m * stride_xm, C, eps, BLOCK_K)
         acc = tl.zeros((BLOCK_H, BLOCK_K), dtype=tl.float32)
         for k in range(0, C, BLOCK_K):
             kk = k + offs_k

@@ -63,6 +63,15 @@ def memory_instructions(kernel) -> dict[str, int]:
     return dict(collections.Counter(re.sub(r"\.L[12]::[\w]+", "", f) for f in found))
 
 
+def loads_around_wait(kernel) -> dict[str, int]:
+    """Global loads in the kernel's PTX before and after its ``griddepcontrol.wait`` (``before`` 0 without one):
+    with programmatic dependent launch, what a kernel loads before the wait overlaps the previous kernel."""
+    lines = kernel.asm["ptx"].splitlines()
+    wait = next((i for i, line in enumerate(lines) if "griddepcontrol.wait" in line), 0)
+    count = lambda part: sum(bool(re.search(r"\bld\.global", line)) for line in part)  # noqa: E731
+    return {"before": count(lines[:wait]), "after": count(lines[wait:])}
+
+
 def _nvidia_tool(name: str) -> str:
     import triton
 
@@ -129,8 +138,8 @@ def memory_report(module: str, kernels: list[dict], arch: int = 90) -> list[dict
 
 def kernel_report(module: str, kernels: list[dict], arch: int = 90) -> list[dict]:
     """For each kernel (as in ``memory_report``): ``memory`` (its global-memory instructions), ``sass`` (all its
-    machine instructions), ``loop`` (the SASS of its main loop, by opcode) and ``registers``, compiled in a
-    fresh process."""
+    machine instructions), ``loop`` (the SASS of its main loop, by opcode), ``loads`` (``loads_around_wait``)
+    and ``registers``, compiled in a fresh process."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     payload = json.dumps({"module": module, "kernels": kernels, "arch": arch})
     done = subprocess.run([sys.executable, "-m", "labkit.kernels.ptx"], input=payload, capture_output=True, text=True,
@@ -151,5 +160,5 @@ if __name__ == "__main__":  # the worker of memory_report
         built = compile_for_gpu(fn, k["signature"], k["constexprs"], request["arch"], k.get("num_warps", 4))
         sass = _sass(built)  # disassembled once, read twice
         report.append({"memory": memory_instructions(built), "sass": sass_instructions(built, sass),
-                       "loop": loop_instructions(built, sass), **registers(built)})  # fmt: skip
+                       "loop": loop_instructions(built, sass), "loads": loads_around_wait(built), **registers(built)})  # fmt: skip
     print(json.dumps(report))
