@@ -81,6 +81,7 @@ INT4_CONFIGS = {  # the H100 autotuner's leaders on 2026-11-27 (gpu_check_quant_
     "int4 halves 128x128 w2": GemvConfig(128, 128, 1, 2, 4, True, True),
     "int4 halves 64x128 split4 w2": GemvConfig(64, 128, 4, 2, 4, True, True),  # added after that run
 }
+INT4_GROUP_MAJOR = ("int4 bytes 16x512 w4", "int4 halves 128x128 w2")  # also with scales stored group by group
 
 
 def int4(device: torch.device) -> None:
@@ -97,6 +98,10 @@ def int4(device: torch.device) -> None:
              "int8 8x1024 w4": lambda: qk.int8_weight_only_linear_triton(x, w8, s8, config=GemvConfig(8, 1024, 1, 4, 2))}  # fmt: skip
     for label, config in INT4_CONFIGS.items():
         calls[label] = lambda config=config: qk.int4_weight_only_linear_triton(x, p4, s4, z4, group, config=config)
+    s4g, z4g = qk.group_major(s4), qk.group_major(z4)
+    for label in INT4_GROUP_MAJOR:
+        calls[f"{label} group-major"] = lambda config=INT4_CONFIGS[label]: qk.int4_weight_only_linear_triton(
+            x, p4, s4g, z4g, group, config=config)  # fmt: skip
     reference = qk.int4_weight_only_linear_reference(x, p4, s4, z4, group).float()
     for label, call in calls.items():  # compile, and check, outside the profiled range
         if label.startswith("int4"):

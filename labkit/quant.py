@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ._args import check_int
 from .kernels.quant_kernels import (
+    group_major,
     int4_weight_only_linear,
     int8_linear,
     int8_weight_only_linear,
@@ -430,11 +431,23 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize(unpack_int4(self.weight), self.scales.float(), self.zeros)
 
+    def _kernel_scales(self, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scales and zero points as the GPU kernels read them fastest (``group_major``), made once per version;
+        as stored for the reference."""
+        if backend == "reference":
+            return self.scales, self.zeros
+        key = (self.scales.data_ptr(), self.scales._version, self.zeros.data_ptr(), self.zeros._version)
+        cached = self.__dict__.get("_group_major")
+        if cached is None or cached[0] != key:
+            cached = (key, group_major(self.scales), group_major(self.zeros))
+            self.__dict__["_group_major"] = cached
+        return cached[1], cached[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        y = int4_weight_only_linear(
-            x.reshape(-1, self.in_features), self.weight, self.scales, self.zeros, self.group_size, _kernel_backend(x)
-        )
+        backend = _kernel_backend(x)
+        scales, zeros = self._kernel_scales(backend)
+        y = int4_weight_only_linear(x.reshape(-1, self.in_features), self.weight, scales, zeros, self.group_size, backend)
         return self._finish(y, x.shape)
 
     def extra_repr(self) -> str:

@@ -369,6 +369,39 @@ def test_int4_weight_only_kernel_matches_reference(device, m, k, n, group):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", [qk.GemvConfig(4, 64, 1, 1, 1), qk.GemvConfig(8, 32, 2, 1, 1, True),
+                                    qk.GemvConfig(8, 32, 1, 1, 1, True, True), qk.TileConfig(16, 16, 32, 1, 1, 2)])  # fmt: skip
+@pytest.mark.parametrize("layout", ["group-major", "scales group-major, zeros row-major", "zeros group-major"])
+def test_int4_kernels_read_scales_stored_group_by_group(device, config, layout):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 128, generator=g).to(device)  # four groups of 32
+    q, scales, zeros, _ = quant.int4_parameters(torch.randn(24, 128, generator=g) * 2, 32)
+    packed, scales, zeros = qk.pack_int4(q).to(device), scales.to(device), zeros.to(device)
+    expected = qk.int4_weight_only_linear_reference(x, packed, scales, zeros, 32)
+    if layout != "zeros group-major":
+        scales = qk.group_major(scales)
+        assert scales.stride() == (1, 24) and torch.equal(scales, qk.group_major(scales))
+    if layout in ("group-major", "zeros group-major"):
+        zeros = qk.group_major(zeros)
+    assert torch.equal(qk.int4_weight_only_linear_reference(x, packed, scales, zeros, 32), expected)
+    got = qk.int4_weight_only_linear_triton(x, packed, scales, zeros, 32, config=config)
+    tolerance = 1e-4 * (expected.abs().max().item() if getattr(config, "halves", False) else 1)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=tolerance)
+
+
+def test_int4_layer_keeps_group_major_scales_for_the_kernels_once_per_version():
+    layer = quant.Int4WeightOnlyLinear.from_linear(nn.Linear(64, 12), group_size=32)
+    assert layer._kernel_scales("reference") == (layer.scales, layer.zeros)
+    scales, zeros = layer._kernel_scales("auto")
+    assert scales.stride() == zeros.stride() == (1, 12)
+    assert torch.equal(scales, layer.scales) and torch.equal(zeros, layer.zeros)
+    assert layer._kernel_scales("auto")[0] is scales  # made once
+    with torch.no_grad():
+        layer.scales.mul_(2)  # a new version: made again
+    assert torch.equal(layer._kernel_scales("auto")[0], layer.scales)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", [qk.GemvConfig(4, 64, 1, 1, 1), qk.GemvConfig(8, 128, 2, 1, 1)])
 def test_int4_gemv_blocks_of_several_groups_with_a_ragged_end(device, config):
     g = torch.Generator().manual_seed(3)
@@ -624,7 +657,7 @@ def test_int4_word_kernel_needs_fewer_instructions_a_weight_than_the_byte_kernel
     from labkit.kernels.ptx import kernel_report
 
     sig = dict(x_ptr="*bf16", s_ptr="*bf16", z_ptr="*bf16", y_ptr="*bf16", N="i32", K="i32", stride_xm="i32",
-               stride_wn="i32", stride_sn="i32", stride_ym="i32")  # fmt: skip
+               stride_wn="i32", stride_sn="i32", stride_sg="i32", stride_ym="i32")  # fmt: skip
     words = dict(name="int4_gemv_words_kernel", signature=dict(sig, w_ptr="*i32"), num_warps=2,
                  constexprs=dict(GROUP=128, BLOCK_N=128, BLOCK_W=16, SPLIT_K=1, HALVES=False, ASM=True))
     byte, word, halves = kernel_report("labkit.kernels.quant_kernels", [

@@ -33,7 +33,7 @@ ATTENTION_PROJ = dict(qkv_ptr=P32, kc_ptr=P16, vc_ptr=P16, pos_ptr="*i64", w_ptr
 MLP = dict(x_ptr=P32, lnw_ptr=P16, lnb_ptr=P16, wfc_ptr=P16, bfc_ptr=P16, wpt_ptr=P16, bp_ptr=P16, out_ptr=P32,
            eps="fp32", C=I32, HIDDEN=I32, stride_xm=I32, stride_fc=I32, stride_pt=I32, stride_om=I32)  # fmt: skip
 INT4 = dict(x_ptr=P16, w_ptr="*i32", s_ptr=P16, z_ptr=P16, y_ptr=P16, N=I32, K=I32, stride_xm=I32, stride_wn=I32,
-            stride_sn=I32, stride_ym=I32)  # fmt: skip
+            stride_sn=I32, stride_sg=I32, stride_ym=I32)  # fmt: skip
 WIDTH, HEADS, HEAD_SIZE = 768, 12, 64  # GPT-2-small
 
 

@@ -84,7 +84,7 @@ def _kernels():
 
     @triton.jit
     def int4_gemv_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_sg, stride_ym,
         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     ):  # fmt: skip
         # like int8_gemv_kernel, but a byte holds columns 2j (low nibble) and 2j+1 (high nibble), and a
@@ -116,7 +116,7 @@ def _kernels():
             qx = tl.sum(low * x_even[None, :, :] + high16 * (x_odd * 0.0625)[None, :, :], axis=2)  # (BLOCK_N, G): Σ q x
             x_sum = tl.sum(x_even + x_odd, axis=1)  # (G,): Σ x
             group = k0 // GROUP + offs_g
-            params = offs_n[:, None] * stride_sn + group[None, :]
+            params = offs_n[:, None] * stride_sn + group[None, :] * stride_sg
             scale = tl.load(s_ptr + params, mask=group_in[None, :], other=0.0).to(tl.float32)
             zero = tl.load(z_ptr + params, mask=group_in[None, :], other=0).to(tl.float32)
             acc += scale * (qx - zero * x_sum[None, :])  # s (Σ q x - z Σ x)
@@ -129,7 +129,7 @@ def _kernels():
 
     @triton.jit
     def weight_only_gemm_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_sg, stride_ym,
         INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
@@ -145,8 +145,8 @@ def _kernels():
             offs_b = tl.arange(0, BLOCK_K // 2)
             for k0 in range(0, K, BLOCK_K):  # BLOCK_K divides GROUP: one scale and zero per tile column
                 packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 // 2 + offs_b)[:, None])  # (BK/2, BN)
-                scale = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP).to(tl.float32)
-                zero = tl.load(z_ptr + offs_n * stride_sn + k0 // GROUP).to(tl.float32)
+                scale = tl.load(s_ptr + offs_n * stride_sn + (k0 // GROUP) * stride_sg).to(tl.float32)
+                zero = tl.load(z_ptr + offs_n * stride_sn + (k0 // GROUP) * stride_sg).to(tl.float32)
                 low = (((packed & 0xF).to(tl.float32) - zero[None, :]) * scale[None, :]).to(dtype)
                 high = (((packed >> 4).to(tl.float32) - zero[None, :]) * scale[None, :]).to(dtype)
                 x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + 2 * offs_b)[None, :]).to(dtype)
@@ -212,7 +212,7 @@ def _kernels():
 
     @triton.jit
     def int4_gemv_words_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_sg, stride_ym,
         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
         HALVES: tl.constexpr, ASM: tl.constexpr,
     ):  # fmt: skip
@@ -237,8 +237,8 @@ def _kernels():
                         eviction_policy="evict_first").to(tl.uint32, bitcast=True)  # fmt: skip
             xb = x_ptr + m * stride_xm + k0 + offs_w * 8
             group = k0 // GROUP
-            scale = tl.load(s_ptr + offs_n * stride_sn + group).to(tl.float32)
-            zero = tl.load(z_ptr + offs_n * stride_sn + group).to(tl.float32)
+            scale = tl.load(s_ptr + offs_n * stride_sn + group * stride_sg).to(tl.float32)
+            zero = tl.load(z_ptr + offs_n * stride_sn + group * stride_sg).to(tl.float32)
             if HALVES:
                 x0 = tl.load(xb + 0, eviction_policy="evict_last").to(tl.float32)
                 x1 = tl.load(xb + 1, eviction_policy="evict_last").to(tl.float32)
@@ -521,7 +521,7 @@ def _launch_weight_only_gemm(x2, w, scales, zeros, group, y, cfg: TileConfig):
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m))
     gemm[grid](
         x2, w, scales, zeros if int4 else scales, y, M, N, K, x2.stride(0), w.stride(0),
-        scales.stride(0), y.stride(0), INT4=int4, GROUP=group if int4 else 1,
+        scales.stride(0), scales.stride(1) if int4 else 0, y.stride(0), INT4=int4, GROUP=group if int4 else 1,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, UPCAST=_on_interpreter(x2), PRECISION="ieee" if x2.dtype == torch.float32 else None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -629,7 +629,7 @@ def _launch_int4_gemv(x2, w, scales, zeros, group, y, cfg: GemvConfig):
     out = y if split_k == 1 else torch.zeros(y.shape, device=y.device, dtype=torch.float32)
     grid = (M, split_k, triton.cdiv(N, cfg.block_n))
     gemv[grid](
-        x2, w, scales, zeros, out, N, K, x2.stride(0), w.stride(0), scales.stride(0), out.stride(0),
+        x2, w, scales, zeros, out, N, K, x2.stride(0), w.stride(0), scales.stride(0), scales.stride(1), out.stride(0),
         GROUP=group, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -649,7 +649,8 @@ def _launch_int4_gemv_words(x2, w, scales, zeros, group, y, cfg: GemvConfig):
     split_k = min(cfg.split_k, triton.cdiv(K, cfg.block_k))
     out = y if split_k == 1 else torch.zeros(y.shape, device=y.device, dtype=torch.float32)
     kernel[(M, split_k, triton.cdiv(N, cfg.block_n))](
-        x2, words, scales, zeros, out, N, K, x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
+        x2, words, scales, zeros, out, N, K, x2.stride(0), words.stride(0), scales.stride(0), scales.stride(1),
+        out.stride(0),
         GROUP=group, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_k // 8, SPLIT_K=split_k,
         HALVES=cfg.halves, ASM=x2.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -666,16 +667,40 @@ def _int4_gemv_candidates(dtype: torch.dtype, group_size: int) -> list[GemvConfi
             if not (c.words and group_size % c.block_k) and (dtype != torch.float32 or not c.halves)]  # fmt: skip
 
 
+def group_major(t: torch.Tensor) -> torch.Tensor:
+    """A (N, G) tensor of per-group scales or zero points, stored group by group: the same values, as a view of a
+    contiguous (G, N) tensor. A GEMV step reads one group of BLOCK_N consecutive rows: stored row by row those
+    are BLOCK_N values one row of groups apart (a memory transaction each); stored group by group, one run."""
+    return t.t().contiguous().t()
+
+
+def _is_group_major(t: torch.Tensor) -> bool:
+    return t.shape[0] > 1 and t.stride(0) == 1
+
+
+def _scale_layout(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales row-major or group-major (kept as given), other strides made row-major; zeros laid out as the scales
+    (the kernels read both at the same offsets)."""
+    if not (scales.is_contiguous() or _is_group_major(scales) and scales.t().is_contiguous()):
+        scales = scales.contiguous()
+    if zeros.stride() != scales.stride():
+        zeros = torch.empty_strided(scales.shape, scales.stride(), dtype=zeros.dtype, device=zeros.device).copy_(zeros)
+    return scales, zeros
+
+
 def int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size: int, config=None) -> torch.Tensor:
-    """Launch the Triton kernel: GEMV for few rows of x, GEMM above; autotuned per shape."""
+    """Launch the Triton kernel: GEMV for few rows of x, GEMM above; autotuned per shape (and scales' layout:
+    row-major, or group-major as ``group_major`` stores them)."""
     _check_int4_weight(w_packed, scales, zeros, group_size)
     _check_x(x, 2 * w_packed.shape[1])
     _check_same_device(x=x, w_packed=w_packed, scales=scales, zeros=zeros)
     if not _triton_group(group_size):
         raise ValueError(f"the Triton int4 kernel needs a power-of-two group_size >= 32, got {group_size}")
-    w, scales, zeros = w_packed.contiguous(), scales.contiguous(), zeros.contiguous()
+    w = w_packed.contiguous()
+    scales, zeros = _scale_layout(scales, zeros)
+    layout = "group-major" if _is_group_major(scales) else "row-major"
     return _run_weight_only(
-        x, w.shape[0], ("int4", group_size, x.dtype), _int4_gemv_candidates(x.dtype, group_size), config,
+        x, w.shape[0], ("int4", group_size, x.dtype, layout), _int4_gemv_candidates(x.dtype, group_size), config,
         lambda x2, y, c: _launch_int4_gemv(x2, w, scales, zeros, group_size, y, c),
         lambda x2, y, c: _launch_weight_only_gemm(x2, w, scales, zeros, group_size, y, c),
         lambda x2: int4_weight_only_linear_reference(x2, w, scales, zeros, group_size),
