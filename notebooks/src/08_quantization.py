@@ -470,11 +470,12 @@ for name, word in pairs.items():
 
 # %%
 # NBVAL_IGNORE_OUTPUT
+projected = {}  # unpacking: the time its count projects on the H100
 try:
     from labkit.kernels.ptx import kernel_report
 
     sig = dict(x_ptr="*bf16", s_ptr="*bf16", z_ptr="*bf16", y_ptr="*bf16", N="i32", K="i32", stride_xm="i32",
-               stride_wn="i32", stride_sn="i32", stride_ym="i32")  # fmt: skip
+               stride_wn="i32", stride_sn="i32", stride_sg="i32", stride_ym="i32")  # fmt: skip
     words = dict(name="int4_gemv_words_kernel", signature=dict(sig, w_ptr="*i32"), num_warps=2,
                  constexprs=dict(GROUP=128, BLOCK_N=128, BLOCK_W=16, SPLIT_K=1, HALVES=False, ASM=True))
     kernels = {  # name: (kernel, weights one thread handles per loop iteration)
@@ -501,8 +502,9 @@ try:
         print(f"the byte kernel measured {measured['variant_s'] * 1e6:.1f} us on the H100, {ratio:.2f}x its count's time;"
               f" at the same ratio (bf16 took {measured['baseline_s'] * 1e6:.1f} us):")
         for name, seconds in bound_s.items():
-            guess = max(seconds * ratio, memory_s)
-            print(f"  {name:<28} ~{guess * 1e6:5.1f} us, {measured['baseline_s'] / guess:.2f}x bf16 (bar 2.8x)")
+            projected[name] = max(seconds * ratio, memory_s)
+            print(f"  {name:<28} ~{projected[name] * 1e6:5.1f} us, {measured['baseline_s'] / projected[name]:.2f}x bf16 "
+                  f"(bar 2.8x)")  # fmt: skip
 except (ImportError, RuntimeError, OSError) as err:  # no triton, or a wheel without NVIDIA's tools
     print(f"cannot compile for a GPU here ({type(err).__name__}): see benchmarks/RESULTS.md for the counts")
 
@@ -518,6 +520,43 @@ except (ImportError, RuntimeError, OSError) as err:  # no triton, or a wheel wit
 # The autotuner times all of them and keeps the fastest, after checking each one's output
 # against the PyTorch reference; what it reaches is for a GPU to say
 # (`benchmarks/gpu_check_quant.py`).
+#
+# **The GPU said no.** The kit's next H100 run timed every configuration of all three; the
+# fastest of each kind, against the projection above (where this machine could compile it):
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+later = bench.recorded_results("gpu_results_quant_h100_1127_run1.json")
+if later is None:
+    print("benchmarks/ is not beside this install: see benchmarks/RESULTS.md in the repository")
+else:
+    table = later["autotune"][next(k for k in later["autotune"] if k.startswith("int4 128 torch.bfloat16 gemv"))]
+    kinds = {"bytes (the first int4 GEMV)": "words=False", "float words": "halves=False", "fp16 halves": "halves=True"}
+    bf16_s = next(r for r in later["weight_only"] if r["variant"].startswith("bf16"))["variant_s"]
+    print(f"{later['device']}, Triton {later['triton']}; bf16 cuBLAS {bf16_s * 1e6:.1f} us")
+    for kind, mark in kinds.items():
+        timed = [s for config, s in table if s is not None and ("words=False" in config) == (kind.startswith("bytes"))
+                 and mark in config]  # fmt: skip
+        guess = projected.get(kind)
+        print(f"  {kind:<28} measured {min(timed) * 1e6:6.1f} us ({bf16_s / min(timed):.2f}x bf16)"
+              + (f", projected ~{guess * 1e6:.1f} us" if guess else ""))  # fmt: skip
+    words = {width: min(s for config, s in table if s is not None and "words=True" in config
+                        and f"block_k={width}," in config) for width in (128, 64)}  # fmt: skip
+    print(f"word kernels by step: 128 columns (a group's scale and zero point once a step) {words[128] * 1e6:.1f} us; "
+          f"64 columns (the same group's, twice) {words[64] * 1e6:.1f} us")
+
+# %% [markdown]
+# The fp16 halves kernel cut the instructions but not the time: the byte kernel stayed the
+# fastest, so the instruction count was not what bounded these kernels on the H100. The
+# last line points elsewhere. The word kernels that walk a group in two steps of 64 columns
+# (and so load each row's scale and zero point twice as often) were the slowest of all.
+# A step loads one scale and one zero point for each of its rows, and stored as `(N, K/g)`
+# (row by row) those values lie a whole row of groups apart: one memory transaction for every
+# two useful bytes, as many transactions as the weights themselves take. Stored group by
+# group (`quant_kernels.group_major`, a `(K/g, N)` layout seen as `(N, K/g)`), a step's
+# scales are one contiguous run; `Int4WeightOnlyLinear` now hands the kernels that layout
+# on a GPU. Whether it closes the gap to 2.8× is, again, for a GPU run to say
+# (`benchmarks/gpu_check_quant.py` times both layouts side by side).
 
 # %% [markdown]
 # ## 7. The widget: bits, granularity, group size, calibration
