@@ -161,8 +161,13 @@ else:
 # Still short of the bar. The profile says where the time goes (with programmatic dependent
 # launch each kernel starts while the one before it finishes, so their times overlap and add
 # up to more than the token): the MLP kernel, whose programs all add into one row of 768
-# outputs; the GEMVs; and the attention, which loops over the positions one block after
-# another. `benchmarks/gpu_check_serving.py` measures all of it on your GPU.
+# outputs; the GEMVs; and the attention, which looped over the positions one block after
+# another once its wait was over. Since that run (not yet measured on a GPU), each kernel
+# loads more before it waits for the one before it: what no kernel of the step writes, i.e. the
+# LayerNorm's weight and bias, and the keys and values of the earlier positions. After the
+# wait it makes fewer round trips to memory: the row to normalize, once, not three times;
+# only the new key and value. `ptx.loads_around_wait` counts the loads on each side of the
+# wait in the compiled code. `benchmarks/gpu_check_serving.py` measures all of it on your GPU.
 
 # %% [markdown]
 # The cache costs memory: `2 × layers × heads × head size × tokens` numbers per sequence
