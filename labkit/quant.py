@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._args import check_int
+from ._derived import derived
 from .kernels.quant_kernels import (
     group_major,
     int4_weight_only_linear,
@@ -413,8 +414,10 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
         self.group_size = group_size
         groups = in_features // group_size
         self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
-        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float16))
-        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8))
+        # (out, groups), stored group by group (quant_kernels.group_major): a GPU kernel's step reads one group of
+        # consecutive rows, one contiguous run. .to(), copies and load_state_dict keep the layout.
+        self.register_buffer("scales", group_major(torch.ones(out_features, groups, dtype=torch.float16)))
+        self.register_buffer("zeros", group_major(torch.zeros(out_features, groups, dtype=torch.uint8)))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 32, granularity: str = "group") -> Int4WeightOnlyLinear:
@@ -431,23 +434,10 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize(unpack_int4(self.weight), self.scales.float(), self.zeros)
 
-    def _kernel_scales(self, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scales and zero points as the GPU kernels read them fastest (``group_major``), made once per version;
-        as stored for the reference."""
-        if backend == "reference":
-            return self.scales, self.zeros
-        key = (self.scales.data_ptr(), self.scales._version, self.zeros.data_ptr(), self.zeros._version)
-        cached = self.__dict__.get("_group_major")
-        if cached is None or cached[0] != key:
-            cached = (key, group_major(self.scales), group_major(self.zeros))
-            self.__dict__["_group_major"] = cached
-        return cached[1], cached[2]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        backend = _kernel_backend(x)
-        scales, zeros = self._kernel_scales(backend)
-        y = int4_weight_only_linear(x.reshape(-1, self.in_features), self.weight, scales, zeros, self.group_size, backend)
+        y = int4_weight_only_linear(x.reshape(-1, self.in_features), self.weight, self.scales, self.zeros,
+                                    self.group_size, _kernel_backend(x))  # fmt: skip
         return self._finish(y, x.shape)
 
     def extra_repr(self) -> str:
@@ -531,14 +521,11 @@ class W8A8Linear(_Int8PerChannelLinear):
 
     def _packed(self) -> tuple:
         """oneDNN's packed copy of the weights (and the scales it was packed with), made once per weight version."""
-        key = (self.weight.data_ptr(), self.weight._version, self.scales.data_ptr(), self.scales._version)
-        cached = self.__dict__.get("_onednn")
-        if cached is None or cached[0] != key:
+        def pack() -> tuple:
             zeros = torch.zeros(self.out_features, dtype=torch.int64)
-            packed = torch.ops.onednn.qlinear_prepack(self.weight, None)
-            cached = (key, (packed, self.scales.float().contiguous(), zeros))
-            self.__dict__["_onednn"] = cached
-        return cached[1]
+            return torch.ops.onednn.qlinear_prepack(self.weight, None), self.scales.float().contiguous(), zeros
+
+        return derived(self, "_onednn", (self.weight, self.scales), pack)
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the packed weights behind (oneDNN's opaque tensor cannot be copied)."""

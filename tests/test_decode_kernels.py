@@ -391,10 +391,13 @@ def test_decode_kernels_compile_for_hopper_with_vector_loads():
         assert any(op.split(".")[0] in ("RED", "REDG") for op in machine) == adds, machine
         assert not any(op.startswith("ATOM") for op in machine), machine
     pdl = PDL + [True, True, False, True]
-    for ops, uses_pdl in zip(report, pdl):
+    for ops, order, uses_pdl in zip(report, (r["pdl"] for r in full), pdl):
         assert any(op.startswith("ld.global.v") for op in ops), ops  # weights and cache arrive in vector loads
         # with PDL each kernel waits for its predecessor's writes and lets its successor launch; without, neither
         assert ("griddepcontrol.wait" in ops) == ("griddepcontrol.launch_dependents" in ops) == uses_pdl, ops
+        # in that order: a kernel lets its successor launch only once it has waited, so when a kernel starts, the
+        # one two before it has finished (what the attention kernel's loads before its wait rely on)
+        assert order == (["wait", "launch_dependents"] if uses_pdl else []), order
 
 
 def test_decode_kernels_load_what_no_earlier_kernel_writes_before_the_wait():
@@ -437,6 +440,7 @@ def test_greedy_kernels_compile_for_hopper():
     # one 64-bit signed max a program, fire-and-forget: a RED, not an ATOM that waits for the old value
     assert any(op.split(".")[0] in ("RED", "REDG") and "MAX" in op and "64" in op for op in gemv["sass"]), gemv["sass"]
     assert "griddepcontrol.wait" in greedy["memory"] and "griddepcontrol.wait" in gemv["memory"]
+    assert gemv["pdl"] == greedy["pdl"] == ["wait", "launch_dependents"]
 
 
 def test_compile_for_gpu_names_missing_arguments():

@@ -348,6 +348,9 @@ def test_int8_gemv_split_k_adds_up(device, config):
     scales = torch.rand(24, generator=g).to(device) / 100
     got = qk.int8_weight_only_linear_triton(x, w, scales, config=config)
     torch.testing.assert_close(got, qk.int8_weight_only_linear_reference(x, w, scales), rtol=1e-4, atol=1e-4)
+    strided = torch.stack([scales, torch.zeros_like(scales)], 1)[:, 0]  # every other number: stride 2
+    got = qk.int8_weight_only_linear_triton(x, w, strided, config=config)
+    torch.testing.assert_close(got, qk.int8_weight_only_linear_reference(x, w, scales), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -389,16 +392,56 @@ def test_int4_kernels_read_scales_stored_group_by_group(device, config, layout):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=tolerance)
 
 
-def test_int4_layer_keeps_group_major_scales_for_the_kernels_once_per_version():
-    layer = quant.Int4WeightOnlyLinear.from_linear(nn.Linear(64, 12), group_size=32)
-    assert layer._kernel_scales("reference") == (layer.scales, layer.zeros)
-    scales, zeros = layer._kernel_scales("auto")
-    assert scales.stride() == zeros.stride() == (1, 12)
-    assert torch.equal(scales, layer.scales) and torch.equal(zeros, layer.zeros)
-    assert layer._kernel_scales("auto")[0] is scales  # made once
-    with torch.no_grad():
-        layer.scales.mul_(2)  # a new version: made again
-    assert torch.equal(layer._kernel_scales("auto")[0], layer.scales)
+def test_int4_layer_stores_its_scales_group_by_group_through_moves_copies_and_loads(tmp_path):
+    from labkit.memory import load_safetensors, save_safetensors
+
+    linear = nn.Linear(64, 12)
+    layer = quant.Int4WeightOnlyLinear.from_linear(linear, group_size=32)
+    _, scales, zeros, _ = quant.int4_parameters(linear.weight.detach(), 32)
+    assert torch.equal(layer.scales, scales) and torch.equal(layer.zeros, zeros)
+    save_safetensors(layer.state_dict(), tmp_path / "int4.safetensors")  # written row by row, as any tensor
+    loaded = quant.Int4WeightOnlyLinear(64, 12, group_size=32)
+    loaded.load_state_dict(load_safetensors(tmp_path / "int4.safetensors", mmap=False))
+    with torch.inference_mode():
+        made_in_inference = quant.Int4WeightOnlyLinear.from_linear(linear, group_size=32)
+    x = torch.randn(3, 64)
+    for other in (layer, copy.deepcopy(layer), layer.to("cpu"), loaded, made_in_inference):
+        assert other.scales.stride() == other.zeros.stride() == (1, 12)  # (12, 2) group by group: the kernels' layout
+        assert torch.equal(other.scales, layer.scales) and torch.equal(other.zeros, layer.zeros)
+        torch.testing.assert_close(other(x), layer(x), rtol=0, atol=0)
+    expected = qk.int4_weight_only_linear_reference(x, layer.weight, scales, zeros, 32)
+    torch.testing.assert_close(layer(x), expected + linear.bias.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_derived_tensors_are_made_again_when_their_source_changes():
+    from labkit._derived import derived
+
+    class Owner:
+        pass
+
+    owner, made = Owner(), []
+    w = torch.ones(3)
+
+    def make(source):
+        made.append(1)
+        return source * 2
+
+    assert torch.equal(derived(owner, "twice", (w,), lambda: make(w)), 2 * torch.ones(3)) and len(made) == 1
+    derived(owner, "twice", (w,), lambda: make(w))
+    assert len(made) == 1  # kept
+    w.add_(1)  # in place: the version counter moves
+    assert torch.equal(derived(owner, "twice", (w,), lambda: make(w)), 4 * torch.ones(3)) and len(made) == 2
+    other = w.clone()  # a different tensor, equal values: made again
+    derived(owner, "twice", (other,), lambda: make(other))
+    assert len(made) == 3
+    with torch.inference_mode():  # inference tensors keep no version counter: kept by identity
+        frozen = torch.ones(2)
+        derived(owner, "frozen", (frozen,), lambda: make(frozen))
+        derived(owner, "frozen", (frozen,), lambda: make(frozen))
+    assert len(made) == 4
+    with torch.inference_mode():  # and the W8A8 layer's packed weights, made in inference mode, work there
+        w8a8 = quant.W8A8Linear.from_linear(nn.Linear(1024, 1024))
+        torch.testing.assert_close(w8a8(torch.ones(32, 1024)), w8a8(torch.ones(32, 1024)))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from .._args import check_int
+from .._derived import derived
 from . import MIN_TRITON_PDL, fastest, triton_at_least
 from .quant_kernels import GemvConfig, _choose, _on_interpreter
 
@@ -541,18 +542,14 @@ INTERPRETER_MLP = MLPConfig(8, 32, 1)
 
 
 def transposed_weight(linear: torch.nn.Module) -> torch.Tensor:
-    """``linear.weight`` transposed and contiguous (in, out), made once per weight version and kept on the module.
+    """``linear.weight`` transposed and contiguous (in, out), made once per weight version and kept on the module
+    (``labkit._derived.derived``).
 
     The fused MLP kernel reads a block of hidden units' columns of W_proj: stored transposed, each is a
     contiguous row.
     """
     w = linear.weight
-    key = (w.data_ptr(), w._version, w.dtype, w.device)
-    cached = linear.__dict__.get("_transposed_weight")
-    if cached is None or cached[0] != key:
-        cached = (key, w.detach().t().contiguous())
-        linear.__dict__["_transposed_weight"] = cached
-    return cached[1]
+    return derived(linear, "_transposed_weight", (w,), lambda: w.detach().t().contiguous())
 
 
 def decode_attention_proj_reference(qkv, k_cache, v_cache, pos, n_head, weight, bias, out) -> torch.Tensor:
@@ -571,6 +568,12 @@ def decode_attention_proj(
     head's attention over the row's positions (recomputed by each block of outputs: cheap
     next to reading the weights), multiplies by that head's columns of W, and adds the result
     into ``out`` atomically (every head adds into the same outputs).
+
+    With ``pdl`` a program loads ``pos`` and the cache at the positions before ``pos`` before it waits
+    for the kernel launched just before it: that kernel may write the new key and value at ``pos``
+    (``decode_linear(..., kv=)`` does) and ``qkv``, but not ``pos`` or the earlier positions, which
+    must come from kernels launched before it (in ``serving.fused_decode_step``: the step's
+    ``embed``, and earlier steps).
     """
     _check_2d("qkv", qkv)
     B, C3 = qkv.shape

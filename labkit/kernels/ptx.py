@@ -72,6 +72,13 @@ def loads_around_wait(kernel) -> dict[str, int]:
     return {"before": count(lines[:wait]), "after": count(lines[wait:])}
 
 
+def grid_dependency_order(kernel) -> list[str]:
+    """The kernel's ``griddepcontrol`` instructions in the order its PTX holds them: ``["wait",
+    "launch_dependents"]`` for a kernel that lets its successor launch only once it has waited itself (so that
+    when a kernel starts, the one two before it has finished), ``[]`` without programmatic dependent launch."""
+    return re.findall(r"griddepcontrol\.(\w+)", kernel.asm["ptx"])
+
+
 def _nvidia_tool(name: str) -> str:
     import triton
 
@@ -138,8 +145,8 @@ def memory_report(module: str, kernels: list[dict], arch: int = 90) -> list[dict
 
 def kernel_report(module: str, kernels: list[dict], arch: int = 90) -> list[dict]:
     """For each kernel (as in ``memory_report``): ``memory`` (its global-memory instructions), ``sass`` (all its
-    machine instructions), ``loop`` (the SASS of its main loop, by opcode), ``loads`` (``loads_around_wait``)
-    and ``registers``, compiled in a fresh process."""
+    machine instructions), ``loop`` (the SASS of its main loop, by opcode), ``loads`` (``loads_around_wait``),
+    ``pdl`` (``grid_dependency_order``) and ``registers``, compiled in a fresh process."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     payload = json.dumps({"module": module, "kernels": kernels, "arch": arch})
     done = subprocess.run([sys.executable, "-m", "labkit.kernels.ptx"], input=payload, capture_output=True, text=True,
@@ -160,5 +167,6 @@ if __name__ == "__main__":  # the worker of memory_report
         built = compile_for_gpu(fn, k["signature"], k["constexprs"], request["arch"], k.get("num_warps", 4))
         sass = _sass(built)  # disassembled once, read twice
         report.append({"memory": memory_instructions(built), "sass": sass_instructions(built, sass),
-                       "loop": loop_instructions(built, sass), "loads": loads_around_wait(built), **registers(built)})  # fmt: skip
+                       "loop": loop_instructions(built, sass), "loads": loads_around_wait(built),
+                       "pdl": grid_dependency_order(built), **registers(built)})  # fmt: skip
     print(json.dumps(report))

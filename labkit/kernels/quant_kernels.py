@@ -560,7 +560,7 @@ def int8_weight_only_linear_triton(
     _check_int8_weight(w_int8, scales)
     _check_x(x, w_int8.shape[1])
     _check_same_device(x=x, w_int8=w_int8, scales=scales)
-    w = w_int8.contiguous()
+    w, scales = w_int8.contiguous(), scales.contiguous()  # the kernels read scales[n] at s_ptr + n
     return _run_weight_only(
         x, w.shape[0], ("int8", x.dtype), GEMV_CONFIGS, config,
         lambda x2, y, c: _launch_int8_gemv(x2, w, scales, y, c),

@@ -530,33 +530,39 @@ later = bench.recorded_results("gpu_results_quant_h100_1127_run1.json")
 if later is None:
     print("benchmarks/ is not beside this install: see benchmarks/RESULTS.md in the repository")
 else:
-    table = later["autotune"][next(k for k in later["autotune"] if k.startswith("int4 128 torch.bfloat16 gemv"))]
+    table = [(config, seconds) for config, seconds in later["autotune"][next(
+        k for k in later["autotune"] if k.startswith("int4 128 torch.bfloat16 gemv"))] if seconds is not None]  # fmt: skip
     kinds = {"bytes (the first int4 GEMV)": "words=False", "float words": "halves=False", "fp16 halves": "halves=True"}
-    bf16_s = next(r for r in later["weight_only"] if r["variant"].startswith("bf16"))["variant_s"]
-    print(f"{later['device']}, Triton {later['triton']}; bf16 cuBLAS {bf16_s * 1e6:.1f} us")
+    print(f"{later['device']}, Triton {later['triton']}: the autotuner's fastest config of each kind")
     for kind, mark in kinds.items():
-        timed = [s for config, s in table if s is not None and ("words=False" in config) == (kind.startswith("bytes"))
-                 and mark in config]  # fmt: skip
+        fastest = min(s for config, s in table if ("words=False" in config) == kind.startswith("bytes") and mark in config)
         guess = projected.get(kind)
-        print(f"  {kind:<28} measured {min(timed) * 1e6:6.1f} us ({bf16_s / min(timed):.2f}x bf16)"
-              + (f", projected ~{guess * 1e6:.1f} us" if guess else ""))  # fmt: skip
-    words = {width: min(s for config, s in table if s is not None and "words=True" in config
-                        and f"block_k={width}," in config) for width in (128, 64)}  # fmt: skip
-    print(f"word kernels by step: 128 columns (a group's scale and zero point once a step) {words[128] * 1e6:.1f} us; "
-          f"64 columns (the same group's, twice) {words[64] * 1e6:.1f} us")
+        print(f"  {kind:<28} measured {fastest * 1e6:6.1f} us" + (f", projected ~{guess * 1e6:.1f} us" if guess else ""))
+    # word kernels, config by config: the same rows, warps and stages, in steps of 128 or 64 columns
+    timed = dict(table)
+    print("word kernels, steps of 128 columns (a group's scale and zero point once a step) vs 64 (twice):")
+    for config, seconds in table:
+        if "words=True" in config and "block_k=64," in config:
+            wide = timed.get(config.replace("block_k=64,", "block_k=128,"))
+            if wide is not None:
+                kind = "fp16 halves" if "halves=True" in config else "float words"
+                rows = config.split("block_n=")[1].split(",")[0]
+                print(f"  {kind:<12} {rows:>4} rows: {wide * 1e6:6.1f} us vs {seconds * 1e6:6.1f} us "
+                      f"(+{100 * (seconds / wide - 1):.0f}%)")
 
 # %% [markdown]
 # The fp16 halves kernel cut the instructions but not the time: the byte kernel stayed the
 # fastest, so the instruction count was not what bounded these kernels on the H100. The
-# last line points elsewhere. The word kernels that walk a group in two steps of 64 columns
-# (and so load each row's scale and zero point twice as often) were the slowest of all.
-# A step loads one scale and one zero point for each of its rows, and stored as `(N, K/g)`
-# (row by row) those values lie a whole row of groups apart: one memory transaction for every
-# two useful bytes, as many transactions as the weights themselves take. Stored group by
-# group (`quant_kernels.group_major`, a `(K/g, N)` layout seen as `(N, K/g)`), a step's
-# scales are one contiguous run; `Int4WeightOnlyLinear` now hands the kernels that layout
-# on a GPU. Whether it closes the gap to 2.8× is, again, for a GPU run to say
-# (`benchmarks/gpu_check_quant.py` times both layouts side by side).
+# last lines point elsewhere: the same word kernel walking a group in two steps of 64
+# columns, and so loading each row's scale and zero point twice as often, was slower,
+# the halves kernel much slower. A step loads one scale (fp16) and one zero point (uint8)
+# for each of its rows, and stored as `(N, K/g)` (row by row) those values lie a whole row
+# of groups apart: two memory transactions a row for three useful bytes, as many
+# transactions as a 128-column step's weights take. Stored group by group
+# (`quant_kernels.group_major`, a `(K/g, N)` layout seen as `(N, K/g)`), a step's scales are
+# one contiguous run, and `Int4WeightOnlyLinear` now stores them that way. Whether it closes
+# the gap to 2.8× is, again, for a GPU run to say (`benchmarks/gpu_check_quant.py` times
+# both layouts side by side).
 
 # %% [markdown]
 # ## 7. The widget: bits, granularity, group size, calibration

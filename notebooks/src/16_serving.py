@@ -166,7 +166,8 @@ else:
 # loads more before it waits for the one before it: what no kernel of the step writes, i.e. the
 # LayerNorm's weight and bias, and the keys and values of the earlier positions. After the
 # wait it makes fewer round trips to memory: the row to normalize, once, not three times;
-# only the new key and value. `ptx.loads_around_wait` counts the loads on each side of the
+# the new key and value (and positions past the first tile, in a loop as before).
+# `ptx.loads_around_wait` counts the loads on each side of the
 # wait in the compiled code. `benchmarks/gpu_check_serving.py` measures all of it on your GPU.
 
 # %% [markdown]
