@@ -31,7 +31,10 @@ Plus ``embed`` before the first layer and ``decode_linear(x, W_head, ln=ln_f)`` 
 last: 5 or 3 · n_layer + 2 kernels a token. The residual stream and every activation stay in
 fp32; weights and the cache keep the model's dtype. On Hopper, kernels are launched with
 programmatic dependent launch (``pdl``): a kernel may start while the previous one finishes,
-loads its weights (which nothing writes) and only then waits for the previous one's output.
+loads what no kernel of the step writes (its weights, its LayerNorm's weight and bias, and in
+the attention the keys and values of the earlier positions) and only then waits for the
+previous one's output; after the wait, as few round trips to memory as it can (the row to
+normalize loaded once). ``ptx.loads_around_wait`` counts the loads on each side.
 
 Each kernel sits beside its PyTorch reference, which is the CPU path and the test oracle
 (the kernels run under ``TRITON_INTERPRET=1`` in the tests; ``kernels.ptx`` compiles them
