@@ -296,6 +296,14 @@ def test_decode_kernels_bad_input():
         dk.decode_attention_proj(qkv, *_cache(1, 2, 10, 16), torch.tensor([3]), 2, torch.randn(32, 32), None, qkv[:, :32])
     with pytest.raises(ValueError, match="pos must be a contiguous"):
         dk.decode_attention(qkv.repeat(2, 1), *_cache(2, 2, 10, 16), torch.tensor([3, 0, 1, 0])[::2], 2)
+    for bad in ([3, 10], [-1, 0]):  # past the cache's 10 positions, or before the first
+        with pytest.raises(ValueError, match=r"pos must lie in \[0, 10\)"):
+            dk.decode_attention(qkv.repeat(2, 1), *_cache(2, 2, 10, 16), torch.tensor(bad), 2)
+        with pytest.raises(ValueError, match=r"pos must lie in \[0, 10\)"):
+            dk.decode_linear(torch.randn(2, 32), torch.randn(96, 32), kv=(*_cache(2, 2, 10, 16), torch.tensor(bad)))
+    with pytest.raises(ValueError, match=r"pos must lie in \[0, 10\)"):
+        dk.decode_attention_proj(qkv, *_cache(1, 2, 10, 16), torch.tensor([10]), 2, torch.randn(32, 32), None,
+                                 torch.zeros(1, 32))  # fmt: skip
     model.train()
     model.config.dropout = 0.1
     with pytest.raises(ValueError, match="model.eval"):

@@ -154,6 +154,11 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor
     if pos.shape != (rows,) or pos.dtype not in (torch.int32, torch.int64) or not pos.is_contiguous():
         raise ValueError(f"pos must be a contiguous integer tensor of shape ({rows},), got {pos.dtype} "
                          f"{tuple(pos.shape)}")  # fmt: skip
+    # the positions' values are checked where that costs nothing: on a GPU reading them would stall it (and break a
+    # CUDA graph's capture); there the fused step's embed kernel keeps them inside the cache
+    positions = k_cache.shape[2]
+    if not pos.is_cuda and pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= positions):
+        raise ValueError(f"pos must lie in [0, {positions}) (the cache's positions), got {pos.tolist()}")
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
