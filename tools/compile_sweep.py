@@ -10,8 +10,8 @@ configs can be built here first, with the same Triton version as the GPU machine
 Covers the fused decode step's kernels (every config of ``DECODE_GEMV_CONFIGS`` in each of the
 ways ``serving.fused_decode_step`` launches the GEMV, ``ATTENTION_PROJ_CONFIGS``,
 ``MLP_CONFIGS``) in GPT-2-small's shape, and the int4 word kernel's configs in
-``INT4_GEMV_CONFIGS``. Prints registers, spills and loop instructions a weight (int4), and
-exits non-zero if any config fails to compile or spills.
+``INT4_GEMV_CONFIGS``. Prints registers, spills, loop instructions a weight (int4) and the loads on
+each side of the PDL wait (decode kernels), and exits non-zero if any config fails to compile or spills.
 """
 
 from __future__ import annotations
@@ -92,6 +92,8 @@ def sweep(module: str, labelled: list[tuple], batch: int = 8) -> int:
                 print(f"FAILED  {item[0]}: {report['error']}", flush=True)
                 continue
             per_weight = f"  {sum(report['loop'].values()) / item[2]:.2f} instructions a weight" if len(item) > 2 else ""
+            if report["pdl"]:  # loads before / after the PDL wait, in the code (what overlaps the previous kernel)
+                per_weight += f"  loads {report['loads']['before']} before the wait, {report['loads']['after']} after"
             problems += report["spilled"] > 0
             print(f"{report['registers']:4d} registers, {report['spilled']} spilled  {item[0]}{per_weight}", flush=True)
     return problems
