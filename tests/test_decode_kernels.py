@@ -296,6 +296,8 @@ def test_decode_kernels_bad_input():
         dk.decode_attention_proj(qkv, *_cache(1, 2, 10, 16), torch.tensor([3]), 2, torch.randn(32, 32), None, qkv[:, :32])
     with pytest.raises(ValueError, match="pos must be a contiguous"):
         dk.decode_attention(qkv.repeat(2, 1), *_cache(2, 2, 10, 16), torch.tensor([3, 0, 1, 0])[::2], 2)
+    with pytest.raises(ValueError, match="name must be one of"):
+        dk.gpu_spec("matmul_kernel")
     for bad in ([3, 10], [-1, 0]):  # past the cache's 10 positions, or before the first
         with pytest.raises(ValueError, match=r"pos must lie in \[0, 10\)"):
             dk.decode_attention(qkv.repeat(2, 1), *_cache(2, 2, 10, 16), torch.tensor(bad), 2)
@@ -349,11 +351,6 @@ def _hopper_compiler():
     from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401  (the backend, with its ptxas)
 
 
-P16, P32, I32 = "*bf16", "*fp32", "i32"
-LINEAR_SIG = dict(x_ptr=P32, w_ptr=P16, b_ptr=P16, y_ptr=P32, lnw_ptr=P16, lnb_ptr=P16, m_ptr=P32, l_ptr=P32, a_ptr=P32,
-                  kc_ptr=P16, vc_ptr=P16, pos_ptr="*i64", z_ptr=P32, N=I32, K=I32, eps="fp32", stride_xm=I32,
-                  stride_wn=I32, stride_ym=I32, stride_cb=I32, stride_ch=I32, stride_ct=I32, Z=I32,
-                  best_ptr="*i64")  # fmt: skip
 
 
 GEMV_VARIANTS = [(1, False, False, True, 1), (2, False, True, False, 1), (1, True, False, False, 1), (0, False, True, False, 4)]
@@ -364,27 +361,17 @@ def test_decode_kernels_compile_for_hopper_with_vector_loads():
     _hopper_compiler()
     from labkit.kernels.ptx import kernel_report
 
-    gemvs = [dict(name="linear_kernel", signature=LINEAR_SIG, constexprs=dict(
+    gemvs = [dk.gpu_spec("linear_kernel",
         C=768, HS=64, SPLITS=8, PROLOGUE=prologue, HAS_BIAS=True, GELU=gelu, ACCUMULATE=accumulate, KV_WRITE=kv,
         ZERO=kv, BLOCK_N=16, BLOCK_K=1024 if pdl and split_k == 1 else 256, SPLIT_K=split_k, USE_PDL=pdl,
-        PREFETCH=pdl and split_k == 1, ARGMAX=False))
+        PREFETCH=pdl and split_k == 1, ARGMAX=False)
         for (prologue, gelu, accumulate, kv, split_k), pdl in zip(GEMV_VARIANTS, PDL)]  # fmt: skip
     layer = [
-        dict(name="attention_proj_kernel", signature=dict(
-            qkv_ptr=P32, kc_ptr=P16, vc_ptr=P16, pos_ptr="*i64", w_ptr=P16, b_ptr=P16, x_ptr=P32, qk_scale="fp32",
-            N=I32, stride_qm=I32, stride_cb=I32, stride_ch=I32, stride_ct=I32, stride_wn=I32, stride_xm=I32),
-            constexprs=dict(H=12, HS=64, BLOCK_D=64, BLOCK_T=32, BLOCK_N=64, HAS_BIAS=True, USE_PDL=True)),
-        dict(name="mlp_kernel", signature=dict(
-            x_ptr=P32, lnw_ptr=P16, lnb_ptr=P16, wfc_ptr=P16, bfc_ptr=P16, wpt_ptr=P16, bp_ptr=P16, out_ptr=P32,
-            eps="fp32", C=I32, HIDDEN=I32, stride_xm=I32, stride_fc=I32, stride_pt=I32, stride_om=I32),
-            constexprs=dict(BLOCK_H=8, BLOCK_K=1024, USE_PDL=True, PREFETCH=True)),
-        dict(name="attention_kernel", signature=dict(
-            qkv_ptr=P32, kc_ptr=P16, vc_ptr=P16, pos_ptr="*i64", m_ptr=P32, l_ptr=P32, a_ptr=P32, qk_scale="fp32",
-            stride_qm=I32, stride_cb=I32, stride_ch=I32, stride_ct=I32),
-            constexprs=dict(H=12, HS=64, BLOCK_D=64, SPLITS=8, BLOCK_T=16, USE_PDL=False), num_warps=2),
-        dict(name="embed_kernel", signature=dict(tok_ptr="*i64", length_ptr="*i64", pos_ptr="*i64", wte_ptr=P16,
-                                                 wpe_ptr=P16, x_ptr=P32, C=I32, T_MAX=I32),
-             constexprs=dict(BLOCK=1024, USE_PDL=True)),
+        dk.gpu_spec("attention_proj_kernel", H=12, HS=64, BLOCK_D=64, BLOCK_T=32, BLOCK_N=64, HAS_BIAS=True,
+                    USE_PDL=True),
+        dk.gpu_spec("mlp_kernel", BLOCK_H=8, BLOCK_K=1024, USE_PDL=True, PREFETCH=True),
+        dk.gpu_spec("attention_kernel", 2, H=12, HS=64, BLOCK_D=64, SPLITS=8, BLOCK_T=16, USE_PDL=False),
+        dk.gpu_spec("embed_kernel", BLOCK=1024, USE_PDL=True),
     ]  # fmt: skip
     full = kernel_report("labkit.kernels.decode_triton", gemvs + layer)
     report, sass = [r["memory"] for r in full], [r["sass"] for r in full]
@@ -414,15 +401,13 @@ def test_decode_kernels_load_what_no_earlier_kernel_writes_before_the_wait():
     from labkit.kernels.ptx import kernel_report
 
     def gemv(prologue):
-        return dict(name="linear_kernel", signature=LINEAR_SIG, constexprs=dict(
-            C=768, HS=64, SPLITS=8, PROLOGUE=prologue, HAS_BIAS=True, GELU=False, ACCUMULATE=False, KV_WRITE=True,
-            ZERO=True, BLOCK_N=8, BLOCK_K=1024, SPLIT_K=1, USE_PDL=True, PREFETCH=True, ARGMAX=False))  # fmt: skip
+        return dk.gpu_spec("linear_kernel", C=768, HS=64, SPLITS=8, PROLOGUE=prologue, HAS_BIAS=True, GELU=False,
+                           ACCUMULATE=False, KV_WRITE=True, ZERO=True, BLOCK_N=8, BLOCK_K=1024, SPLIT_K=1, USE_PDL=True,
+                           PREFETCH=True, ARGMAX=False)  # fmt: skip
 
     def attention(block_t):
-        return dict(name="attention_proj_kernel", signature=dict(
-            qkv_ptr=P32, kc_ptr=P16, vc_ptr=P16, pos_ptr="*i64", w_ptr=P16, b_ptr=P16, x_ptr=P32, qk_scale="fp32",
-            N=I32, stride_qm=I32, stride_cb=I32, stride_ch=I32, stride_ct=I32, stride_wn=I32, stride_xm=I32),
-            constexprs=dict(H=12, HS=64, BLOCK_D=64, BLOCK_T=block_t, BLOCK_N=64, HAS_BIAS=True, USE_PDL=True))  # fmt: skip
+        return dk.gpu_spec("attention_proj_kernel", H=12, HS=64, BLOCK_D=64, BLOCK_T=block_t, BLOCK_N=64,
+                           HAS_BIAS=True, USE_PDL=True)  # fmt: skip
 
     plain, normed, short, long = (r["loads"] for r in kernel_report(
         "labkit.kernels.decode_triton", [gemv(0), gemv(1), attention(16), attention(64)]))  # fmt: skip
@@ -438,11 +423,10 @@ def test_greedy_kernels_compile_for_hopper():
     from labkit.kernels.ptx import kernel_report
 
     full = kernel_report("labkit.kernels.decode_triton", [
-        dict(name="linear_kernel", signature=LINEAR_SIG, constexprs=dict(
+        dk.gpu_spec("linear_kernel",
             C=1, HS=1, SPLITS=1, PROLOGUE=1, HAS_BIAS=False, GELU=False, ACCUMULATE=False, KV_WRITE=False, ZERO=False,
-            BLOCK_N=8, BLOCK_K=1024, SPLIT_K=1, USE_PDL=True, PREFETCH=True, ARGMAX=True)),
-        dict(name="greedy_kernel", signature=dict(best_ptr="*i64", tok_ptr="*i64", N=I32),
-             constexprs=dict(EMPTY=dk.GREEDY_EMPTY, USE_PDL=True), num_warps=1),
+            BLOCK_N=8, BLOCK_K=1024, SPLIT_K=1, USE_PDL=True, PREFETCH=True, ARGMAX=True),
+        dk.gpu_spec("greedy_kernel", 1, EMPTY=dk.GREEDY_EMPTY, USE_PDL=True),
     ])  # fmt: skip
     gemv, greedy = full
     # one 64-bit signed max a program, fire-and-forget: a RED, not an ATOM that waits for the old value

@@ -699,14 +699,11 @@ def test_int4_word_kernel_needs_fewer_instructions_a_weight_than_the_byte_kernel
         pytest.skip("needs triton >= 3.4")
     from labkit.kernels.ptx import kernel_report
 
-    sig = dict(x_ptr="*bf16", s_ptr="*bf16", z_ptr="*bf16", y_ptr="*bf16", N="i32", K="i32", stride_xm="i32",
-               stride_wn="i32", stride_sn="i32", stride_sg="i32", stride_ym="i32")  # fmt: skip
-    words = dict(name="int4_gemv_words_kernel", signature=dict(sig, w_ptr="*i32"), num_warps=2,
-                 constexprs=dict(GROUP=128, BLOCK_N=128, BLOCK_W=16, SPLIT_K=1, HALVES=False, ASM=True))
+    words = dict(GROUP=128, BLOCK_N=128, BLOCK_W=16, SPLIT_K=1, ASM=True)
     byte, word, halves = kernel_report("labkit.kernels.quant_kernels", [
-        dict(name="int4_gemv_kernel", signature=dict(sig, w_ptr="*u8"), num_warps=4,
-             constexprs=dict(GROUP=128, BLOCK_N=16, BLOCK_K=512, SPLIT_K=1)),
-        words, dict(words, constexprs=dict(words["constexprs"], HALVES=True)),
+        qk.gpu_spec("int4_gemv_kernel", 4, GROUP=128, BLOCK_N=16, BLOCK_K=512, SPLIT_K=1),
+        qk.gpu_spec("int4_gemv_words_kernel", 2, HALVES=False, **words),
+        qk.gpu_spec("int4_gemv_words_kernel", 2, HALVES=True, **words),
     ])  # fmt: skip
     weights = {"byte": 16 * 512 / 128, "word": 128 * 128 / 64, "halves": 128 * 128 / 64}  # a thread's, per iteration
     kernels = {"byte": byte, "word": word, "halves": halves}

@@ -22,18 +22,6 @@ from labkit.kernels import decode_kernels as dk
 from labkit.kernels import quant_kernels as qk
 from labkit.kernels.ptx import kernel_report
 
-P16, P32, I32 = "*bf16", "*fp32", "i32"
-LINEAR = dict(x_ptr=P32, w_ptr=P16, b_ptr=P16, y_ptr=P32, lnw_ptr=P16, lnb_ptr=P16, m_ptr=P32, l_ptr=P32, a_ptr=P32,
-              kc_ptr=P16, vc_ptr=P16, pos_ptr="*i64", z_ptr=P32, N=I32, K=I32, eps="fp32", stride_xm=I32,
-              stride_wn=I32, stride_ym=I32, stride_cb=I32, stride_ch=I32, stride_ct=I32, Z=I32,
-              best_ptr="*i64")  # fmt: skip
-ATTENTION_PROJ = dict(qkv_ptr=P32, kc_ptr=P16, vc_ptr=P16, pos_ptr="*i64", w_ptr=P16, b_ptr=P16, x_ptr=P32,
-                      qk_scale="fp32", N=I32, stride_qm=I32, stride_cb=I32, stride_ch=I32, stride_ct=I32,
-                      stride_wn=I32, stride_xm=I32)  # fmt: skip
-MLP = dict(x_ptr=P32, lnw_ptr=P16, lnb_ptr=P16, wfc_ptr=P16, bfc_ptr=P16, wpt_ptr=P16, bp_ptr=P16, out_ptr=P32,
-           eps="fp32", C=I32, HIDDEN=I32, stride_xm=I32, stride_fc=I32, stride_pt=I32, stride_om=I32)  # fmt: skip
-INT4 = dict(x_ptr=P16, w_ptr="*i32", s_ptr=P16, z_ptr=P16, y_ptr=P16, N=I32, K=I32, stride_xm=I32, stride_wn=I32,
-            stride_sn=I32, stride_sg=I32, stride_ym=I32)  # fmt: skip
 WIDTH, HEADS, HEAD_SIZE = 768, 12, 64  # GPT-2-small
 
 
@@ -50,24 +38,23 @@ def decode_kernels() -> list[tuple[str, dict]]:
         for c in dk.DECODE_GEMV_CONFIGS:
             if c.split_k > 1 and not split:
                 continue
-            out.append((f"{use} {c}", dict(name="linear_kernel", signature=LINEAR, num_warps=c.num_warps, constexprs=dict(
+            out.append((f"{use} {c}", dk.gpu_spec("linear_kernel", c.num_warps,
                 C=WIDTH if kv else 1, HS=HEAD_SIZE, SPLITS=8, PROLOGUE=prologue, HAS_BIAS=bias, GELU=gelu,
                 ACCUMULATE=accumulate, KV_WRITE=kv, ZERO=kv, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k,
-                USE_PDL=True, PREFETCH=c.block_k >= k and c.split_k == 1, ARGMAX=use.endswith("greedy")))))  # fmt: skip
+                USE_PDL=True, PREFETCH=c.block_k >= k and c.split_k == 1, ARGMAX=use.endswith("greedy"))))  # fmt: skip
     for c in dk.ATTENTION_PROJ_CONFIGS:
-        out.append((f"attention+proj {c}", dict(name="attention_proj_kernel", signature=ATTENTION_PROJ,
-                    num_warps=c.num_warps, constexprs=dict(H=HEADS, HS=HEAD_SIZE, BLOCK_D=HEAD_SIZE, BLOCK_T=c.block_t,
-                    BLOCK_N=c.block_n, HAS_BIAS=True, USE_PDL=True))))  # fmt: skip
+        out.append((f"attention+proj {c}", dk.gpu_spec("attention_proj_kernel", c.num_warps, H=HEADS, HS=HEAD_SIZE,
+                    BLOCK_D=HEAD_SIZE, BLOCK_T=c.block_t, BLOCK_N=c.block_n, HAS_BIAS=True, USE_PDL=True)))  # fmt: skip
     for c in dk.MLP_CONFIGS:
-        out.append((f"mlp {c}", dict(name="mlp_kernel", signature=MLP, num_warps=c.num_warps, constexprs=dict(
-            BLOCK_H=c.block_h, BLOCK_K=c.block_k, USE_PDL=True, PREFETCH=c.block_k >= WIDTH))))  # fmt: skip
+        out.append((f"mlp {c}", dk.gpu_spec("mlp_kernel", c.num_warps, BLOCK_H=c.block_h, BLOCK_K=c.block_k,
+                                            USE_PDL=True, PREFETCH=c.block_k >= WIDTH)))  # fmt: skip
     return out
 
 
 def int4_word_kernels(group: int = 128) -> list[tuple[str, dict, int]]:
     """(label, kernel, weights a thread handles per loop iteration) for the word kernel's configs."""
-    return [(f"int4 {c}", dict(name="int4_gemv_words_kernel", signature=INT4, num_warps=c.num_warps, constexprs=dict(
-                GROUP=group, BLOCK_N=c.block_n, BLOCK_W=c.block_k // 8, SPLIT_K=c.split_k, HALVES=c.halves, ASM=True)),
+    return [(f"int4 {c}", qk.gpu_spec("int4_gemv_words_kernel", c.num_warps, GROUP=group, BLOCK_N=c.block_n,
+                                      BLOCK_W=c.block_k // 8, SPLIT_K=c.split_k, HALVES=c.halves, ASM=True),
              c.block_n * c.block_k // (32 * c.num_warps))
             for c in qk.INT4_GEMV_CONFIGS if c.words]  # fmt: skip
 

@@ -549,6 +549,35 @@ INTERPRETER_ATTENTION_PROJ = AttentionProjConfig(32, 16, 1)
 INTERPRETER_MLP = MLPConfig(8, 32, 1)
 
 
+# The kernels' argument types as ``kernels.ptx`` compiles them without a GPU (for sm_90, in the tests,
+# ``tools/compile_sweep.py`` and notebook 16): a bf16 model's decode (weights and cache bf16, activations fp32).
+_P16, _P32, _I32, _I64 = "*bf16", "*fp32", "i32", "*i64"
+GPU_SIGNATURES = {
+    "linear_kernel": dict(x_ptr=_P32, w_ptr=_P16, b_ptr=_P16, y_ptr=_P32, lnw_ptr=_P16, lnb_ptr=_P16, m_ptr=_P32,
+                          l_ptr=_P32, a_ptr=_P32, kc_ptr=_P16, vc_ptr=_P16, pos_ptr=_I64, z_ptr=_P32, best_ptr=_I64,
+                          N=_I32, K=_I32, eps="fp32", stride_xm=_I32, stride_wn=_I32, stride_ym=_I32, stride_cb=_I32,
+                          stride_ch=_I32, stride_ct=_I32, Z=_I32),
+    "attention_proj_kernel": dict(qkv_ptr=_P32, kc_ptr=_P16, vc_ptr=_P16, pos_ptr=_I64, w_ptr=_P16, b_ptr=_P16,
+                                  x_ptr=_P32, qk_scale="fp32", N=_I32, stride_qm=_I32, stride_cb=_I32, stride_ch=_I32,
+                                  stride_ct=_I32, stride_wn=_I32, stride_xm=_I32),
+    "mlp_kernel": dict(x_ptr=_P32, lnw_ptr=_P16, lnb_ptr=_P16, wfc_ptr=_P16, bfc_ptr=_P16, wpt_ptr=_P16, bp_ptr=_P16,
+                       out_ptr=_P32, eps="fp32", C=_I32, HIDDEN=_I32, stride_xm=_I32, stride_fc=_I32, stride_pt=_I32,
+                       stride_om=_I32),
+    "attention_kernel": dict(qkv_ptr=_P32, kc_ptr=_P16, vc_ptr=_P16, pos_ptr=_I64, m_ptr=_P32, l_ptr=_P32, a_ptr=_P32,
+                             qk_scale="fp32", stride_qm=_I32, stride_cb=_I32, stride_ch=_I32, stride_ct=_I32),
+    "embed_kernel": dict(tok_ptr=_I64, length_ptr=_I64, pos_ptr=_I64, wte_ptr=_P16, wpe_ptr=_P16, x_ptr=_P32, C=_I32,
+                         T_MAX=_I32),
+    "greedy_kernel": dict(best_ptr=_I64, tok_ptr=_I64, N=_I32),
+}  # fmt: skip
+
+
+def gpu_spec(name: str, num_warps: int = 4, **constexprs) -> dict:
+    """A kernel of ``decode_triton`` with these constexprs and warps, as ``kernels.ptx.kernel_report`` takes it."""
+    from .ptx import kernel_spec
+
+    return kernel_spec(GPU_SIGNATURES, name, num_warps, **constexprs)
+
+
 def transposed_weight(linear: torch.nn.Module) -> torch.Tensor:
     """``linear.weight`` transposed and contiguous (in, out), made once per weight version and kept on the module
     (``labkit._derived.derived``).

@@ -55,6 +55,14 @@ def compile_for_gpu(fn, signature: dict, constexprs: dict, arch: int = 90, num_w
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
 
+def kernel_spec(signatures: dict, name: str, num_warps: int = 4, **constexprs) -> dict:
+    """One kernel as ``kernel_report`` takes it: its name, its argument types (``signatures[name]``, a module's
+    ``GPU_SIGNATURES``), the given constexprs (launch constants) and warps."""
+    if name not in signatures:
+        raise ValueError(f"name must be one of {sorted(signatures)}, got {name!r}")
+    return dict(name=name, signature=signatures[name], constexprs=constexprs, num_warps=num_warps)
+
+
 def memory_instructions(kernel) -> dict[str, int]:
     """How many of each global-memory instruction the kernel's PTX holds (cache hints left out), and of the
     grid-dependency controls of programmatic dependent launch (``griddepcontrol.wait``, ``.launch_dependents``)."""

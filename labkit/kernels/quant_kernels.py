@@ -385,6 +385,21 @@ INT8_GEMM_CONFIGS = [TileConfig(*c) for c in (
     (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 4), (128, 128, 128, 4, 8),
     (128, 256, 128, 4, 8), (128, 128, 64, 5, 4), (64, 128, 128, 4, 4), (64, 64, 64, 3, 4),
 )]  # fmt: skip
+# The int4 GEMVs' argument types as ``kernels.ptx`` compiles them without a GPU (tests, tools/compile_sweep.py,
+# notebook 08): bf16 activations, scales and zero points, at the bar's shape
+_INT4_ARGS = dict(x_ptr="*bf16", s_ptr="*bf16", z_ptr="*bf16", y_ptr="*bf16", N="i32", K="i32", stride_xm="i32",
+                  stride_wn="i32", stride_sn="i32", stride_sg="i32", stride_ym="i32")  # fmt: skip
+GPU_SIGNATURES = {"int4_gemv_kernel": dict(_INT4_ARGS, w_ptr="*u8"),
+                  "int4_gemv_words_kernel": dict(_INT4_ARGS, w_ptr="*i32")}  # fmt: skip
+
+
+def gpu_spec(name: str, num_warps: int = 4, **constexprs) -> dict:
+    """An int4 GEMV kernel with these constexprs and warps, as ``kernels.ptx.kernel_report`` takes it."""
+    from .ptx import kernel_spec
+
+    return kernel_spec(GPU_SIGNATURES, name, num_warps, **constexprs)
+
+
 INTERPRETER_GEMV = GemvConfig(4, 32, 1, 1, 1)  # the interpreter is slow: small blocks, no tuning
 INTERPRETER_GEMM = TileConfig(16, 16, 32, 1, 1, 2)
 _tuned: dict[tuple, object] = {}

@@ -474,15 +474,12 @@ projected = {}  # unpacking: the time its count projects on the H100
 try:
     from labkit.kernels.ptx import kernel_report
 
-    sig = dict(x_ptr="*bf16", s_ptr="*bf16", z_ptr="*bf16", y_ptr="*bf16", N="i32", K="i32", stride_xm="i32",
-               stride_wn="i32", stride_sn="i32", stride_sg="i32", stride_ym="i32")  # fmt: skip
-    words = dict(name="int4_gemv_words_kernel", signature=dict(sig, w_ptr="*i32"), num_warps=2,
-                 constexprs=dict(GROUP=128, BLOCK_N=128, BLOCK_W=16, SPLIT_K=1, HALVES=False, ASM=True))
-    kernels = {  # name: (kernel, weights one thread handles per loop iteration)
-        "bytes (the first int4 GEMV)": (dict(name="int4_gemv_kernel", signature=dict(sig, w_ptr="*u8"),
-                                             constexprs=dict(GROUP=128, BLOCK_N=16, BLOCK_K=512, SPLIT_K=1)), 64),
-        "float words": (words, 256),
-        "fp16 halves": (dict(words, constexprs=dict(words["constexprs"], HALVES=True)), 256),
+    words = dict(GROUP=128, BLOCK_N=128, BLOCK_W=16, SPLIT_K=1, ASM=True)  # 2 warps
+    kernels = {  # name: (kernel and its launch constants, weights one thread handles per loop iteration)
+        "bytes (the first int4 GEMV)": (quant_kernels.gpu_spec("int4_gemv_kernel", 4, GROUP=128, BLOCK_N=16,
+                                                               BLOCK_K=512, SPLIT_K=1), 64),
+        "float words": (quant_kernels.gpu_spec("int4_gemv_words_kernel", 2, HALVES=False, **words), 256),
+        "fp16 halves": (quant_kernels.gpu_spec("int4_gemv_words_kernel", 2, HALVES=True, **words), 256),
     }  # fmt: skip
     reports = kernel_report("labkit.kernels.quant_kernels", [k for k, _ in kernels.values()])
     integer_ops = ("LOP3", "SHF", "IMAD", "IADD3", "PRMT", "LEA", "MOV")

@@ -167,8 +167,41 @@ else:
 # LayerNorm's weight and bias, and the keys and values of the earlier positions. After the
 # wait it makes fewer round trips to memory: the row to normalize, once, not three times;
 # the new key and value (and positions past the first tile, in a loop as before).
-# `ptx.loads_around_wait` counts the loads on each side of the
-# wait in the compiled code. `benchmarks/gpu_check_serving.py` measures all of it on your GPU.
+# Compiled here for an H100 (Triton carries NVIDIA's assembler), `ptx.loads_around_wait`
+# counts the load instructions on each side of the wait (instructions in the code, not
+# loads executed), and `ptx.grid_dependency_order` checks that each kernel lets the next one
+# launch only after its own wait:
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+try:
+    from labkit.kernels import decode_kernels as dk
+    from labkit.kernels.ptx import kernel_report
+
+    qkv = dict(C=768, HS=64, SPLITS=8, HAS_BIAS=True, GELU=False, ACCUMULATE=False, KV_WRITE=True, ZERO=True, BLOCK_N=8,
+               BLOCK_K=1024, SPLIT_K=1, USE_PDL=True, PREFETCH=True, ARGMAX=False)  # GPT-2-small's, one tile a row
+    heads = dict(H=12, HS=64, BLOCK_D=64, BLOCK_N=128, HAS_BIAS=True, USE_PDL=True)
+    compiled = {
+        "qkv GEMV without a LayerNorm": dk.gpu_spec("linear_kernel", PROLOGUE=0, **qkv),
+        "qkv GEMV with its LayerNorm": dk.gpu_spec("linear_kernel", PROLOGUE=1, **qkv),
+        "attention+projection, first tile 64 positions": dk.gpu_spec("attention_proj_kernel", 4, BLOCK_T=64, **heads),
+        "attention+projection, first tile 256 positions": dk.gpu_spec("attention_proj_kernel", 8, BLOCK_T=256, **heads),
+        "the whole MLP, 32 hidden units a program": dk.gpu_spec("mlp_kernel", 8, BLOCK_H=32, BLOCK_K=1024, USE_PDL=True,
+                                                               PREFETCH=True),
+    }  # fmt: skip
+    print(f"{'kernel (sm_90)':<48} {'loads before':>12} {'after the wait':>15} {'registers':>10}  order")
+    for name, r in zip(compiled, kernel_report("labkit.kernels.decode_triton", list(compiled.values()))):
+        print(f"{name:<48} {r['loads']['before']:>12} {r['loads']['after']:>15} {r['registers']:>10}  {r['pdl']}")
+except (ImportError, RuntimeError, OSError) as err:  # no triton, or a wheel without NVIDIA's tools
+    print(f"cannot compile for a GPU here ({type(err).__name__}): see benchmarks/RESULTS.md")
+
+# %% [markdown]
+# With its LayerNorm, the qkv GEMV loads as often after the wait as without one: the
+# LayerNorm's weight and bias come before it, the row once after. A longer first tile puts
+# more of the attention's loads before the wait. Its count after the wait grows too, but
+# those loads sit in the loop over positions past the first tile, which does not run at all
+# while a row has fewer positions than the tile. These are instructions in the code; what
+# they are worth in time is for `benchmarks/gpu_check_serving.py` to measure on your GPU.
 
 # %% [markdown]
 # The cache costs memory: `2 × layers × heads × head size × tokens` numbers per sequence
