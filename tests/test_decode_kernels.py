@@ -170,7 +170,13 @@ def test_attention_proj_kernel_matches_reference_and_sdpa(device, dtype, block_t
 @requires_triton
 @pytest.mark.parametrize("device", triton_params)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("config", [dk.MLPConfig(8, 32, 1), dk.MLPConfig(8, 64, 1)])  # a loop along C; one tile
+@pytest.mark.parametrize("config", [
+    dk.MLPConfig(8, 32, 1), dk.MLPConfig(8, 64, 1),  # a loop along C; one tile
+    dk.MLPConfig(8, 64, 1, True),  # the row as two tiles, 32 + 16 columns
+    # hidden units dealt over the interpreter's 4 "SMs": 24 of a block of 32 (8 programs); 10 of 16, the last
+    # program with 2 (20 programs), with a tail, and with a loop along C (where the tail does not apply)
+    dk.MLPConfig(32, 64, 1, True, 2), dk.MLPConfig(16, 64, 1, True, 5), dk.MLPConfig(16, 32, 1, True, 5),
+])  # fmt: skip
 def test_mlp_kernel_matches_reference_and_labgpts_block(device, dtype, config):
     torch.manual_seed(10)
     model = LabGPT(get_config("nano", n_embd=48, n_head=4)).to(device, dtype)
@@ -200,6 +206,20 @@ def test_decode_linear_zeroes_the_spare_buffer(device):
         y = dk.decode_linear(x, w, zero=spare, backend=backend)
         assert torch.equal(spare, torch.zeros_like(spare))
         torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_launch_tiles_and_units():
+    # GPT-2-small's MLP on 132 SMs: 768 columns as 512 + 256; 24 hidden units a program, 128 programs
+    assert dk.mlp_launch(dk.MLPConfig(32, 1024, 8, True, 1), 768, 3072, 132) == (
+        128, dict(BLOCK_H=32, BLOCK_K=512, BLOCK_R=256, UNITS=24, PREFETCH=True))
+    assert dk.mlp_launch(dk.MLPConfig(32, 1024, 8), 768, 3072, 132) == (
+        96, dict(BLOCK_H=32, BLOCK_K=1024, BLOCK_R=0, UNITS=32, PREFETCH=True))
+    assert dk.mlp_launch(dk.MLPConfig(8, 1024, 4, True), 1024, 4096, 132)[1]["BLOCK_R"] == 0  # a power of two: one tile
+    assert dk.mlp_launch(dk.MLPConfig(8, 1024, 4, True), 192, 768, 132)[1] == dict(
+        BLOCK_H=8, BLOCK_K=128, BLOCK_R=64, UNITS=8, PREFETCH=True)
+    assert dk.mlp_launch(dk.MLPConfig(8, 256, 4, True), 768, 3072, 132)[1]["BLOCK_R"] == 0  # a loop: no tail
+    with pytest.raises(ValueError, match="block_h"):  # 3072 units over 132 SMs is 24 a program: more than 16
+        dk.mlp_launch(dk.MLPConfig(16, 1024, 4, True, 1), 768, 3072, 132)
 
 
 def test_transposed_weight_is_made_once_per_weight_version():
@@ -369,7 +389,7 @@ def test_decode_kernels_compile_for_hopper_with_vector_loads():
     layer = [
         dk.gpu_spec("attention_proj_kernel", H=12, HS=64, BLOCK_D=64, BLOCK_T=32, BLOCK_N=64, HAS_BIAS=True,
                     USE_PDL=True),
-        dk.gpu_spec("mlp_kernel", BLOCK_H=8, BLOCK_K=1024, USE_PDL=True, PREFETCH=True),
+        dk.mlp_spec(dk.MLPConfig(8, 1024, 4)),
         dk.gpu_spec("attention_kernel", 2, H=12, HS=64, BLOCK_D=64, SPLITS=8, BLOCK_T=16, USE_PDL=False),
         dk.gpu_spec("embed_kernel", BLOCK=1024, USE_PDL=True),
     ]  # fmt: skip

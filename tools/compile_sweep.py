@@ -46,8 +46,7 @@ def decode_kernels() -> list[tuple[str, dict]]:
         out.append((f"attention+proj {c}", dk.gpu_spec("attention_proj_kernel", c.num_warps, H=HEADS, HS=HEAD_SIZE,
                     BLOCK_D=HEAD_SIZE, BLOCK_T=c.block_t, BLOCK_N=c.block_n, HAS_BIAS=True, USE_PDL=True)))  # fmt: skip
     for c in dk.MLP_CONFIGS:
-        out.append((f"mlp {c}", dk.gpu_spec("mlp_kernel", c.num_warps, BLOCK_H=c.block_h, BLOCK_K=c.block_k,
-                                            USE_PDL=True, PREFETCH=c.block_k >= WIDTH)))  # fmt: skip
+        out.append((f"mlp {c}", dk.mlp_spec(c, WIDTH, 4 * WIDTH)))
     return out
 
 

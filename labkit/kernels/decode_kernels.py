@@ -25,7 +25,9 @@ Five (``fused_decode_step(..., kernels_per_layer=5)``):
 Three (the default): 1 as above (also zeroing the next residual buffer); then
 ``decode_attention_proj``, each head's attention times its columns of W_o, added into x
 atomically; then ``decode_mlp``, the whole MLP, each program a block of hidden units through
-both linears, added into the second residual buffer (which becomes x for the next layer).
+both linears, added into the second residual buffer (which becomes x for the next layer). Its
+configs may hold a row in two tiles of exact width (768 = 512 + 256: no registers on masked
+columns) and deal the hidden units evenly over the SMs (``MLPConfig``).
 
 Plus ``embed`` before the first layer and ``decode_linear(x, W_head, ln=ln_f)`` after the
 last: 5 or 3 · n_layer + 2 kernels a token. The residual stream and every activation stay in
@@ -526,11 +528,22 @@ class AttentionProjConfig:
 
 @dataclass(frozen=True)
 class MLPConfig:
-    """Hidden units per program, columns per step along the model width, warps."""
+    """Hidden units per program, columns per step along the model width, warps; and two ways to spend
+    fewer registers, or fewer SMs idle:
+
+    - ``tail``: a row that fits one ``block_k`` tile is held as two, the largest power of two up to
+      the width and the rest rounded up (GPT-2-small's 768 = 512 + 256): a 1024-wide tile spends a
+      quarter of its registers on masked columns, and registers decide which CTAs share an SM.
+    - ``per_sm``: the hidden units are dealt out evenly, about ``per_sm`` programs an SM, each owning
+      ceil(hidden / (SMs · per_sm)) units of its ``block_h`` rows (GPT-2-small on 132 SMs with
+      per_sm 1: 128 programs of 24 units, where 32 a program make 96 and leave 36 SMs idle).
+    """
 
     block_h: int
     block_k: int
     num_warps: int = 4
+    tail: bool = False
+    per_sm: int = 0
 
 
 ATTENTION_PROJ_CONFIGS = [AttentionProjConfig(*c) for c in (
@@ -544,6 +557,8 @@ MLP_CONFIGS = [MLPConfig(*c) for c in (
     (8, 256, 4), (16, 256, 4), (32, 256, 8), (16, 128, 4), (4, 256, 2), (32, 128, 4), (64, 128, 8), (8, 128, 2),
     (4, 1024, 4), (8, 1024, 4), (8, 1024, 8), (16, 1024, 8),  # whole rows in one tile: loaded before the wait
     (2, 1024, 2), (4, 1024, 8), (16, 1024, 4), (32, 512, 8), (16, 1024, 2), (32, 1024, 8),
+    # whole rows without masked columns (tail), and the hidden units dealt evenly over the SMs (per_sm)
+    (32, 1024, 8, True), (16, 1024, 4, True), (32, 1024, 8, True, 1), (16, 1024, 4, True, 2), (32, 1024, 8, False, 1),
 )]  # fmt: skip
 INTERPRETER_ATTENTION_PROJ = AttentionProjConfig(32, 16, 1)
 INTERPRETER_MLP = MLPConfig(8, 32, 1)
@@ -576,6 +591,12 @@ def gpu_spec(name: str, num_warps: int = 4, **constexprs) -> dict:
     from .ptx import kernel_spec
 
     return kernel_spec(GPU_SIGNATURES, name, num_warps, **constexprs)
+
+
+def mlp_spec(cfg: MLPConfig, width: int = 768, hidden: int = 3072, sms: int = 132, pdl: bool = True) -> dict:
+    """The MLP kernel as ``decode_mlp`` launches ``cfg`` (GPT-2-small's shape on an H100's 132 SMs by default),
+    for ``kernels.ptx.kernel_report``."""
+    return gpu_spec("mlp_kernel", cfg.num_warps, USE_PDL=pdl, **mlp_launch(cfg, width, hidden, sms)[1])
 
 
 def transposed_weight(linear: torch.nn.Module) -> torch.Tensor:
@@ -691,18 +712,42 @@ def decode_mlp(
     return out
 
 
+def mlp_launch(cfg: MLPConfig, width: int, hidden: int, sms: int) -> tuple[int, dict]:
+    """(programs a row, the kernel's constexprs) for ``cfg`` on an MLP of this width and hidden size, on a
+    device of ``sms`` SMs: what ``decode_mlp`` launches, and what ``gpu_spec`` compiles."""
+    prefetch = cfg.block_k >= width
+    block_k, block_r = cfg.block_k, 0
+    if cfg.tail and prefetch:
+        block_k = 1 << (width.bit_length() - 1)  # the largest power of two up to the width
+        block_r = 0 if block_k == width else 1 << (width - block_k - 1).bit_length()  # the rest, rounded up
+    units = cfg.block_h
+    if cfg.per_sm:
+        units = -(-hidden // (sms * cfg.per_sm))
+        if units > cfg.block_h:
+            raise ValueError(f"{cfg} deals {units} hidden units to a program on {sms} SMs, more than its "
+                             f"block_h ({cfg.block_h}) rows")  # fmt: skip
+    constexprs = dict(BLOCK_H=cfg.block_h, BLOCK_K=block_k, BLOCK_R=block_r, UNITS=units, PREFETCH=prefetch)
+    return -(-hidden // units), constexprs
+
+
+def _sm_count(t: torch.Tensor) -> int:
+    """SMs of t's GPU; elsewhere (the interpreter) 4, so that per-SM configs still deal units out."""
+    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 4
+
+
 def _launch_mlp(x, ln, fc_weight, fc_bias, proj_weight_t, proj_bias, out, cfg: MLPConfig, pdl: bool = False) -> None:
-    triton, *_, kernel = _kernels()
+    *_, kernel = _kernels()
     B, C = x.shape
     hidden = fc_weight.shape[0]
+    programs, constexprs = mlp_launch(cfg, C, hidden, _sm_count(x))
     wfc = fc_weight if fc_weight.stride(1) == 1 else fc_weight.contiguous()
     wpt = proj_weight_t if proj_weight_t.stride(1) == 1 else proj_weight_t.contiguous()
     xs = x if x.stride(1) == 1 else x.contiguous()
     lnb = ln[1] if ln[1] is not None else torch.zeros_like(ln[0])
     fc_bias = fc_bias if fc_bias is not None else torch.zeros(hidden, device=x.device)  # a model without biases
     proj_bias = proj_bias if proj_bias is not None else torch.zeros(C, device=x.device)
-    kernel[(B, triton.cdiv(hidden, cfg.block_h))](
+    kernel[(B, programs)](
         xs, ln[0], lnb, wfc, fc_bias, wpt, proj_bias, out, float(ln[2]), C, hidden,
-        xs.stride(0), wfc.stride(0), wpt.stride(0), out.stride(0),
-        BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, PREFETCH=cfg.block_k >= C, **_pdl_args(pdl),
+        xs.stride(0), wfc.stride(0), wpt.stride(0), out.stride(0), num_warps=cfg.num_warps, **constexprs,
+        **_pdl_args(pdl),
     )  # fmt: skip

@@ -35,6 +35,19 @@ def layernorm_tile(row_ptr, offs, K, g, beta, eps):
 
 
 @triton.jit
+def layernorm_tiles(row_ptr, offs_a, offs_b, K, g_a, beta_a, g_b, beta_b, eps):
+    # layernorm_tile for a row held as two tiles (columns offs_a, then offs_b): both halves normalized
+    in_a, in_b = offs_a < K, offs_b < K
+    x_a = tl.load(row_ptr + offs_a, mask=in_a, other=0.0).to(tl.float32)
+    x_b = tl.load(row_ptr + offs_b, mask=in_b, other=0.0).to(tl.float32)
+    mean = (tl.sum(x_a, axis=0) + tl.sum(x_b, axis=0)) / K
+    d_a = tl.where(in_a, x_a - mean, 0.0)
+    d_b = tl.where(in_b, x_b - mean, 0.0)
+    rstd = 1.0 / tl.sqrt((tl.sum(d_a * d_a, axis=0) + tl.sum(d_b * d_b, axis=0)) / K + eps)
+    return d_a * rstd * g_a + beta_a, d_b * rstd * g_b + beta_b
+
+
+@triton.jit
 def load_tile(ptr, offs, K):
     # a vector of K weights (a LayerNorm's weight or bias) in fp32, zero past the edge
     return tl.load(ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
@@ -308,27 +321,39 @@ def mlp_kernel(
     x_ptr, lnw_ptr, lnb_ptr, wfc_ptr, bfc_ptr, wpt_ptr, bp_ptr, out_ptr, eps, C, HIDDEN,
     stride_xm, stride_fc, stride_pt, stride_om,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    UNITS: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    # program (m, pid): hidden units pid·BLOCK_H.. of the MLP of row m, start to end: LayerNorm, their rows
-    # of W_fc, bias, GELU, then their rows of W_projᵀ (each a column of W_proj), added into out. Program
-    # 0 also adds x itself and the projection's bias: out (zeroed before) becomes x + MLP(x).
+    # program (m, pid): hidden units pid·UNITS.. (UNITS <= BLOCK_H of them) of the MLP of row m, start to end:
+    # LayerNorm, their rows of W_fc, bias, GELU, then their rows of W_projᵀ (each a column of W_proj), added
+    # into out. Program 0 also adds x itself and the projection's bias: out (zeroed before) becomes x + MLP(x).
     m, pid = tl.program_id(0), tl.program_id(1)
-    offs_h = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_h = pid * UNITS + tl.arange(0, BLOCK_H)
     h_in = offs_h < HIDDEN
+    if UNITS < BLOCK_H:  # the block's last rows belong to the next program
+        h_in = h_in & (tl.arange(0, BLOCK_H) < UNITS)
     offs_k = tl.arange(0, BLOCK_K)
-    if PREFETCH:  # the program's rows of both matrices fit one tile each: load them before waiting for x
-        both = h_in[:, None] & (offs_k < C)[None, :]
-        w_fc = tl.load(wfc_ptr + offs_h[:, None] * stride_fc + offs_k[None, :], mask=both, other=0.0,
-                       eviction_policy="evict_first")  # fmt: skip
-        w_pt = tl.load(wpt_ptr + offs_h[:, None] * stride_pt + offs_k[None, :], mask=both, other=0.0,
-                       eviction_policy="evict_first")  # fmt: skip
+    if PREFETCH:  # the program's rows of both matrices fit one tile each (two with a tail): load them before
+        # waiting for x
+        w_fc = load_rows(wfc_ptr, offs_h, stride_fc, offs_k, h_in, C)
+        w_pt = load_rows(wpt_ptr, offs_h, stride_pt, offs_k, h_in, C)
         g_all = load_tile(lnw_ptr, offs_k, C)
         beta_all = load_tile(lnb_ptr, offs_k, C)
+        if BLOCK_R > 0:  # the rows' tail, columns BLOCK_K.. (768 = 512 + 256: no registers on masked columns)
+            offs_r = BLOCK_K + tl.arange(0, BLOCK_R)
+            w_fc_r = load_rows(wfc_ptr, offs_h, stride_fc, offs_r, h_in, C)
+            w_pt_r = load_rows(wpt_ptr, offs_h, stride_pt, offs_r, h_in, C)
+            g_r = load_tile(lnw_ptr, offs_r, C)
+            beta_r = load_tile(lnb_ptr, offs_r, C)
     grid_dependency_wait(USE_PDL)
     launch_dependents(USE_PDL)
     if PREFETCH:  # the row loaded once after the wait
-        xn = layernorm_tile(x_ptr + m * stride_xm, offs_k, C, g_all, beta_all, eps)
-        hidden = tl.sum(w_fc.to(tl.float32) * xn[None, :], axis=1)
+        if BLOCK_R > 0:
+            xn, xn_r = layernorm_tiles(x_ptr + m * stride_xm, offs_k, offs_r, C, g_all, beta_all, g_r, beta_r, eps)
+            hidden = tl.sum(w_fc.to(tl.float32) * xn[None, :], axis=1)
+            hidden += tl.sum(w_fc_r.to(tl.float32) * xn_r[None, :], axis=1)
+        else:
+            xn = layernorm_tile(x_ptr + m * stride_xm, offs_k, C, g_all, beta_all, eps)
+            hidden = tl.sum(w_fc.to(tl.float32) * xn[None, :], axis=1)
     else:
         mean, rstd = layernorm_stats(x_ptr + m * stride_xm, C, eps, BLOCK_K)
         acc = tl.zeros((BLOCK_H, BLOCK_K), dtype=tl.float32)
@@ -343,12 +368,22 @@ def mlp_kernel(
     if PREFETCH:
         mlp_output(w_pt.to(tl.float32), hidden, x_ptr + m * stride_xm, bp_ptr, out_ptr + m * stride_om, offs_k, C,
                    pid == 0)  # fmt: skip
+        if BLOCK_R > 0:
+            mlp_output(w_pt_r.to(tl.float32), hidden, x_ptr + m * stride_xm, bp_ptr, out_ptr + m * stride_om, offs_r,
+                       C, pid == 0)  # fmt: skip
     else:
         for n in range(0, C, BLOCK_K):
             nn = n + offs_k
             wt = tl.load(wpt_ptr + offs_h[:, None] * stride_pt + nn[None, :], mask=h_in[:, None] & (nn < C)[None, :],
                          other=0.0, eviction_policy="evict_first").to(tl.float32)  # fmt: skip
             mlp_output(wt, hidden, x_ptr + m * stride_xm, bp_ptr, out_ptr + m * stride_om, nn, C, pid == 0)
+
+
+@triton.jit
+def load_rows(ptr, offs_h, stride, offs, h_in, C):
+    # rows offs_h (where h_in), columns offs (below C) of a weight matrix, read once: not kept in the caches
+    mask = h_in[:, None] & (offs < C)[None, :]
+    return tl.load(ptr + offs_h[:, None] * stride + offs[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
 
 
 @triton.jit

@@ -186,8 +186,9 @@ try:
         "qkv GEMV with its LayerNorm": dk.gpu_spec("linear_kernel", PROLOGUE=1, **qkv),
         "attention+projection, first tile 64 positions": dk.gpu_spec("attention_proj_kernel", 4, BLOCK_T=64, **heads),
         "attention+projection, first tile 256 positions": dk.gpu_spec("attention_proj_kernel", 8, BLOCK_T=256, **heads),
-        "the whole MLP, 32 hidden units a program": dk.gpu_spec("mlp_kernel", 8, BLOCK_H=32, BLOCK_K=1024, USE_PDL=True,
-                                                               PREFETCH=True),
+        "the whole MLP, 32 hidden units a program": dk.mlp_spec(dk.MLPConfig(32, 1024, 8)),
+        "the MLP, rows as 512 + 256 columns": dk.mlp_spec(dk.MLPConfig(32, 1024, 8, tail=True)),
+        "the MLP, 24 units a program (128 programs)": dk.mlp_spec(dk.MLPConfig(32, 1024, 8, tail=True, per_sm=1)),
     }  # fmt: skip
     print(f"{'kernel (sm_90)':<48} {'loads before':>12} {'after the wait':>15} {'registers':>10}  order")
     for name, r in zip(compiled, kernel_report("labkit.kernels.decode_triton", list(compiled.values()))):
@@ -202,6 +203,18 @@ except (ImportError, RuntimeError, OSError) as err:  # no triton, or a wheel wit
 # those loads sit in the loop over positions past the first tile, which does not run at all
 # while a row has fewer positions than the tile. These are instructions in the code; what
 # they are worth in time is for `benchmarks/gpu_check_serving.py` to measure on your GPU.
+#
+# The MLP's rows are 768 columns wide, held in a tile of 1024 (Triton's tiles are powers of
+# two): a quarter of the tile is masked, loads nothing, and still takes registers. An SM has
+# 65,536 of them, and they decide how many programs share it: a program of 256 threads at
+# 255 registers (the most a thread may have) takes them all, so no program of the next
+# kernel can start beside it and load its weights early. Held as two tiles of 512 + 256
+# columns, the same bytes need fewer registers (the table's last two rows; the counts depend
+# on the Triton version too, and `tools/compile_sweep.py` lists them for every config). The
+# last row also deals the 3,072 hidden units evenly over an H100's 132 SMs: 24 a program,
+# 128 programs, where 32 a program make 96 and leave 36 SMs without work. Whether that wins
+# is for the GPU's own tuner to say: these configs are among the ones it times (not yet
+# measured on a GPU).
 
 # %% [markdown]
 # The cache costs memory: `2 × layers × heads × head size × tokens` numbers per sequence
