@@ -732,7 +732,12 @@ def mlp_launch(cfg: MLPConfig, width: int, hidden: int, sms: int) -> tuple[int, 
 
 def _sm_count(t: torch.Tensor) -> int:
     """SMs of t's GPU; elsewhere (the interpreter) 4, so that per-SM configs still deal units out."""
-    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 4
+    return _gpu_sms(t.device.index if t.device.index is not None else torch.cuda.current_device()) if t.is_cuda else 4
+
+
+@functools.cache
+def _gpu_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _launch_mlp(x, ln, fc_weight, fc_bias, proj_weight_t, proj_bias, out, cfg: MLPConfig, pdl: bool = False) -> None:
