@@ -173,8 +173,8 @@ def test_attention_proj_kernel_matches_reference_and_sdpa(device, dtype, block_t
 @pytest.mark.parametrize("config", [
     dk.MLPConfig(8, 32, 1), dk.MLPConfig(8, 64, 1),  # a loop along C; one tile
     dk.MLPConfig(8, 64, 1, True),  # the row as two tiles, 32 + 16 columns
-    # hidden units dealt over the interpreter's 4 "SMs": 24 of a block of 32 (8 programs); 10 of 16, the last
-    # program with 2 (20 programs), with a tail, and with a loop along C (where the tail does not apply)
+    # hidden units dealt over the interpreter's 4 "SMs" (on a GPU, its own count): 24 of a block of 32 (8 programs);
+    # 10 of 16, the last program with 2 (20 programs), with a tail, and with a loop along C (no tail there)
     dk.MLPConfig(32, 64, 1, True, 2), dk.MLPConfig(16, 64, 1, True, 5), dk.MLPConfig(16, 32, 1, True, 5),
 ])  # fmt: skip
 def test_mlp_kernel_matches_reference_and_labgpts_block(device, dtype, config):
@@ -208,6 +208,25 @@ def test_decode_linear_zeroes_the_spare_buffer(device):
         torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
 
 
+@requires_triton
+@pytest.mark.parametrize("device", triton_params)
+@pytest.mark.parametrize("config", [
+    dk.MLPConfig(8, 64, 1, True),  # a width of 44 as 32 + 16 columns: the tail tile partly masked
+    dk.MLPConfig(16, 64, 1, False, 3),  # one tile, units dealt out: 15 of 16 rows (12 programs, the last with 11)
+    dk.MLPConfig(16, 64, 1, True, 3),  # both
+])  # fmt: skip
+def test_mlp_kernel_with_a_partial_tail(device, config):
+    g = _gen(13)
+    C, hidden = 44, 176
+    x = (torch.randn(2, C, generator=g) * 2 + 1).to(device)
+    ln = (torch.randn(C, generator=g).to(device), torch.randn(C, generator=g).to(device), 1e-5)
+    fc_w, fc_b = (torch.randn(hidden, C, generator=g) / 6).to(device), torch.randn(hidden, generator=g).to(device)
+    pt_w, pt_b = (torch.randn(hidden, C, generator=g) / 12).to(device), torch.randn(C, generator=g).to(device)
+    ref = dk.decode_mlp(x, ln, fc_w, fc_b, pt_w, pt_b, torch.zeros(2, C, device=device), backend="reference")
+    got = dk.decode_mlp(x, ln, fc_w, fc_b, pt_w, pt_b, torch.zeros(2, C, device=device), backend="triton", config=config)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_mlp_launch_tiles_and_units():
     # GPT-2-small's MLP on 132 SMs: 768 columns as 512 + 256; 24 hidden units a program, 128 programs
     assert dk.mlp_launch(dk.MLPConfig(32, 1024, 8, True, 1), 768, 3072, 132) == (
@@ -218,6 +237,8 @@ def test_mlp_launch_tiles_and_units():
     assert dk.mlp_launch(dk.MLPConfig(8, 1024, 4, True), 192, 768, 132)[1] == dict(
         BLOCK_H=8, BLOCK_K=128, BLOCK_R=64, UNITS=8, PREFETCH=True)
     assert dk.mlp_launch(dk.MLPConfig(8, 256, 4, True), 768, 3072, 132)[1]["BLOCK_R"] == 0  # a loop: no tail
+    assert dk.mlp_launch(dk.MLPConfig(8, 1024, 4, True), 600, 2400, 132)[1]["BLOCK_K"] == 512  # 600 = 512 + 88 ...
+    assert dk.mlp_launch(dk.MLPConfig(8, 1024, 4, True), 600, 2400, 132)[1]["BLOCK_R"] == 128  # ... in 128
     with pytest.raises(ValueError, match="block_h"):  # 3072 units over 132 SMs is 24 a program: more than 16
         dk.mlp_launch(dk.MLPConfig(16, 1024, 4, True, 1), 768, 3072, 132)
 

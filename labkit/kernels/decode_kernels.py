@@ -26,8 +26,8 @@ Three (the default): 1 as above (also zeroing the next residual buffer); then
 ``decode_attention_proj``, each head's attention times its columns of W_o, added into x
 atomically; then ``decode_mlp``, the whole MLP, each program a block of hidden units through
 both linears, added into the second residual buffer (which becomes x for the next layer). Its
-configs may hold a row in two tiles of exact width (768 = 512 + 256: no registers on masked
-columns) and deal the hidden units evenly over the SMs (``MLPConfig``).
+configs may hold a row in two tiles (768 = 512 + 256: no registers on masked columns) and deal
+the hidden units evenly over the SMs (``MLPConfig``).
 
 Plus ``embed`` before the first layer and ``decode_linear(x, W_head, ln=ln_f)`` after the
 last: 5 or 3 · n_layer + 2 kernels a token. The residual stream and every activation stay in
@@ -532,8 +532,9 @@ class MLPConfig:
     fewer registers, or fewer SMs idle:
 
     - ``tail``: a row that fits one ``block_k`` tile is held as two, the largest power of two up to
-      the width and the rest rounded up (GPT-2-small's 768 = 512 + 256): a 1024-wide tile spends a
-      quarter of its registers on masked columns, and registers decide which CTAs share an SM.
+      the width and the rest rounded up to one (GPT-2-small's 768 = 512 + 256 exactly, where a
+      1024-wide tile spends a quarter of its registers on masked columns; a width of 600 keeps 40
+      masked of 512 + 128; a power of two stays one tile). Registers decide which CTAs share an SM.
     - ``per_sm``: the hidden units are dealt out evenly, about ``per_sm`` programs an SM, each owning
       ceil(hidden / (SMs · per_sm)) units of its ``block_h`` rows (GPT-2-small on 132 SMs with
       per_sm 1: 128 programs of 24 units, where 32 a program make 96 and leave 36 SMs idle).

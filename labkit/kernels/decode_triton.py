@@ -326,6 +326,7 @@ def mlp_kernel(
     # program (m, pid): hidden units pid·UNITS.. (UNITS <= BLOCK_H of them) of the MLP of row m, start to end:
     # LayerNorm, their rows of W_fc, bias, GELU, then their rows of W_projᵀ (each a column of W_proj), added
     # into out. Program 0 also adds x itself and the projection's bias: out (zeroed before) becomes x + MLP(x).
+    tl.static_assert(UNITS <= BLOCK_H, "a program's hidden units must fit its block of rows")
     m, pid = tl.program_id(0), tl.program_id(1)
     offs_h = pid * UNITS + tl.arange(0, BLOCK_H)
     h_in = offs_h < HIDDEN
