@@ -43,6 +43,7 @@ from labkit.kernels import quant_kernels as qk
 
 START = time.perf_counter()
 INT4_GROUP_MAJOR = "labkit int4_weight_only_linear, scales group-major"
+INT4_K_MAJOR = "labkit int4_weight_only_linear, weights K-major, scales group-major"
 BARS = {"int8 weight-only vs bf16": 1.8, "int4 weight-only vs bf16": 2.8, "w8a8 vs torch._int_mm": 0.9}
 
 
@@ -174,6 +175,13 @@ def check_kernels(device, smoke: bool) -> list[dict]:
                 rows.append({"kernel": f"int4_weight_only_linear g{group} word kernel, {label}", "shape": [m, k, n],
                              "dtype": str(dtype), "ok": okw, "max_rel_err": errw})  # fmt: skip
                 log(f"check int4 word kernel ({label}) {m}x{k}x{n} {dtype}: {'ok' if okw else 'FAIL'} ({errw:.1e})")
+            # the K-major kernel (weights stored as qk.k_major makes them), K split, as the GPU's tuner may choose it
+            kcfg = qk.GemvConfig(8, 32, 2, 1, 1) if smoke else qk.GemvConfig(1024, 32, 8, 4, 3)
+            okk, errk = close(qk.int4_weight_only_linear_triton(x, qk.k_major(packed), s_g, z_g, group, config=kcfg),
+                              expected4, tolerance[dtype])  # fmt: skip
+            rows.append({"kernel": f"int4_weight_only_linear g{group} K-major kernel", "shape": [m, k, n],
+                         "dtype": str(dtype), "ok": okk, "max_rel_err": errk})  # fmt: skip
+            log(f"check int4 K-major kernel {m}x{k}x{n} {dtype}: {'ok' if okk else 'FAIL'} ({errk:.1e})")
     # split-K explicitly (the autotuner may not pick it)
     m, k, n = (2, 256, 24) if smoke else (1, 14336, 4096)
     x = torch.randn(m, k, device=device, generator=g).to(cases[0][3])
@@ -235,11 +243,13 @@ def time_weight_only(device, smoke: bool, calls: int) -> list[dict]:
     q4, s4, z4, _ = quant.int4_parameters(w, group)
     p4 = qk.pack_int4(q4)
     s4g, z4g = qk.group_major(s4), qk.group_major(z4)  # as Int4WeightOnlyLinear hands them to the kernels
+    p4k = qk.k_major(p4)  # the same bytes stored K-major: the K-major kernel's layout
     variants = {
         "bf16 F.linear (cuBLAS)": lambda: F.linear(x, w),
         "labkit int8_weight_only_linear": lambda: qk.int8_weight_only_linear(x, w8, s8, backend="triton"),
         "labkit int4_weight_only_linear": lambda: qk.int4_weight_only_linear(x, p4, s4, z4, group, backend="triton"),
         INT4_GROUP_MAJOR: lambda: qk.int4_weight_only_linear(x, p4, s4g, z4g, group, backend="triton"),
+        INT4_K_MAJOR: lambda: qk.int4_weight_only_linear(x, p4k, s4g, z4g, group, backend="triton"),
         "dequantize then F.linear (eager)": lambda: F.linear(x, (w8.to(dtype) * s8[:, None].to(dtype))),
     }
     if device.type == "cuda" and hasattr(torch, "_weight_int8pack_mm"):
@@ -253,7 +263,8 @@ def time_weight_only(device, smoke: bool, calls: int) -> list[dict]:
     seconds, loop = side_by_side(variants, device, calls)
     weight_bytes = {"bf16 F.linear (cuBLAS)": n * k * 2, "labkit int8_weight_only_linear": n * k + n * 4,
                     "labkit int4_weight_only_linear": n * k // 2 + 3 * n * (k // group),
-                    INT4_GROUP_MAJOR: n * k // 2 + 3 * n * (k // group)}  # fmt: skip
+                    INT4_GROUP_MAJOR: n * k // 2 + 3 * n * (k // group),
+                    INT4_K_MAJOR: n * k // 2 + 3 * n * (k // group)}  # fmt: skip
     io_bytes = (m * k + m * n) * 2
     base = seconds["bf16 F.linear (cuBLAS)"]
     rows = []
@@ -265,9 +276,10 @@ def time_weight_only(device, smoke: bool, calls: int) -> list[dict]:
                      "loop_variant_s": loop[name], "device": _device_name(device)})  # fmt: skip
         log(f"{name:50s} {s * 1e6:9.1f} us  {base / s:5.2f}x bf16  {moved / s / 1e9:7.0f} GB/s   "
             f"(plain loop: {loop[name] * 1e6:.1f} us, {loop['bf16 F.linear (cuBLAS)'] / loop[name]:.2f}x)")  # fmt: skip
-    # int4: scales stored group by group, as Int4WeightOnlyLinear stores them (the row-major line above compares)
+    # int4: scales stored group by group, as Int4WeightOnlyLinear stores them (the row-major line above compares);
+    # and the same weights stored K-major (the function takes either layout; the layer stores row-major bytes)
     for label, name in (("int8 weight-only vs bf16", "labkit int8_weight_only_linear"),
-                        ("int4 weight-only vs bf16", INT4_GROUP_MAJOR)):  # fmt: skip
+                        ("int4 weight-only vs bf16", INT4_GROUP_MAJOR), ("int4 weight-only vs bf16", INT4_K_MAJOR)):  # fmt: skip
         speedup = base / seconds[name]
         log(f"BAR {label}: {speedup:.2f}x (bar {BARS[label]}x) -> {'MET' if speedup >= BARS[label] else 'NOT MET'}"
             f" ({name})")  # fmt: skip

@@ -475,6 +475,43 @@ def test_int4_word_kernel_matches_reference(device, config):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", [
+    None,  # the interpreter's default (or the GPU's autotuner)
+    qk.GemvConfig(8, 32, 1, 1, 1),  # 16 byte rows a step, one K-slice; 20 outputs: the last program's partly masked
+    qk.GemvConfig(16, 16, 3, 1, 1),  # 8 byte rows a step, K split 3 ways (6 groups of 32 over 3 slices)
+    qk.GemvConfig(4, 64, 2, 1, 1),  # a step of a whole group of 64 k-values
+])  # fmt: skip
+def test_int4_kmajor_kernel_matches_reference(device, config):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 192, generator=g).to(device)
+    group = 64 if config is not None and config.block_k == 64 else 32
+    q, scales, zeros, _ = quant.int4_parameters(torch.randn(20, 192, generator=g) * 3, group)
+    packed, scales, zeros = qk.pack_int4(q).to(device), scales.to(device), zeros.to(device)
+    expected = qk.int4_weight_only_linear_reference(x, packed, scales, zeros, group)
+    kmajor = qk.k_major(packed)
+    assert kmajor.stride() == (1, 20) and torch.equal(kmajor, packed)
+    assert torch.equal(qk.int4_weight_only_linear_reference(x, kmajor, scales, zeros, group), expected)
+    # scales row-major (made group-major for the kernel) and group-major (as Int4WeightOnlyLinear stores them)
+    for s, z in ((scales, zeros), (qk.group_major(scales), qk.group_major(zeros))):
+        got = qk.int4_weight_only_linear_triton(x, kmajor, s, z, group, config=config)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    many = torch.randn(12, 192, generator=g).to(device)  # the GEMM path (more rows than a GEMV takes) copies the bytes
+    torch.testing.assert_close(qk.int4_weight_only_linear(many, kmajor, scales, zeros, group, backend="triton"),
+                               qk.int4_weight_only_linear_reference(many, packed, scales, zeros, group),
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int4_kmajor_kernel_refuses_steps_that_straddle_groups(device):
+    q, scales, zeros, _ = quant.int4_parameters(torch.randn(8, 128), 32)
+    kmajor = qk.k_major(qk.pack_int4(q)).to(device)
+    x = torch.randn(1, 128, device=device)
+    for config in (qk.GemvConfig(8, 64, 1, 1, 1), qk.GemvConfig(8, 32, 1, 1, 1, True)):  # 64 > the group; words
+        with pytest.raises(ValueError, match="K-major kernel"):
+            qk.int4_weight_only_linear_triton(x, kmajor, scales.to(device), zeros.to(device), 32, config=config)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("halves", [False, True])
 def test_int4_word_kernel_converts_every_nibble_exactly(device, halves):
     q = (torch.arange(16)[:, None] + torch.arange(32)[None, :]) % 16  # (16, 32): every nibble at every position

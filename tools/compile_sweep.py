@@ -10,7 +10,7 @@ configs can be built here first, with the same Triton version as the GPU machine
 Covers the fused decode step's kernels (every config of ``DECODE_GEMV_CONFIGS`` in each of the
 ways ``serving.fused_decode_step`` launches the GEMV, ``ATTENTION_PROJ_CONFIGS``,
 ``MLP_CONFIGS``) in GPT-2-small's shape, and the int4 word kernel's configs in
-``INT4_GEMV_CONFIGS``. Prints registers, spills, loop instructions a weight (int4) and the loads on
+``INT4_GEMV_CONFIGS`` and the K-major kernel's in ``INT4_KMAJOR_CONFIGS``. Prints registers, spills, loop instructions a weight (int4) and the loads on
 each side of the PDL wait (decode kernels), and exits non-zero if any config fails to compile or spills.
 """
 
@@ -58,6 +58,14 @@ def int4_word_kernels(group: int = 128) -> list[tuple[str, dict, int]]:
             for c in qk.INT4_GEMV_CONFIGS if c.words]  # fmt: skip
 
 
+def int4_kmajor_kernels(group: int = 128) -> list[tuple[str, dict, int]]:
+    """(label, kernel, weights a thread handles per loop iteration) for the K-major kernel's configs."""
+    return [(f"int4 K-major {c}", qk.gpu_spec("int4_gemv_kmajor_kernel", c.num_warps, GROUP=group, BLOCK_N=c.block_n,
+                                              BLOCK_J=c.block_k // 2, SPLIT_K=c.split_k),
+             c.block_n * c.block_k // (32 * c.num_warps))
+            for c in qk.INT4_KMAJOR_CONFIGS]  # fmt: skip
+
+
 def sweep(module: str, labelled: list[tuple], batch: int = 8) -> int:
     """Compile in batches (one fresh process each); a failing batch is retried kernel by kernel. Problems found."""
     problems = 0
@@ -88,8 +96,9 @@ def sweep(module: str, labelled: list[tuple], batch: int = 8) -> int:
 def main() -> int:
     import triton
 
-    decode, int4 = decode_kernels(), int4_word_kernels()
-    print(f"Triton {triton.__version__}: {len(decode)} decode-kernel configs, {len(int4)} int4 word-kernel configs")
+    decode, int4 = decode_kernels(), int4_word_kernels() + int4_kmajor_kernels()
+    print(f"Triton {triton.__version__}: {len(decode)} decode-kernel configs, {len(int4)} int4 word- and K-major-kernel "
+          f"configs")  # fmt: skip
     problems = sweep("labkit.kernels.decode_triton", decode) + sweep("labkit.kernels.quant_kernels", int4)
     print(f"{problems} configs failed to compile or spilled")
     return 1 if problems else 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -326,7 +327,65 @@ def _kernels():
         else:
             tl.atomic_add(y_ptr + m * stride_ym + out, y, mask=out < N, sem="relaxed")
 
-    return triton, int8_gemv_kernel, int4_gemv_kernel, weight_only_gemm_kernel, int8_gemm_kernel, int4_gemv_words_kernel
+    @triton.jit
+    def int4_gemv_kmajor_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, stride_wk, stride_sg, stride_ym,
+        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr,
+    ):  # fmt: skip
+        # the packed weights stored K-major ((K/2, N) bytes: byte (j, n) holds columns 2j and 2j+1 of output n) and
+        # the scales and zero points group-major ((K/g, N)). A program takes BLOCK_N consecutive outputs and walks
+        # its K-slice a byte row at a time: each row is one contiguous run of BLOCK_N bytes, each thread holds the
+        # same outputs in every row, so Σ q x builds up in the thread's own registers (no sum across threads, ever)
+        # and the group's scale and zero point apply once per step of BLOCK_J rows (inside one group):
+        # s (Σ q x - z Σ x). x's two values a row are the same for every thread (a broadcast load). As in the word
+        # kernel, each nibble goes under the exponent of 2^23, in the top mantissa bits 19-22: the float is
+        # 2^23 + q·2^19, which times x·2^-19 is 16·x + q·x (16·x, not the word kernel's 2^7·x: less to cancel); the
+        # 16·x parts depend on x alone and come off once a step. Per weight: a shift, a logical op, a multiply-add.
+        m, pid_k, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_in = offs_n < N
+        rows_per_split = tl.cdiv(K // 2, SPLIT_K * BLOCK_J) * BLOCK_J  # K/2 is a multiple of BLOCK_J (GROUP/2 is)
+        j_start = pid_k * rows_per_split
+        y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for j0 in range(j_start, tl.minimum(j_start + rows_per_split, K // 2), BLOCK_J):
+            t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            sum_even = 0.0
+            sum_odd = 0.0
+            for jj in tl.static_range(BLOCK_J):
+                row = tl.load(w_ptr + (j0 + jj) * stride_wk + offs_n, mask=n_in, other=0, eviction_policy="evict_first")
+                x_even = tl.load(x_ptr + m * stride_xm + 2 * (j0 + jj)).to(tl.float32)
+                x_odd = tl.load(x_ptr + m * stride_xm + 2 * (j0 + jj) + 1).to(tl.float32)
+                bits = row.to(tl.int32)
+                low = (((bits << 19) & 0x00780000) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q·2^19
+                high = (((bits << 15) & 0x00780000) | 0x4B000000).to(tl.float32, bitcast=True)  # the high nibble's
+                t += low * (x_even * 0.0000019073486328125)  # x · 2^-19
+                t += high * (x_odd * 0.0000019073486328125)
+                sum_even += x_even
+                sum_odd += x_odd
+            group = (2 * j0) // GROUP
+            scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_in, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_in, other=0).to(tl.float32)
+            qx = t - 16.0 * (sum_even + sum_odd)  # Σ q x
+            y += scale * (qx - zero * (sum_even + sum_odd))
+        if SPLIT_K == 1:
+            tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_in)
+        else:
+            tl.atomic_add(y_ptr + m * stride_ym + offs_n, y, mask=n_in, sem="relaxed")
+
+    return _Kernels(triton, int8_gemv_kernel, int4_gemv_kernel, weight_only_gemm_kernel, int8_gemm_kernel,
+                    int4_gemv_words_kernel, int4_gemv_kmajor_kernel)  # fmt: skip
+
+
+class _Kernels(NamedTuple):
+    """What ``_kernels()`` builds: Triton itself and the kernels (iterable, for ``kernels.ptx``)."""
+
+    triton: object
+    int8_gemv: object
+    int4_gemv: object
+    weight_only_gemm: object
+    int8_gemm: object
+    int4_gemv_words: object
+    int4_gemv_kmajor: object
 
 
 # ---------------------------------------------------------------------------------------
@@ -376,6 +435,13 @@ INT4_GEMV_CONFIGS = [GemvConfig(*c) for c in (
     (64, 128, 4, 2, 4, True, True), (32, 128, 4, 1, 4, True, True), (128, 128, 4, 4, 4, True, True),
     (64, 128, 8, 2, 4, True, True), (32, 128, 8, 1, 3, True, True), (64, 128, 4, 2, 4, True),
 )]  # fmt: skip
+# The K-major kernel (weights stored as ``k_major`` makes them): BLOCK_N outputs a program (8 or 16 bytes of a row a
+# thread: 16-byte loads), block_k k-values (block_k / 2 byte rows) a step inside one group, K split so that the
+# programs fill the GPU (28672 outputs at 1024 a program are 28 programs: split 8-16 ways, 224-448)
+INT4_KMAJOR_CONFIGS = [GemvConfig(*c) for c in (
+    (1024, 32, 16, 4, 3), (1024, 32, 8, 4, 3), (512, 32, 8, 2, 3), (512, 32, 16, 2, 3), (1024, 64, 8, 4, 2),
+    (2048, 32, 8, 8, 3), (512, 64, 8, 4, 2), (1024, 32, 16, 8, 3), (256, 32, 4, 1, 4), (2048, 32, 16, 8, 2),
+)]  # fmt: skip
 # (block_m, block_n, block_k, stages, warps):
 WEIGHT_ONLY_GEMM_CONFIGS = [TileConfig(*c) for c in (
     (128, 128, 64, 3, 8), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (16, 128, 128, 4, 4),
@@ -390,7 +456,10 @@ INT8_GEMM_CONFIGS = [TileConfig(*c) for c in (
 _INT4_ARGS = dict(x_ptr="*bf16", s_ptr="*bf16", z_ptr="*bf16", y_ptr="*bf16", N="i32", K="i32", stride_xm="i32",
                   stride_wn="i32", stride_sn="i32", stride_sg="i32", stride_ym="i32")  # fmt: skip
 GPU_SIGNATURES = {"int4_gemv_kernel": dict(_INT4_ARGS, w_ptr="*u8"),
-                  "int4_gemv_words_kernel": dict(_INT4_ARGS, w_ptr="*i32")}  # fmt: skip
+                  "int4_gemv_words_kernel": dict(_INT4_ARGS, w_ptr="*i32"),
+                  "int4_gemv_kmajor_kernel": dict(x_ptr="*bf16", w_ptr="*u8", s_ptr="*bf16", z_ptr="*bf16",
+                                                  y_ptr="*bf16", N="i32", K="i32", stride_xm="i32", stride_wk="i32",
+                                                  stride_sg="i32", stride_ym="i32")}  # fmt: skip
 
 
 def gpu_spec(name: str, num_warps: int = 4, **constexprs) -> dict:
@@ -512,7 +581,8 @@ def int8_weight_only_linear_reference(x: torch.Tensor, w_int8: torch.Tensor, sca
 
 
 def _launch_int8_gemv(x2, w, scales, y, cfg: GemvConfig):
-    triton, gemv, *_ = _kernels()
+    k = _kernels()
+    triton, gemv = k.triton, k.int8_gemv
     M, K = x2.shape
     N = w.shape[0]
     out = y if cfg.split_k == 1 else torch.zeros(y.shape, device=y.device, dtype=torch.float32)
@@ -528,7 +598,8 @@ def _launch_int8_gemv(x2, w, scales, y, cfg: GemvConfig):
 
 
 def _launch_weight_only_gemm(x2, w, scales, zeros, group, y, cfg: TileConfig):
-    triton, _, _, gemm, *_ = _kernels()
+    k = _kernels()
+    triton, gemm = k.triton, k.weight_only_gemm
     M, K = x2.shape
     N = w.shape[0]
     int4 = zeros is not None
@@ -636,7 +707,8 @@ def int4_weight_only_linear_reference(x, w_packed, scales, zeros, group_size: in
 def _launch_int4_gemv(x2, w, scales, zeros, group, y, cfg: GemvConfig):
     if cfg.words:
         return _launch_int4_gemv_words(x2, w, scales, zeros, group, y, cfg)
-    triton, _, gemv, *_ = _kernels()
+    k = _kernels()
+    triton, gemv = k.triton, k.int4_gemv
     M, K = x2.shape
     N = w.shape[0]
     block_k = max(cfg.block_k, group)  # whole groups per K-block
@@ -654,7 +726,8 @@ def _launch_int4_gemv(x2, w, scales, zeros, group, y, cfg: GemvConfig):
 
 
 def _launch_int4_gemv_words(x2, w, scales, zeros, group, y, cfg: GemvConfig):
-    triton, *_, kernel = _kernels()
+    k = _kernels()
+    triton, kernel = k.triton, k.int4_gemv_words
     M, K = x2.shape
     N = w.shape[0]
     if K % 8 or group % cfg.block_k or cfg.block_k % 8 or w.data_ptr() % 4:
@@ -674,12 +747,45 @@ def _launch_int4_gemv_words(x2, w, scales, zeros, group, y, cfg: GemvConfig):
     return y
 
 
-def _int4_gemv_candidates(dtype: torch.dtype, group_size: int) -> list[GemvConfig]:
+def _launch_int4_gemv_kmajor(x2, w, scales, zeros, group, y, cfg: GemvConfig):
+    k = _kernels()
+    M, K = x2.shape
+    N = w.shape[0]
+    if cfg.words or cfg.block_k % 2 or group % cfg.block_k:
+        raise ValueError(f"the K-major kernel takes byte configs whose block_k (k-values a step, {cfg.block_k}) is even "
+                         f"and divides the group ({group})")  # fmt: skip
+    split_k = min(cfg.split_k, K // cfg.block_k)
+    out = y if split_k == 1 else torch.zeros(y.shape, device=y.device, dtype=torch.float32)
+    k.int4_gemv_kmajor[(M, split_k, k.triton.cdiv(N, cfg.block_n))](
+        x2, w, scales, zeros, out, N, K, x2.stride(0), w.stride(1), scales.stride(1), out.stride(0),
+        GROUP=group, BLOCK_N=cfg.block_n, BLOCK_J=cfg.block_k // 2, SPLIT_K=split_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if out is not y:
+        y.copy_(out)
+    return y
+
+
+def _int4_gemv_candidates(dtype: torch.dtype, group_size: int, kmajor: bool = False) -> list[GemvConfig]:
     """The GEMV configs that can run this case. The word kernel's steps stay inside a group (its block_k must
     divide the group size). fp32 activations ask for fp32 accuracy: the fp16-halves unpacking keeps about 13
     bits of each q·x (1024·x rides beside it), invisible in a 16-bit output but not in a 32-bit one."""
+    if kmajor:
+        return [c for c in INT4_KMAJOR_CONFIGS if group_size % c.block_k == 0]
     return [c for c in INT4_GEMV_CONFIGS
             if not (c.words and group_size % c.block_k) and (dtype != torch.float32 or not c.halves)]  # fmt: skip
+
+
+def k_major(w_packed: torch.Tensor) -> torch.Tensor:
+    """Packed int4 weights (N, K/2) stored K-major: the same bytes, as a view of a contiguous (K/2, N) tensor. A
+    byte row then holds one pair of columns of every output: a GEMV program owning consecutive outputs reads
+    each step's bytes as contiguous runs and never sums across threads inside its loop (with ``group_major``
+    scales, also one run a step)."""
+    return w_packed.t().contiguous().t()
+
+
+def _is_k_major(w: torch.Tensor) -> bool:
+    return w.shape[0] > 1 and w.stride(0) == 1 and w.t().is_contiguous()
 
 
 def group_major(t: torch.Tensor) -> torch.Tensor:
@@ -704,20 +810,27 @@ def _scale_layout(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tens
 
 
 def int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size: int, config=None) -> torch.Tensor:
-    """Launch the Triton kernel: GEMV for few rows of x, GEMM above; autotuned per shape (and scales' layout:
-    row-major, or group-major as ``group_major`` stores them)."""
+    """Launch the Triton kernel: GEMV for few rows of x, GEMM above; autotuned per shape and layout (scales
+    row-major, or group-major as ``group_major`` stores them; weights row-major, or K-major as ``k_major`` stores
+    them, which takes its own GEMV kernel and group-major scales)."""
     _check_int4_weight(w_packed, scales, zeros, group_size)
     _check_x(x, 2 * w_packed.shape[1])
     _check_same_device(x=x, w_packed=w_packed, scales=scales, zeros=zeros)
     if not _triton_group(group_size):
         raise ValueError(f"the Triton int4 kernel needs a power-of-two group_size >= 32, got {group_size}")
-    w = w_packed.contiguous()
+    kmajor = _is_k_major(w_packed)
+    w = w_packed if kmajor else w_packed.contiguous()
+    if kmajor and not _is_group_major(scales):  # the K-major kernel reads a group's scales along N
+        scales = group_major(scales)
     scales, zeros = _scale_layout(scales, zeros)
-    layout = "group-major" if _is_group_major(scales) else "row-major"
+    layout = "K-major" if kmajor else "group-major" if _is_group_major(scales) else "row-major"
     return _run_weight_only(
-        x, w.shape[0], ("int4", group_size, x.dtype, layout), _int4_gemv_candidates(x.dtype, group_size), config,
-        lambda x2, y, c: _launch_int4_gemv(x2, w, scales, zeros, group_size, y, c),
-        lambda x2, y, c: _launch_weight_only_gemm(x2, w, scales, zeros, group_size, y, c),
+        x, w.shape[0], ("int4", group_size, x.dtype, layout), _int4_gemv_candidates(x.dtype, group_size, kmajor),
+        config,
+        lambda x2, y, c: (_launch_int4_gemv_kmajor if kmajor else _launch_int4_gemv)(x2, w, scales, zeros, group_size,
+                                                                                    y, c),
+        # many rows: the GEMM reads row-major bytes (a K-major layer pays a copy here; it is made for decoding)
+        lambda x2, y, c: _launch_weight_only_gemm(x2, w.contiguous(), scales, zeros, group_size, y, c),
         lambda x2: int4_weight_only_linear_reference(x2, w, scales, zeros, group_size),
     )  # fmt: skip
 
@@ -761,7 +874,8 @@ def int8_linear_reference(x_int8, w_int8, x_scales, w_scales, bias=None, out_dty
 
 
 def _launch_int8_gemm(a, w, sa, sb, bias, c, cfg: TileConfig):
-    triton, _, _, _, gemm, _ = _kernels()
+    k = _kernels()
+    triton, gemm = k.triton, k.int8_gemm
     M, K = a.shape
     N = w.shape[0]
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)

@@ -560,6 +560,19 @@ else:
 # one contiguous run, and `Int4WeightOnlyLinear` now stores them that way. Whether it closes
 # the gap to 2.8× is, again, for a GPU run to say (`benchmarks/gpu_check_quant.py` times
 # both layouts side by side).
+#
+# A third layout goes further, for the weights themselves: **K-major**
+# (`quant_kernels.k_major`, the packed bytes stored as `(K/2, N)`). Then one byte row holds
+# a pair of input columns for every output, and a program that owns 1024 consecutive outputs
+# reads each row as one contiguous run of 1024 bytes, 8 bytes to each of its 128 threads.
+# Every thread keeps the same outputs from row to row, so `Σ q·x` builds up in its own
+# registers: the kernel never sums across threads inside its loop (the byte kernel above
+# exchanges partial sums between threads at every step), x is the same two numbers for every thread of a
+# row, and with group-major scales a step's scales are contiguous too. The price: the
+# programs own no whole rows of `W`, so K is split across programs (8 or 16 ways), which add
+# into the output atomically. `int4_weight_only_linear` takes either layout; the tests check
+# the K-major kernel against the reference under the interpreter, and the GPU check times it
+# beside the others (not yet run on a GPU).
 
 # %% [markdown]
 # ## 7. The widget: bits, granularity, group size, calibration
