@@ -10,7 +10,8 @@ This file is ncu's target program and, with ``--summarize``, the reader of what 
   ``--profile-from-start off``, profiles those 39 kernels and nothing of the tuning before them.
 - ``int4`` (issue 5): the weight-only GEMVs at the bar's shape (batch 1, K=8192, N=28672): cuBLAS's
   bf16 GEMV, the int8 kernel, and the int4 kernel with each of its three unpackings (bytes, float
-  words, fp16 halves) in the configs the H100 autotuner ranked first, once each.
+  words, fp16 halves) in the configs the H100 autotuner ranked first, once each; two of them again
+  with group-major scales, and the K-major kernel (weights stored as ``quant_kernels.k_major``) in two configs.
 - ``--summarize FILE.csv``: one line a kernel out of ncu's ``--page raw --csv`` output: time, DRAM
   throughput as a share of the peak, bytes read, achieved occupancy, registers, grid, and the three
   stall reasons that cost the most cycles per issued instruction.
@@ -82,6 +83,8 @@ INT4_CONFIGS = {  # the H100 autotuner's leaders on 2026-11-27 (gpu_check_quant_
     "int4 halves 64x128 split4 w2": GemvConfig(64, 128, 4, 2, 4, True, True),  # added after that run
 }
 INT4_GROUP_MAJOR = ("int4 bytes 16x512 w4", "int4 halves 128x128 w2")  # also with scales stored group by group
+INT4_KMAJOR = {"int4 K-major 1024 split8 w4": GemvConfig(1024, 32, 8, 4, 3),
+               "int4 K-major 512 split16 w2": GemvConfig(512, 32, 16, 2, 3)}  # fmt: skip
 
 
 def int4(device: torch.device) -> None:
@@ -102,6 +105,9 @@ def int4(device: torch.device) -> None:
     for label in INT4_GROUP_MAJOR:
         calls[f"{label} group-major"] = lambda config=INT4_CONFIGS[label]: qk.int4_weight_only_linear_triton(
             x, p4, s4g, z4g, group, config=config)  # fmt: skip
+    p4k = qk.k_major(p4)  # the K-major kernel (split K: its zeroed fp32 buffer and copy are kernels of their own)
+    for label, config in INT4_KMAJOR.items():
+        calls[label] = lambda config=config: qk.int4_weight_only_linear_triton(x, p4k, s4g, z4g, group, config=config)
     reference = qk.int4_weight_only_linear_reference(x, p4, s4, z4, group).float()
     for label, call in calls.items():  # compile, and check, outside the profiled range
         if label.startswith("int4"):
