@@ -176,12 +176,14 @@ def check_kernels(device, smoke: bool) -> list[dict]:
                              "dtype": str(dtype), "ok": okw, "max_rel_err": errw})  # fmt: skip
                 log(f"check int4 word kernel ({label}) {m}x{k}x{n} {dtype}: {'ok' if okw else 'FAIL'} ({errw:.1e})")
             # the K-major kernel (weights stored as qk.k_major makes them), K split, as the GPU's tuner may choose it
-            kcfg = qk.GemvConfig(8, 32, 2, 1, 1) if smoke else qk.GemvConfig(1024, 32, 8, 4, 3)
-            okk, errk = close(qk.int4_weight_only_linear_triton(x, qk.k_major(packed), s_g, z_g, group, config=kcfg),
-                              expected4, tolerance[dtype])  # fmt: skip
-            rows.append({"kernel": f"int4_weight_only_linear g{group} K-major kernel", "shape": [m, k, n],
-                         "dtype": str(dtype), "ok": okk, "max_rel_err": errk})  # fmt: skip
-            log(f"check int4 K-major kernel {m}x{k}x{n} {dtype}: {'ok' if okk else 'FAIL'} ({errk:.1e})")
+            for words in (False, True):  # bytes, and rows read as 32-bit words
+                kcfg = qk.GemvConfig(8, 32, 2, 1, 1, words) if smoke else qk.GemvConfig(1024, 32, 8, 4, 3, words)
+                okk, errk = close(qk.int4_weight_only_linear_triton(x, qk.k_major(packed), s_g, z_g, group,
+                                                                    config=kcfg), expected4, tolerance[dtype])  # fmt: skip
+                label = "K-major kernel, words" if words else "K-major kernel"
+                rows.append({"kernel": f"int4_weight_only_linear g{group} {label}", "shape": [m, k, n],
+                             "dtype": str(dtype), "ok": okk, "max_rel_err": errk})  # fmt: skip
+                log(f"check int4 {label} {m}x{k}x{n} {dtype}: {'ok' if okk else 'FAIL'} ({errk:.1e})")
     # split-K explicitly (the autotuner may not pick it)
     m, k, n = (2, 256, 24) if smoke else (1, 14336, 4096)
     x = torch.randn(m, k, device=device, generator=g).to(cases[0][3])

@@ -84,7 +84,8 @@ INT4_CONFIGS = {  # the H100 autotuner's leaders on 2026-11-27 (gpu_check_quant_
 }
 INT4_GROUP_MAJOR = ("int4 bytes 16x512 w4", "int4 halves 128x128 w2")  # also with scales stored group by group
 INT4_KMAJOR = {"int4 K-major 1024 split8 w4": GemvConfig(1024, 32, 8, 4, 3),
-               "int4 K-major 512 split16 w2": GemvConfig(512, 32, 16, 2, 3)}  # fmt: skip
+               "int4 K-major words 1024 split8 w4": GemvConfig(1024, 32, 8, 4, 3, True),
+               "int4 K-major words 2048 split8 w8": GemvConfig(2048, 32, 8, 8, 3, True)}  # fmt: skip
 
 
 def int4(device: torch.device) -> None:

@@ -480,6 +480,8 @@ def test_int4_word_kernel_matches_reference(device, config):
     qk.GemvConfig(8, 32, 1, 1, 1),  # 16 byte rows a step, one K-slice; 20 outputs: the last program's partly masked
     qk.GemvConfig(16, 16, 3, 1, 1),  # 8 byte rows a step, K split 3 ways (6 groups of 32 over 3 slices)
     qk.GemvConfig(4, 64, 2, 1, 1),  # a step of a whole group of 64 k-values
+    qk.GemvConfig(8, 32, 1, 1, 1, True),  # rows read as 32-bit words: 5 words of 4 outputs, the last program's 3 masked
+    qk.GemvConfig(16, 16, 3, 1, 1, True),  # words, K split 3 ways
 ])  # fmt: skip
 def test_int4_kmajor_kernel_matches_reference(device, config):
     g = torch.Generator().manual_seed(11)
@@ -506,7 +508,8 @@ def test_int4_kmajor_kernel_refuses_steps_that_straddle_groups(device):
     q, scales, zeros, _ = quant.int4_parameters(torch.randn(8, 128), 32)
     kmajor = qk.k_major(qk.pack_int4(q)).to(device)
     x = torch.randn(1, 128, device=device)
-    for config in (qk.GemvConfig(8, 64, 1, 1, 1), qk.GemvConfig(8, 32, 1, 1, 1, True)):  # 64 > the group; words
+    for config in (qk.GemvConfig(8, 64, 1, 1, 1), qk.GemvConfig(8, 32, 1, 1, 1, True, True),  # 64 > the group; halves
+                   qk.GemvConfig(6, 32, 1, 1, 1, True)):  # words: block_n a multiple of 4
         with pytest.raises(ValueError, match="K-major kernel"):
             qk.int4_weight_only_linear_triton(x, kmajor, scales.to(device), zeros.to(device), 32, config=config)
 

@@ -60,8 +60,9 @@ def int4_word_kernels(group: int = 128) -> list[tuple[str, dict, int]]:
 
 def int4_kmajor_kernels(group: int = 128) -> list[tuple[str, dict, int]]:
     """(label, kernel, weights a thread handles per loop iteration) for the K-major kernel's configs."""
-    return [(f"int4 K-major {c}", qk.gpu_spec("int4_gemv_kmajor_kernel", c.num_warps, GROUP=group, BLOCK_N=c.block_n,
-                                              BLOCK_J=c.block_k // 2, SPLIT_K=c.split_k),
+    return [(f"int4 K-major {c}", qk.gpu_spec("int4_gemv_kmajor_words_kernel" if c.words else "int4_gemv_kmajor_kernel",
+                                              c.num_warps, GROUP=group, BLOCK_N=c.block_n, BLOCK_J=c.block_k // 2,
+                                              SPLIT_K=c.split_k),
              c.block_n * c.block_k // (32 * c.num_warps))
             for c in qk.INT4_KMAJOR_CONFIGS]  # fmt: skip
 

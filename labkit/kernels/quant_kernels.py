@@ -372,8 +372,71 @@ def _kernels():
         else:
             tl.atomic_add(y_ptr + m * stride_ym + offs_n, y, mask=n_in, sem="relaxed")
 
+    @triton.jit
+    def int4_gemv_kmajor_words_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, stride_wk, stride_sg, stride_ym, MAGIC,
+        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr,
+    ):  # fmt: skip
+        # int4_gemv_kmajor_kernel reading each byte row as 32-bit words (N % 4 == 0): word w of a row holds the
+        # bytes of outputs 4w..4w+3, output 4w + i in bits 8i..8i+7. Each nibble is shifted straight from the word
+        # to mantissa bits 19-22 and put under the exponent of 2^23: a shift and a logical op per weight, with no
+        # byte taken out of the word first; the four outputs of a word keep four accumulators. MAGIC is 2^23's bits
+        # (0x4B000000), an argument rather than a constant: with both the mask and it as constants, ptxas spent two
+        # logical ops a weight (compiled for sm_90), with it in a register one three-input LOP3.
+        BLOCK_W: tl.constexpr = BLOCK_N // 4
+        m, pid_k, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_w = pid_n * BLOCK_W + tl.arange(0, BLOCK_W)
+        w_in = offs_w < N // 4
+        rows_per_split = tl.cdiv(K // 2, SPLIT_K * BLOCK_J) * BLOCK_J
+        j_start = pid_k * rows_per_split
+        y0 = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        y1, y2, y3 = y0, y0, y0
+        for j0 in range(j_start, tl.minimum(j_start + rows_per_split, K // 2), BLOCK_J):
+            t0 = tl.zeros((BLOCK_W,), dtype=tl.float32)
+            t1, t2, t3 = t0, t0, t0
+            sum_x = 0.0
+            for jj in tl.static_range(BLOCK_J):
+                u = tl.load(w_ptr + (j0 + jj) * stride_wk + offs_w, mask=w_in, other=0, eviction_policy="evict_first")
+                x_even = tl.load(x_ptr + m * stride_xm + 2 * (j0 + jj)).to(tl.float32)
+                x_odd = tl.load(x_ptr + m * stride_xm + 2 * (j0 + jj) + 1).to(tl.float32)
+                xe = x_even * 0.0000019073486328125  # x · 2^-19
+                xo = x_odd * 0.0000019073486328125
+                # byte i's low nibble (bits 8i..8i+3) and high one (8i+4..8i+7) to bits 19-22: shifts 19 - 8i and
+                # 15 - 8i (right shifts of a signed word fill the top bits, which the mask drops)
+                t0 += (((u << 19) & 0x00780000) | MAGIC).to(tl.float32, bitcast=True) * xe
+                t0 += (((u << 15) & 0x00780000) | MAGIC).to(tl.float32, bitcast=True) * xo
+                t1 += (((u << 11) & 0x00780000) | MAGIC).to(tl.float32, bitcast=True) * xe
+                t1 += (((u << 7) & 0x00780000) | MAGIC).to(tl.float32, bitcast=True) * xo
+                t2 += (((u << 3) & 0x00780000) | MAGIC).to(tl.float32, bitcast=True) * xe
+                t2 += (((u >> 1) & 0x00780000) | MAGIC).to(tl.float32, bitcast=True) * xo
+                t3 += (((u >> 5) & 0x00780000) | MAGIC).to(tl.float32, bitcast=True) * xe
+                t3 += (((u >> 9) & 0x00780000) | MAGIC).to(tl.float32, bitcast=True) * xo
+                sum_x += x_even + x_odd
+            params = s_ptr + ((2 * j0) // GROUP) * stride_sg + 4 * offs_w  # the group's scales of outputs 4w
+            zeros = z_ptr + ((2 * j0) // GROUP) * stride_sg + 4 * offs_w
+            # s (Σ q x - z Σ x), Σ q x = t - 16 Σ x
+            y0 += tl.load(params, mask=w_in, other=0.0).to(tl.float32) * (
+                t0 - (16.0 + tl.load(zeros, mask=w_in, other=0).to(tl.float32)) * sum_x)
+            y1 += tl.load(params + 1, mask=w_in, other=0.0).to(tl.float32) * (
+                t1 - (16.0 + tl.load(zeros + 1, mask=w_in, other=0).to(tl.float32)) * sum_x)
+            y2 += tl.load(params + 2, mask=w_in, other=0.0).to(tl.float32) * (
+                t2 - (16.0 + tl.load(zeros + 2, mask=w_in, other=0).to(tl.float32)) * sum_x)
+            y3 += tl.load(params + 3, mask=w_in, other=0.0).to(tl.float32) * (
+                t3 - (16.0 + tl.load(zeros + 3, mask=w_in, other=0).to(tl.float32)) * sum_x)
+        out = y_ptr + m * stride_ym + 4 * offs_w
+        if SPLIT_K == 1:
+            tl.store(out, y0.to(y_ptr.dtype.element_ty), mask=w_in)
+            tl.store(out + 1, y1.to(y_ptr.dtype.element_ty), mask=w_in)
+            tl.store(out + 2, y2.to(y_ptr.dtype.element_ty), mask=w_in)
+            tl.store(out + 3, y3.to(y_ptr.dtype.element_ty), mask=w_in)
+        else:
+            tl.atomic_add(out, y0, mask=w_in, sem="relaxed")
+            tl.atomic_add(out + 1, y1, mask=w_in, sem="relaxed")
+            tl.atomic_add(out + 2, y2, mask=w_in, sem="relaxed")
+            tl.atomic_add(out + 3, y3, mask=w_in, sem="relaxed")
+
     return _Kernels(triton, int8_gemv_kernel, int4_gemv_kernel, weight_only_gemm_kernel, int8_gemm_kernel,
-                    int4_gemv_words_kernel, int4_gemv_kmajor_kernel)  # fmt: skip
+                    int4_gemv_words_kernel, int4_gemv_kmajor_kernel, int4_gemv_kmajor_words_kernel)  # fmt: skip
 
 
 class _Kernels(NamedTuple):
@@ -386,6 +449,7 @@ class _Kernels(NamedTuple):
     int8_gemm: object
     int4_gemv_words: object
     int4_gemv_kmajor: object
+    int4_gemv_kmajor_words: object
 
 
 # ---------------------------------------------------------------------------------------
@@ -440,7 +504,10 @@ INT4_GEMV_CONFIGS = [GemvConfig(*c) for c in (
 # programs fill the GPU (28672 outputs at 1024 a program are 28 programs: split 8-16 ways, 224-448)
 INT4_KMAJOR_CONFIGS = [GemvConfig(*c) for c in (
     (1024, 32, 16, 4, 3), (1024, 32, 8, 4, 3), (512, 32, 8, 2, 3), (512, 32, 16, 2, 3), (1024, 64, 8, 4, 2),
-    (2048, 32, 8, 8, 3), (512, 64, 8, 4, 2), (1024, 32, 16, 8, 3), (256, 32, 4, 1, 4), (2048, 32, 16, 8, 2),
+    (2048, 32, 8, 8, 3), (256, 32, 4, 1, 4),
+    # reading each row as 32-bit words (4 outputs each; N a multiple of 4): no byte taken out of a word first
+    (1024, 32, 8, 4, 3, True), (1024, 32, 16, 4, 3, True), (512, 32, 8, 2, 3, True), (2048, 32, 8, 8, 3, True),
+    (1024, 64, 8, 4, 2, True), (512, 32, 16, 2, 3, True), (2048, 32, 16, 8, 2, True),
 )]  # fmt: skip
 # (block_m, block_n, block_k, stages, warps):
 WEIGHT_ONLY_GEMM_CONFIGS = [TileConfig(*c) for c in (
@@ -455,11 +522,12 @@ INT8_GEMM_CONFIGS = [TileConfig(*c) for c in (
 # notebook 08): bf16 activations, scales and zero points, at the bar's shape
 _INT4_ARGS = dict(x_ptr="*bf16", s_ptr="*bf16", z_ptr="*bf16", y_ptr="*bf16", N="i32", K="i32", stride_xm="i32",
                   stride_wn="i32", stride_sn="i32", stride_sg="i32", stride_ym="i32")  # fmt: skip
+_KMAJOR_ARGS = dict(x_ptr="*bf16", s_ptr="*bf16", z_ptr="*bf16", y_ptr="*bf16", N="i32", K="i32", stride_xm="i32",
+                    stride_wk="i32", stride_sg="i32", stride_ym="i32")  # fmt: skip
 GPU_SIGNATURES = {"int4_gemv_kernel": dict(_INT4_ARGS, w_ptr="*u8"),
                   "int4_gemv_words_kernel": dict(_INT4_ARGS, w_ptr="*i32"),
-                  "int4_gemv_kmajor_kernel": dict(x_ptr="*bf16", w_ptr="*u8", s_ptr="*bf16", z_ptr="*bf16",
-                                                  y_ptr="*bf16", N="i32", K="i32", stride_xm="i32", stride_wk="i32",
-                                                  stride_sg="i32", stride_ym="i32")}  # fmt: skip
+                  "int4_gemv_kmajor_kernel": dict(_KMAJOR_ARGS, w_ptr="*u8"),
+                  "int4_gemv_kmajor_words_kernel": dict(_KMAJOR_ARGS, w_ptr="*i32", MAGIC="i32")}  # fmt: skip
 
 
 def gpu_spec(name: str, num_warps: int = 4, **constexprs) -> dict:
@@ -751,13 +819,17 @@ def _launch_int4_gemv_kmajor(x2, w, scales, zeros, group, y, cfg: GemvConfig):
     k = _kernels()
     M, K = x2.shape
     N = w.shape[0]
-    if cfg.words or cfg.block_k % 2 or group % cfg.block_k:
-        raise ValueError(f"the K-major kernel takes byte configs whose block_k (k-values a step, {cfg.block_k}) is even "
-                         f"and divides the group ({group})")  # fmt: skip
+    if cfg.halves or cfg.block_k % 2 or group % cfg.block_k or cfg.words and (N % 4 or cfg.block_n % 4):
+        raise ValueError(f"the K-major kernel takes configs whose block_k (k-values a step, {cfg.block_k}) is even and "
+                         f"divides the group ({group}); its words read 4 outputs at once (N = {N}, block_n = "
+                         f"{cfg.block_n}: multiples of 4), without halves")  # fmt: skip
     split_k = min(cfg.split_k, K // cfg.block_k)
     out = y if split_k == 1 else torch.zeros(y.shape, device=y.device, dtype=torch.float32)
-    k.int4_gemv_kmajor[(M, split_k, k.triton.cdiv(N, cfg.block_n))](
-        x2, w, scales, zeros, out, N, K, x2.stride(0), w.stride(1), scales.stride(1), out.stride(0),
+    kernel, rows, magic = k.int4_gemv_kmajor, w, ()
+    if cfg.words:  # the (K/2, N) bytes as (K/2, N/4) 32-bit words
+        kernel, rows, magic = k.int4_gemv_kmajor_words, w.t().view(torch.int32).t(), (0x4B000000,)
+    kernel[(M, split_k, k.triton.cdiv(N, cfg.block_n))](
+        x2, rows, scales, zeros, out, N, K, x2.stride(0), rows.stride(1), scales.stride(1), out.stride(0), *magic,
         GROUP=group, BLOCK_N=cfg.block_n, BLOCK_J=cfg.block_k // 2, SPLIT_K=split_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

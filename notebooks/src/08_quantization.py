@@ -568,7 +568,9 @@ else:
 # Every thread keeps the same outputs from row to row, so `Σ q·x` builds up in its own
 # registers: the kernel never sums across threads inside its loop (the byte kernel above
 # exchanges partial sums between threads at every step), x is the same two numbers for every thread of a
-# row, and with group-major scales a step's scales are contiguous too. The price: the
+# row, and with group-major scales a step's scales are contiguous too. Read as 32-bit words
+# (4 outputs a word), each nibble is shifted straight out of the word under the exponent of
+# 2^23: a shift, a logical op and a multiply-add a weight. The price: the
 # programs own no whole rows of `W`, so K is split across programs (8 or 16 ways), which add
 # into the output atomically. `int4_weight_only_linear` takes either layout; the tests check
 # the K-major kernel against the reference under the interpreter, and the GPU check times it
