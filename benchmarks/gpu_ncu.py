@@ -11,7 +11,7 @@ This file is ncu's target program and, with ``--summarize``, the reader of what 
 - ``int4`` (issue 5): the weight-only GEMVs at the bar's shape (batch 1, K=8192, N=28672): cuBLAS's
   bf16 GEMV, the int8 kernel, and the int4 kernel with each of its three unpackings (bytes, float
   words, fp16 halves) in the configs the H100 autotuner ranked first, once each; two of them again
-  with group-major scales, and the K-major kernel (weights stored as ``quant_kernels.k_major``) in two configs.
+  with group-major scales, and the K-major kernel (weights stored as ``quant_kernels.k_major``) in three configs.
 - ``--summarize FILE.csv``: one line a kernel out of ncu's ``--page raw --csv`` output: time, DRAM
   throughput as a share of the peak, bytes read, achieved occupancy, registers, grid, and the three
   stall reasons that cost the most cycles per issued instruction.

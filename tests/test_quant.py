@@ -480,7 +480,7 @@ def test_int4_word_kernel_matches_reference(device, config):
     qk.GemvConfig(8, 32, 1, 1, 1),  # 16 byte rows a step, one K-slice; 20 outputs: the last program's partly masked
     qk.GemvConfig(16, 16, 3, 1, 1),  # 8 byte rows a step, K split 3 ways (6 groups of 32 over 3 slices)
     qk.GemvConfig(4, 64, 2, 1, 1),  # a step of a whole group of 64 k-values
-    qk.GemvConfig(8, 32, 1, 1, 1, True),  # rows read as 32-bit words: 5 words of 4 outputs, the last program's 3 masked
+    qk.GemvConfig(8, 32, 1, 1, 1, True),  # rows read as 32-bit words: 5 words of 4 outputs, the last program's second masked
     qk.GemvConfig(16, 16, 3, 1, 1, True),  # words, K split 3 ways
 ])  # fmt: skip
 def test_int4_kmajor_kernel_matches_reference(device, config):
@@ -497,6 +497,12 @@ def test_int4_kmajor_kernel_matches_reference(device, config):
     for s, z in ((scales, zeros), (qk.group_major(scales), qk.group_major(zeros))):
         got = qk.int4_weight_only_linear_triton(x, kmajor, s, z, group, config=config)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # scales with stride 1 along N that are not a (G, N) tensor of their own: copied into one for the kernel
+    odd = torch.zeros(scales.shape[1], 2 * scales.shape[0], device=device, dtype=scales.dtype).t()[: scales.shape[0]]
+    odd.copy_(scales)
+    assert odd.stride(0) == 1 and not odd.t().is_contiguous()
+    torch.testing.assert_close(qk.int4_weight_only_linear_triton(x, kmajor, odd, zeros, group, config=config), expected,
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
     many = torch.randn(12, 192, generator=g).to(device)  # the GEMM path (more rows than a GEMV takes) copies the bytes
     torch.testing.assert_close(qk.int4_weight_only_linear(many, kmajor, scales, zeros, group, backend="triton"),
                                qk.int4_weight_only_linear_reference(many, packed, scales, zeros, group),

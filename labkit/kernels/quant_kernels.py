@@ -340,7 +340,8 @@ def _kernels():
         # s (Σ q x - z Σ x). x's two values a row are the same for every thread (a broadcast load). As in the word
         # kernel, each nibble goes under the exponent of 2^23, in the top mantissa bits 19-22: the float is
         # 2^23 + q·2^19, which times x·2^-19 is 16·x + q·x (16·x, not the word kernel's 2^7·x: less to cancel); the
-        # 16·x parts depend on x alone and come off once a step. Per weight: a shift, a logical op, a multiply-add.
+        # 16·x parts depend on x alone and come off once a step. Per weight: its byte taken out of the loaded word,
+        # shifts and logical ops, a multiply-add (the words kernel below needs fewer).
         m, pid_k, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_in = offs_n < N
@@ -499,9 +500,9 @@ INT4_GEMV_CONFIGS = [GemvConfig(*c) for c in (
     (64, 128, 4, 2, 4, True, True), (32, 128, 4, 1, 4, True, True), (128, 128, 4, 4, 4, True, True),
     (64, 128, 8, 2, 4, True, True), (32, 128, 8, 1, 3, True, True), (64, 128, 4, 2, 4, True),
 )]  # fmt: skip
-# The K-major kernel (weights stored as ``k_major`` makes them): BLOCK_N outputs a program (8 or 16 bytes of a row a
-# thread: 16-byte loads), block_k k-values (block_k / 2 byte rows) a step inside one group, K split so that the
-# programs fill the GPU (28672 outputs at 1024 a program are 28 programs: split 8-16 ways, 224-448)
+# The K-major kernel (weights stored as ``k_major`` makes them): BLOCK_N outputs a program (8 bytes of a row a thread:
+# 8-byte loads), block_k k-values (block_k / 2 byte rows) a step inside one group, K split so that the programs fill
+# the GPU (28672 outputs at 256-2048 a program, split 4-16 ways: 112-896 programs)
 INT4_KMAJOR_CONFIGS = [GemvConfig(*c) for c in (
     (1024, 32, 16, 4, 3), (1024, 32, 8, 4, 3), (512, 32, 8, 2, 3), (512, 32, 16, 2, 3), (1024, 64, 8, 4, 2),
     (2048, 32, 8, 8, 3), (256, 32, 4, 1, 4),
@@ -884,7 +885,7 @@ def _scale_layout(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tens
 def int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size: int, config=None) -> torch.Tensor:
     """Launch the Triton kernel: GEMV for few rows of x, GEMM above; autotuned per shape and layout (scales
     row-major, or group-major as ``group_major`` stores them; weights row-major, or K-major as ``k_major`` stores
-    them, which takes its own GEMV kernel and group-major scales)."""
+    them, which takes its own GEMV kernels and group-major scales: others are copied so at every call)."""
     _check_int4_weight(w_packed, scales, zeros, group_size)
     _check_x(x, 2 * w_packed.shape[1])
     _check_same_device(x=x, w_packed=w_packed, scales=scales, zeros=zeros)
@@ -892,8 +893,8 @@ def int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size: int, 
         raise ValueError(f"the Triton int4 kernel needs a power-of-two group_size >= 32, got {group_size}")
     kmajor = _is_k_major(w_packed)
     w = w_packed if kmajor else w_packed.contiguous()
-    if kmajor and not _is_group_major(scales):  # the K-major kernel reads a group's scales along N
-        scales = group_major(scales)
+    if kmajor and not (_is_group_major(scales) and scales.t().is_contiguous()):
+        scales = group_major(scales)  # the K-major kernels read a group's scales as one run along N (else a copy)
     scales, zeros = _scale_layout(scales, zeros)
     layout = "K-major" if kmajor else "group-major" if _is_group_major(scales) else "row-major"
     return _run_weight_only(

@@ -571,7 +571,7 @@ else:
 # row, and with group-major scales a step's scales are contiguous too. Read as 32-bit words
 # (4 outputs a word), each nibble is shifted straight out of the word under the exponent of
 # 2^23: a shift, a logical op and a multiply-add a weight. The price: the
-# programs own no whole rows of `W`, so K is split across programs (8 or 16 ways), which add
+# programs own no whole rows of `W`, so K is split across programs (4 to 16 ways), which add
 # into the output atomically. `int4_weight_only_linear` takes either layout; the tests check
 # the K-major kernel against the reference under the interpreter, and the GPU check times it
 # beside the others (not yet run on a GPU).
