@@ -854,7 +854,7 @@ def k_major(w_packed: torch.Tensor) -> torch.Tensor:
     byte row then holds one pair of columns of every output: a GEMV program owning consecutive outputs reads
     each step's bytes as contiguous runs and never sums across threads inside its loop (with ``group_major``
     scales, also one run a step)."""
-    return w_packed.t().contiguous().t()
+    return group_major(w_packed)  # the same storage trick: the transpose made contiguous, seen transposed back
 
 
 def _is_k_major(w: torch.Tensor) -> bool:
