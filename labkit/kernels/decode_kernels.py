@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from .._args import check_int
 from .._derived import derived
 from . import MIN_TRITON_PDL, fastest, triton_at_least
+from .matmul_kernel import _num_sms
 from .quant_kernels import GemvConfig, _choose, _on_interpreter
 
 LOG2E = 1.4426950408889634
@@ -130,7 +131,7 @@ def default_splits(x: torch.Tensor, rows_times_heads: int) -> int:
     """Sequence splits for decode attention: about two programs per SM on a GPU, 4 elsewhere (a power of two)."""
     if not x.is_cuda:
         return 4
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms = _num_sms(x.device)
     return max(1, min(32, 1 << max(0, math.ceil(math.log2(2 * sms / rows_times_heads)))))
 
 
@@ -731,21 +732,11 @@ def mlp_launch(cfg: MLPConfig, width: int, hidden: int, sms: int) -> tuple[int, 
     return -(-hidden // units), constexprs
 
 
-def _sm_count(t: torch.Tensor) -> int:
-    """SMs of t's GPU; elsewhere (the interpreter) 4, so that per-SM configs still deal units out."""
-    return _gpu_sms(t.device.index if t.device.index is not None else torch.cuda.current_device()) if t.is_cuda else 4
-
-
-@functools.cache
-def _gpu_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _launch_mlp(x, ln, fc_weight, fc_bias, proj_weight_t, proj_bias, out, cfg: MLPConfig, pdl: bool = False) -> None:
     *_, kernel = _kernels()
     B, C = x.shape
     hidden = fc_weight.shape[0]
-    programs, constexprs = mlp_launch(cfg, C, hidden, _sm_count(x))
+    programs, constexprs = mlp_launch(cfg, C, hidden, _num_sms(x.device))  # 4 "SMs" on the interpreter
     wfc = fc_weight if fc_weight.stride(1) == 1 else fc_weight.contiguous()
     wpt = proj_weight_t if proj_weight_t.stride(1) == 1 else proj_weight_t.contiguous()
     xs = x if x.stride(1) == 1 else x.contiguous()

@@ -188,7 +188,15 @@ def tma_possible(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    """SMs of a CUDA device (read once per GPU: kernel launches ask); elsewhere (the interpreter) 4."""
+    if device.type != "cuda":
+        return 4
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 _tuned: dict[tuple, TileConfig] = {}  # (M, N, K, dtype, layouts, device) -> the fastest config
 autotune_log: dict[tuple, list[tuple[TileConfig, float | None]]] = {}  # every timing, for the curious
 
