@@ -700,11 +700,12 @@ def _register() -> None:
 
     @register_suite("serving")
     def serving_suite(quick: bool = False) -> list[dict]:
-        """Speculative decoding of LabGPT tiny (student-draft, student-distilled; k = 4, 8, 16; adaptive) vs tiny alone."""
+        """Speculative decoding of LabGPT tiny (drafts student-draft, student-draft-2layer, student-distilled;
+        k = 4, 8, 16; adaptive) vs tiny alone."""
         from . import load_model
 
         target, _ = load_model("tiny")
-        drafts = {name: load_model(name)[0] for name in ("student-draft", "student-distilled")}
+        drafts = {name: load_model(name)[0] for name in ("student-draft", "student-draft-2layer", "student-distilled")}
         prompts, n_new = held_out_prompts(6), 64 if quick else 128
         for name, draft in drafts.items():
             print(f"{name}: alpha = {greedy_agreement(target, draft, prompts, n_new):.4f} on the held-out prompts")
@@ -714,8 +715,9 @@ def _register() -> None:
             for k in (4, 8, 16):
                 variants[f"speculative, {name}, k={k}"] = lambda d=draft, k=k: [
                     speculative_generate(target, d, p, n_new, k) for p in prompts]  # fmt: skip
-        variants["speculative, student-draft, k<=32, stop below p=0.5"] = lambda d=drafts["student-draft"]: [
-            speculative_generate(target, d, p, n_new, 32, stop_below=0.5) for p in prompts]  # fmt: skip
+        for name in ("student-draft", "student-draft-2layer"):
+            variants[f"speculative, {name}, k<=32, stop below p=0.5"] = lambda d=drafts[name]: [
+                speculative_generate(target, d, p, n_new, 32, stop_below=0.5) for p in prompts]  # fmt: skip
         with torch.no_grad():
             return compare_rounds(variants, rounds=1 if quick else 3, repeat=1 if quick else 3, warmup=1, suite="serving")
 

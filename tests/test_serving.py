@@ -110,6 +110,21 @@ def test_distilling_the_draft_on_the_targets_text_raises_its_acceptance():
     assert not draft.training
 
 
+def test_the_shipped_drafts_agree_with_tiny_and_speculate_exactly():
+    """The shipped drafts are what notebook 16 says: 3 and 2 blocks, agreeing with tiny on its own text."""
+    import labkit
+
+    target, _ = labkit.load_model("tiny")
+    prompts = serving.held_out_prompts(2)
+    for name, blocks in (("student-draft", 3), ("student-draft-2layer", 2)):
+        draft, _ = labkit.load_model(name)
+        assert draft.config.n_layer == blocks
+        assert serving.greedy_agreement(target, draft, prompts, 64) > 0.95, name
+    with torch.no_grad():
+        out = serving.speculative_generate(target, draft, prompts[1], 64, k=8)
+        assert torch.equal(out, target.generate(prompts[1], 64, temperature=0))
+
+
 def test_draft_distillation_bad_input():
     from labkit import distill
 

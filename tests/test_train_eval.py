@@ -42,6 +42,28 @@ def test_distillation_loss_rejects_bad_arguments_by_name():
         distillation_loss(s, torch.zeros(2, 3, 12), y, 0.5, 2.0)
 
 
+def test_keep_layers_is_the_same_model_without_the_other_blocks():
+    from labkit.distill import keep_layers
+    from labkit.model import LabGPT, get_config
+
+    torch.manual_seed(0)
+    model = LabGPT(get_config("nano", n_layer=3)).eval()
+    idx = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(keep_layers(model, range(3))(idx), model(idx), rtol=0, atol=0)
+        shallow = keep_layers(model, [2, 0])
+        assert shallow.config.n_layer == 2 and shallow.lm_head.weight is shallow.transformer.wte.weight
+        t = model.transformer  # the oracle: the original's own modules, blocks 2 then 0
+        x = t.wte(idx) + t.wpe(torch.arange(idx.size(1)))
+        expected = model.lm_head(t.ln_f(t.h[0](t.h[2](x))))
+        torch.testing.assert_close(shallow(idx), expected, rtol=0, atol=0)
+    shallow.transformer.h[0].ln_1.weight.data.add_(1.0)  # a copy: tuning it leaves the original alone
+    assert not torch.equal(shallow.transformer.h[0].ln_1.weight, model.transformer.h[2].ln_1.weight)
+    for bad in ([], [3], [0, 0], [-1], "0,2", [True], [0.0]):
+        with pytest.raises(ValueError, match="layers must list distinct block indices in 0..2"):
+            keep_layers(model, bad)
+
+
 def test_forced_scoring_equals_real_greedy_generation():
     model, tok = labkit.load_model("student")
     for task, fmt, shots in (("string", "vague", 0), ("arithmetic", "vague", 0), ("translate", "specific", 2)):
