@@ -27,7 +27,7 @@ ROLES = {
     "tiny": "teacher: the model every lab studies",
     "student": "half the layers, trained the plain way on the same data",
     "student-distilled": "the student's shape, trained by distillation from `tiny` (draft model for speculative decoding)",
-    "student-draft": "`student-distilled` tuned on `tiny`'s own greedy output (DistillSpec-style): the faster draft of notebook 16",
+    "student-draft": "`student-distilled` tuned on `tiny`'s own greedy output (DistillSpec-style): the most accurate draft of notebook 16",
     "student-draft-2layer": "`student-draft` without its middle block (`distill.keep_layers`), tuned again: a cheaper draft",
 }
 

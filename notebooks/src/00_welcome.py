@@ -62,9 +62,10 @@ info = labkit.doctor()
 # stories and five tasks), so nothing is downloaded and every answer can be checked.
 #
 # The shipped checkpoints: `tiny` (the teacher every lab studies), `student` (half the
-# layers), `student-distilled` (distilled from `tiny`, notebook 10) and `student-draft` (that
-# student tuned to guess `tiny`'s next token, for speculative decoding in notebook 16). Their
-# training commands and measured accuracy are in `data/MODEL_CARD.md`.
+# layers), `student-distilled` (distilled from `tiny`, notebook 10), `student-draft` (that
+# student tuned to guess `tiny`'s next token, for speculative decoding in notebook 16) and
+# `student-draft-2layer` (a cheaper draft: `student-draft` with one block cut out, tuned
+# again). Their training commands and measured accuracy are in `data/MODEL_CARD.md`.
 
 # %%
 model, tokenizer = labkit.load_model("tiny")
