@@ -486,11 +486,11 @@ for name, m in variants.items():
 #
 # ## 5. Explore
 #
-# Offered load and scheduler; draft length `k` and the early stop `stop_below` (0: off).
+# Offered load and scheduler; the draft, its length `k` and the early stop `stop_below` (0: off).
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-def experiment(fig, what, load, k, stop_below):
+def experiment(fig, what, load, draft_model, k, stop_below):
     ax = fig.add_subplot()
     if what == "batching":
         work = serving.make_workload(16, rate=load, long=(96, 192), seed=0)
@@ -501,14 +501,15 @@ def experiment(fig, what, load, k, stop_below):
     st = {}
     with torch.no_grad():
         sb = stop_below if stop_below > 0 else None  # 0: never stop early
-        t_spec = measure(lambda: serving.speculative_generate(model, tuned, workload[0], 100, k, st, sb), 1, 2).median_s
+        t_spec = measure(lambda: serving.speculative_generate(model, drafts[draft_model], workload[0], 100, k, st, sb), 1, 2).median_s
         t_base = measure(lambda: model.generate(workload[0], 100, temperature=0), 1, 2).median_s
     ax.bar(["target alone", f"speculative k={k}"], [1e3 * t_base, 1e3 * t_spec])
     ax.set(ylabel="ms for 100 tokens")
     return f"acceptance {st['acceptance']:.2f}, speedup {t_base / t_spec:.2f}x"
 
 
-widgets.explore(experiment, what=["speculative", "batching"], load=(1.0, 64.0, 1.0, 16.0), k=(1, 32, 1, 8),
+widgets.explore(experiment, what=["speculative", "batching"], load=(1.0, 64.0, 1.0, 16.0),
+                draft_model=["student-draft-2layer", "student-draft", "student-distilled"], k=(1, 32, 1, 8),
                 stop_below=(0.0, 0.9, 0.1, 0.0))
 
 # %% [markdown]
