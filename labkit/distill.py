@@ -162,28 +162,23 @@ def distill_draft(
 def keep_layers(model, layers) -> torch.nn.Module:
     """A shallower copy of ``model``: only the transformer blocks listed in ``layers``, in that order.
 
-    Embeddings, final norm and head are copied as they are; block ``layers[i]`` becomes block
-    ``i``. A good start for a cheaper draft (a draft step costs about its share of layers), which
-    distillation then tunes to agree with the target again (``distill_draft``).
+    Everything else (embeddings, final norm, tied head, swapped modules, training mode) is copied
+    as it is; block ``layers[i]`` becomes block ``i``. A good start for a cheaper draft (a draft
+    step costs about its share of blocks), which distillation then tunes to agree with the target
+    again (``distill_draft``).
     """
+    import copy
     from dataclasses import replace
 
-    from .model import LabGPT
-
     n = model.config.n_layer
-    layers = list(layers) if not isinstance(layers, (str, bytes)) else layers
-    if not isinstance(layers, list) or not layers or len(set(layers)) != len(layers) or not all(
-            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in layers):  # fmt: skip
+    try:
+        kept = [i for i in layers] if not isinstance(layers, (str, bytes)) else None
+    except TypeError:
+        kept = None
+    if not kept or len(set(kept)) != len(kept) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in kept):  # fmt: skip
         raise ValueError(f"layers must list distinct block indices in 0..{n - 1} (at least one), got {layers!r}")
-    p = next(model.parameters())
-    shallow = LabGPT(replace(model.config, n_layer=len(layers))).to(device=p.device, dtype=p.dtype)
-    state = {}
-    for name, value in model.state_dict().items():
-        if name.startswith("transformer.h."):
-            index, rest = name[len("transformer.h."):].split(".", 1)
-            if int(index) in layers:
-                state[f"transformer.h.{layers.index(int(index))}.{rest}"] = value
-        else:
-            state[name] = value
-    shallow.load_state_dict(state)
-    return shallow.train(model.training)
+    shallow = copy.deepcopy(model)  # the head stays tied to the embedding (deepcopy keeps shared tensors shared)
+    shallow.transformer.h = torch.nn.ModuleList(shallow.transformer.h[i] for i in kept)
+    shallow.config = replace(model.config, n_layer=len(kept))
+    return shallow

@@ -700,8 +700,7 @@ def _register() -> None:
 
     @register_suite("serving")
     def serving_suite(quick: bool = False) -> list[dict]:
-        """Speculative decoding of LabGPT tiny (drafts student-draft, student-draft-2layer, student-distilled;
-        k = 4, 8, 16; adaptive) vs tiny alone."""
+        """Speculative decoding of LabGPT tiny with three drafts (k = 4, 8, 16; adaptive) vs tiny alone."""
         from . import load_model
 
         target, _ = load_model("tiny")

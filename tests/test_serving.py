@@ -120,9 +120,9 @@ def test_the_shipped_drafts_agree_with_tiny_and_speculate_exactly():
         draft, _ = labkit.load_model(name)
         assert draft.config.n_layer == blocks
         assert serving.greedy_agreement(target, draft, prompts, 64) > 0.95, name
-    with torch.no_grad():
-        out = serving.speculative_generate(target, draft, prompts[1], 64, k=8)
-        assert torch.equal(out, target.generate(prompts[1], 64, temperature=0))
+        with torch.no_grad():
+            out = serving.speculative_generate(target, draft, prompts[1], 64, k=8)
+            assert torch.equal(out, target.generate(prompts[1], 64, temperature=0)), name
 
 
 def test_draft_distillation_bad_input():

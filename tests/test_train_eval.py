@@ -59,7 +59,10 @@ def test_keep_layers_is_the_same_model_without_the_other_blocks():
         torch.testing.assert_close(shallow(idx), expected, rtol=0, atol=0)
     shallow.transformer.h[0].ln_1.weight.data.add_(1.0)  # a copy: tuning it leaves the original alone
     assert not torch.equal(shallow.transformer.h[0].ln_1.weight, model.transformer.h[2].ln_1.weight)
-    for bad in ([], [3], [0, 0], [-1], "0,2", [True], [0.0]):
+    half = keep_layers(model.to(torch.bfloat16).train(), [1])  # dtype and training mode carry over
+    assert half.training and half.transformer.wte.weight.dtype == torch.bfloat16 and half.config.n_layer == 1
+    assert model.config.n_layer == 3  # the original's config is not touched
+    for bad in ([], [3], [0, 0], [-1], "0,2", [True], [0.0], 1, None):
         with pytest.raises(ValueError, match="layers must list distinct block indices in 0..2"):
             keep_layers(model, bad)
 

@@ -12,7 +12,9 @@ with its losses and the agreement (acceptance rate) before and after in data/stu
 
 import argparse
 import json
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,7 +32,8 @@ parser.add_argument("--steps", type=int, default=500)
 parser.add_argument("--batch-size", type=int, default=16)
 parser.add_argument("--lr", type=float, default=3e-4)
 parser.add_argument("--layers", default=None, help="keep only these blocks of the draft, e.g. 0,2 (default: all)")
-parser.add_argument("--out", default=str(labkit.DATA_DIR / "student-draft.safetensors"))
+DEFAULT_OUT = labkit.DATA_DIR / "student-draft.safetensors"
+parser.add_argument("--out", default=str(DEFAULT_OUT))
 args = parser.parse_args()
 
 torch.manual_seed(0)
@@ -51,9 +54,12 @@ after = serving.greedy_agreement(target, draft, held_out)
 command = "python tools/train_draft.py " + " ".join(
     f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None
 )
+if Path(args.out).resolve() != DEFAULT_OUT.resolve():  # the command must write where this file was written
+    command += f" --out {os.path.relpath(Path(args.out).resolve(), labkit.DATA_DIR.parent)}"
 _, start_meta = load_safetensors(labkit.DATA_DIR / f"{args.draft}.safetensors", with_metadata=True)
 tokens_seen = int(start_meta.get("tokens_seen", 0)) + stats["tokens"]  # the start's training, then this tuning
-meta = {"train_command": command, "teacher": args.target, "initialised_from": args.draft + (f" (blocks {args.layers})" if args.layers else ""), "seed": "0",
+start = args.draft + (f" (blocks {args.layers})" if args.layers else "")
+meta = {"train_command": command, "teacher": args.target, "initialised_from": start, "seed": "0",
         "tokens_seen": str(tokens_seen), "tuning_tokens": str(stats["tokens"]),
         "steps": str(args.steps), "wall_time_s": f"{seconds:.1f}", "machine": machine_name(), "torch": torch.__version__}  # fmt: skip
 save_checkpoint(draft, args.out, meta)

@@ -333,7 +333,7 @@ print(tok.decode(fast[0].tolist())[:200])
 #
 # The other lever is the draft's cost `c`. A draft step runs every block of the draft once,
 # so a shallower draft is cheaper. `student-draft-2layer` is `student-draft` with its middle
-# block cut out (`distill.keep_layers(draft, [0, 2])`: blocks 0 and 2, embeddings and head
+# block cut out (`distill.keep_layers(tuned, [0, 2])`: blocks 0 and 2, embeddings and head
 # as they were), tuned the same way again for 2,000 steps (`tools/train_draft.py --layers
 # 0,2`, 9 minutes on the kit's 2-core CPU). Cutting a block costs agreement (α falls to
 # 0.35 on the held-out prompts before tuning, in `data/student-draft-2layer.history.json`),
@@ -363,12 +363,11 @@ print("on free-form prompts unlike the training mixture: " + ", ".join(
 
 # %% [markdown]
 # The tuned draft predicts the target far better and the corpus a little worse: it traded
-# modelling text for modelling the target's choices, which is all a draft is for. The 2-block
-# draft goes further: it agrees with the target almost as often, yet as a model of the corpus
-# it is far worse (its perplexity, printed above). One block fewer leaves it room only for what
-# drafting on this kind of text asks, and distillation spent that room there. It learned
-# them on the kind of text it serves; on text unlike it, α falls for both drafts, and so
-# does the gain.
+# modelling text for modelling the target's choices, which is all a draft is for. It learned
+# them on the kind of text it serves; on text unlike it, α falls for every draft, and so
+# does the gain. The 2-block draft goes further: it agrees with the target almost as often,
+# yet as a model of the corpus it is far worse (its perplexity, printed above). Whether the
+# cut or the tuning cost it that, these numbers do not say; for a draft it does not matter.
 #
 # A draft also knows when it is unsure. With `stop_below`, a round ends as soon as the
 # draft's top probability drops below the threshold (a doubtful guess is likely wrong, and
@@ -431,10 +430,10 @@ plt.show()
 # Four things show. **α decides**: at α ≈ 0.96 about one guess in 24 is wrong and a long
 # draft is often cut short; at α ≈ 0.997 a round of 16 guesses usually survives whole, so
 # the tuned draft gains most at large `k`. **So does `c`**: the 2-block draft misses a little
-# more often than the 3-block one, but each of its guesses is cheaper. A step of a model this
-# small on a CPU is mostly fixed per-operator cost (embedding, final norm, head, Python), so
-# `c` falls by less than the blocks do (compare the printed `c` with 2/6 and 3/6); the formula
-# weighs the two, and the measurement says which wins on your machine. **The estimate is only as good as its inputs**:
+# more often than the 3-block one, but each of its guesses is cheaper. `c` falls almost in
+# proportion to the blocks (compare the printed `c` with 2/6 and 3/6): what does not shrink
+# with them (embedding, final norm, head, Python) is a small part of a step. The formula
+# weighs `c` against α, and the measurement says which draft wins on your machine. **The estimate is only as good as its inputs**:
 # Leviathan's formula needs the draft's cost `c` and assumes a verification pass costs one
 # target step, but the verify pass pushes `k+1` tokens through matrix-matrix kernels, which
 # cost more than the matrix-vector kernels of one token (`v`, printed above in target
