@@ -11,7 +11,8 @@ Timings and plots of timings are only worth committing from a quiet machine: on 
 two-thread matmuls slow down 6-50x. ``--keep-timings`` is for a rebuild on a busy machine when
 only prose or deterministic cells changed: after executing, every ``# NBVAL_IGNORE_OUTPUT``
 cell whose source is unchanged gets back the outputs of the notebook it replaces (say so in
-the commit message; rebuild quietly when the code those cells time has changed).
+the commit message; rebuild quietly when the code those cells time has changed). A notebook is built
+beside its old self and replaces it only once it has run to the end, so a failed build changes nothing.
 """
 
 from __future__ import annotations
@@ -56,23 +57,30 @@ def build(src: Path, execute: bool = True, keep_timings: bool = False) -> Path:
     nb.cells = parse(src.read_text())
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
-    nbformat.write(nb, out)
-    if execute:
-        env = dict(os.environ, LABKIT_STATIC="1")
-        subprocess.run(
-            [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", "--inplace",
-             "--ExecutePreprocessor.timeout=600", str(out)],
-            check=True, env=env, cwd=out.parent,
-        )  # fmt: skip
-    if previous:
-        built = nbformat.read(out, as_version=4)
-        kept = 0
-        for cell in built.cells:
-            if cell.cell_type == "code" and cell.source in previous:
-                cell.outputs = previous[cell.source]
-                kept += 1
-        nbformat.write(built, out)
-        print(f"kept the previous outputs of {kept} timing cells")
+    # built beside it and moved over it only once it ran to the end: a failed run leaves the committed
+    # notebook (and the timings --keep-timings takes from it) as they were
+    work = out.with_name(f".{out.stem}.building.ipynb")
+    try:
+        nbformat.write(nb, work)
+        if execute:
+            env = dict(os.environ, LABKIT_STATIC="1")
+            subprocess.run(
+                [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", "--inplace",
+                 "--ExecutePreprocessor.timeout=600", str(work)],
+                check=True, env=env, cwd=out.parent,
+            )  # fmt: skip
+        if previous:
+            built = nbformat.read(work, as_version=4)
+            kept = 0
+            for cell in built.cells:
+                if cell.cell_type == "code" and cell.source in previous:
+                    cell.outputs = previous[cell.source]
+                    kept += 1
+            nbformat.write(built, work)
+            print(f"kept the previous outputs of {kept} timing cells")
+        os.replace(work, out)
+    finally:
+        work.unlink(missing_ok=True)
     return out
 
 
