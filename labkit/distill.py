@@ -172,7 +172,7 @@ def keep_layers(model, layers) -> torch.nn.Module:
 
     n = model.config.n_layer
     try:
-        kept = [i for i in layers] if not isinstance(layers, (str, bytes)) else None
+        kept = None if isinstance(layers, (str, bytes)) else list(layers)
     except TypeError:
         kept = None
     if not kept or len(set(kept)) != len(kept) or not all(
