@@ -649,21 +649,31 @@ def int8_weight_only_linear_reference(x: torch.Tensor, w_int8: torch.Tensor, sca
     return ((x.float() @ w_int8.float().t()) * scales.float()).to(x.dtype)  # (..., K) @ (K, N) -> (..., N)
 
 
+def _split_k_output(y: torch.Tensor, split_k: int) -> torch.Tensor:
+    """Where a GEMV's programs write: ``y`` itself, or with K split, a zeroed fp32 buffer they add into atomically."""
+    return y if split_k == 1 else torch.zeros(y.shape, device=y.device, dtype=torch.float32)
+
+
+def _split_k_result(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``y``, holding the split-K buffer's sums in its own dtype where the programs wrote to a buffer."""
+    if out is not y:
+        y.copy_(out)
+    return y
+
+
 def _launch_int8_gemv(x2, w, scales, y, cfg: GemvConfig):
     k = _kernels()
     triton, gemv = k.triton, k.int8_gemv
     M, K = x2.shape
     N = w.shape[0]
-    out = y if cfg.split_k == 1 else torch.zeros(y.shape, device=y.device, dtype=torch.float32)
+    out = _split_k_output(y, cfg.split_k)
     grid = (M, cfg.split_k, triton.cdiv(N, cfg.block_n))
     gemv[grid](
         x2, w, scales, out, N, K, x2.stride(0), w.stride(0), out.stride(0),
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
         EVEN_K=K % (cfg.block_k * cfg.split_k) == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if out is not y:
-        y.copy_(out)
-    return y
+    return _split_k_result(y, out)
 
 
 def _launch_weight_only_gemm(x2, w, scales, zeros, group, y, cfg: TileConfig):
@@ -782,16 +792,14 @@ def _launch_int4_gemv(x2, w, scales, zeros, group, y, cfg: GemvConfig):
     N = w.shape[0]
     block_k = max(cfg.block_k, group)  # whole groups per K-block
     split_k = min(cfg.split_k, triton.cdiv(K, block_k))
-    out = y if split_k == 1 else torch.zeros(y.shape, device=y.device, dtype=torch.float32)
+    out = _split_k_output(y, split_k)
     grid = (M, split_k, triton.cdiv(N, cfg.block_n))
     gemv[grid](
         x2, w, scales, zeros, out, N, K, x2.stride(0), w.stride(0), scales.stride(0), scales.stride(1), out.stride(0),
         GROUP=group, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if out is not y:
-        y.copy_(out)
-    return y
+    return _split_k_result(y, out)
 
 
 def _launch_int4_gemv_words(x2, w, scales, zeros, group, y, cfg: GemvConfig):
@@ -804,16 +812,14 @@ def _launch_int4_gemv_words(x2, w, scales, zeros, group, y, cfg: GemvConfig):
                          f"{group}) and 4-byte aligned weights")  # fmt: skip
     words = w.view(torch.int32)  # (N, K / 8): each row's bytes, four at a time
     split_k = min(cfg.split_k, triton.cdiv(K, cfg.block_k))
-    out = y if split_k == 1 else torch.zeros(y.shape, device=y.device, dtype=torch.float32)
+    out = _split_k_output(y, split_k)
     kernel[(M, split_k, triton.cdiv(N, cfg.block_n))](
         x2, words, scales, zeros, out, N, K, x2.stride(0), words.stride(0), scales.stride(0), scales.stride(1),
         out.stride(0),
         GROUP=group, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_k // 8, SPLIT_K=split_k,
         HALVES=cfg.halves, ASM=x2.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if out is not y:
-        y.copy_(out)
-    return y
+    return _split_k_result(y, out)
 
 
 def _launch_int4_gemv_kmajor(x2, w, scales, zeros, group, y, cfg: GemvConfig):
@@ -825,7 +831,7 @@ def _launch_int4_gemv_kmajor(x2, w, scales, zeros, group, y, cfg: GemvConfig):
                          f"divides the group ({group}); its words read 4 outputs at once (N = {N}, block_n = "
                          f"{cfg.block_n}: multiples of 4), without halves")  # fmt: skip
     split_k = min(cfg.split_k, K // cfg.block_k)
-    out = y if split_k == 1 else torch.zeros(y.shape, device=y.device, dtype=torch.float32)
+    out = _split_k_output(y, split_k)
     kernel, rows, magic = k.int4_gemv_kmajor, w, ()
     if cfg.words:  # the (K/2, N) bytes as (K/2, N/4) 32-bit words
         kernel, rows, magic = k.int4_gemv_kmajor_words, w.t().view(torch.int32).t(), (0x4B000000,)
@@ -834,9 +840,7 @@ def _launch_int4_gemv_kmajor(x2, w, scales, zeros, group, y, cfg: GemvConfig):
         GROUP=group, BLOCK_N=cfg.block_n, BLOCK_J=cfg.block_k // 2, SPLIT_K=split_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if out is not y:
-        y.copy_(out)
-    return y
+    return _split_k_result(y, out)
 
 
 def _int4_gemv_candidates(dtype: torch.dtype, group_size: int, kmajor: bool = False) -> list[GemvConfig]:
