@@ -692,8 +692,9 @@ class LossScaler:
         self.scale_value = torch.tensor(init_scale, dtype=torch.float32)  # fp32, as GradScaler keeps it
         self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
         self.growth_tracker = 0  # clean steps since the last change of scale
-        self.found_inf = False
-        self._unscaled = False
+        # per optimizer, since the last update(), as GradScaler keeps it: whether its gradients were
+        # unscaled, whether they held an inf or a NaN, whether it stepped (or skipped its step)
+        self._optimizers: dict[int, dict] = {}
         self.history: list[dict] = []  # one {"scale", "skipped"} per update(): the scale used, and the outcome
 
     def get_scale(self) -> float:
@@ -703,11 +704,24 @@ class LossScaler:
         """loss · S: backward through it gives gradients · S."""
         return loss * self.scale_value.to(loss.device)
 
+    @property
+    def found_inf(self) -> bool:
+        """Whether a gradient unscaled since the last update() held an inf or a NaN (any optimizer's)."""
+        return any(state["found_inf"] for state in self._optimizers.values())
+
+    def _state(self, optimizer: torch.optim.Optimizer) -> dict:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        return self._optimizers.setdefault(id(optimizer), {"unscaled": False, "found_inf": False, "stepped": False})
+
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
-        """Divide every gradient by S (multiply by 1/S, computed in float64 then rounded, as PyTorch does),
-        and note whether any gradient holds an inf or a NaN."""
-        if self._unscaled:
-            raise ValueError("unscale_ was already called for this step; call update() first")
+        """Divide every gradient of ``optimizer`` by S (multiply by 1/S, computed in float64 then rounded,
+        as PyTorch does), and note whether any of them holds an inf or a NaN."""
+        state = self._state(optimizer)
+        if state["unscaled"]:
+            raise ValueError("unscale_ was already called on this optimizer since the last update()")
+        if state["stepped"]:
+            raise ValueError("unscale_ was called after step() on this optimizer; call update() first")
         inv_scale = self.scale_value.double().reciprocal().float()
         found = False
         for group in optimizer.param_groups:
@@ -716,19 +730,25 @@ class LossScaler:
                     continue
                 found = found or not bool(torch.isfinite(p.grad).all())
                 p.grad.mul_(inv_scale.to(p.grad.device))
-        self.found_inf = found
-        self._unscaled = True
+        state["found_inf"], state["unscaled"] = found, True
 
     def step(self, optimizer: torch.optim.Optimizer):
-        """Unscale (if not done yet), then step the optimizer, unless a gradient overflowed: then skip."""
-        if not self._unscaled:
+        """Unscale (if not done yet), then step the optimizer, unless one of its gradients overflowed: then
+        skip. Each optimizer is judged on its own gradients; update() backs off if any of them overflowed."""
+        state = self._state(optimizer)
+        if state["stepped"]:
+            raise ValueError("step was already called on this optimizer since the last update()")
+        if not state["unscaled"]:
             self.unscale_(optimizer)
-        return None if self.found_inf else optimizer.step()
+        state["stepped"] = True
+        return None if state["found_inf"] else optimizer.step()
 
     def update(self) -> None:
-        """Back off after an overflow; grow after ``growth_interval`` clean steps in a row."""
-        self.history.append({"scale": self.get_scale(), "skipped": self.found_inf})
-        if self.found_inf:
+        """Back off after an overflow (in any optimizer's gradients); grow after ``growth_interval`` clean
+        steps in a row."""
+        found_inf = self.found_inf
+        self.history.append({"scale": self.get_scale(), "skipped": found_inf})
+        if found_inf:
             self.scale_value = (self.scale_value.double() * self.backoff_factor).float()
             self.growth_tracker = 0
         else:
@@ -738,7 +758,7 @@ class LossScaler:
                 if torch.isfinite(grown):  # never grow into inf
                     self.scale_value = grown
                 self.growth_tracker = 0
-        self.found_inf, self._unscaled = False, False
+        self._optimizers = {}
 
 
 def train_step(model, optimizer, x, y, autocast_dtype: torch.dtype | None = None, scaler=None) -> float:

@@ -690,6 +690,56 @@ def test_loss_scaler_equals_grad_scaler(init_scale, growth_interval):
     assert any(ours[1]) and not all(ours[1])
 
 
+def _two_optimizer_run(scaler, steps=12, poisoned=(2, 5, 6)):
+    """Two optimizers, one per layer; on the poisoned steps only the second layer's gradient overflows."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(8, 16), nn.Linear(16, 1)
+    opt_a = torch.optim.SGD(first.parameters(), lr=0.01)
+    opt_b = torch.optim.Adam(second.parameters(), lr=0.01)
+    scales = []
+    for step in range(steps):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        scales.append(float(torch.tensor(scaler.get_scale(), dtype=torch.float32)))
+        scaler.scale((second(torch.tanh(first(x))) ** 2).mean()).backward()
+        if step in poisoned:
+            second.weight.grad[0, step % 16] = float("inf")
+        if step % 3 == 0:  # unscaling both before either steps (as one does to clip gradients)
+            scaler.unscale_(opt_a)
+            scaler.unscale_(opt_b)
+        scaler.step(opt_a)
+        scaler.step(opt_b)
+        scaler.update()
+    return scales, [p.detach().clone() for p in (*first.parameters(), *second.parameters())]
+
+
+def test_loss_scaler_equals_grad_scaler_with_two_optimizers():
+    # each optimizer skips only when its own gradients overflow; the scale backs off when any did
+    ours = _two_optimizer_run(quant.LossScaler(init_scale=2.0**10, growth_interval=2))
+    theirs = _two_optimizer_run(torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2))
+    assert ours[0] == theirs[0] and ours[0][3] == ours[0][2] / 2  # backed off after step 2's overflow
+    assert all(torch.equal(a, b) for a, b in zip(ours[1], theirs[1]))
+    untouched = _two_optimizer_run(quant.LossScaler(init_scale=2.0**10, growth_interval=2), poisoned=())
+    assert not torch.equal(ours[1][0], untouched[1][0])  # the first layer stepped on the poisoned steps too
+
+
+def test_loss_scaler_refuses_a_second_unscale_or_step_before_update():
+    scaler, layer = quant.LossScaler(), nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    scaler.scale(layer(torch.ones(1, 2)).sum()).backward()
+    scaler.unscale_(optimizer)
+    with pytest.raises(ValueError, match="already called on this optimizer"):
+        scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    with pytest.raises(ValueError, match="step was already called"):
+        scaler.step(optimizer)
+    with pytest.raises(ValueError, match="optimizer must be a torch.optim.Optimizer"):
+        scaler.step(layer)
+    scaler.update()
+    scaler.unscale_(optimizer)  # a new step: allowed again
+
+
 def test_loss_scaler_overflows_from_a_too_large_scale_and_backs_off():
     scaler = quant.LossScaler(init_scale=2.0**127, growth_interval=1000)
     scales, skipped, _ = _scaler_run(scaler, steps=40, poison=(), loss_factor=1e8)  # gradients ~1e8
