@@ -69,8 +69,12 @@ def test_plan_identities():
 def test_interleaving_divides_the_bubble():
     lo = dataclasses.replace(ONE_T, interleave=2)
     p = plan("megatron-1t", "A100-80GB", lo)
-    assert p.bubble == bubble_fraction(64, lo.micro_batches) / 2
-    assert p.step_s < plan("megatron-1t", "A100-80GB", ONE_T).step_s
+    busy = p.compute_s + p.tp_comm_s + p.pp_comm_s
+    m = lo.micro_batches
+    assert p.bubble_s / busy == pytest.approx(63 / (2 * m))  # Narayanan 2.2.2: bubble (p-1)/(v m) of the busy time
+    assert p.bubble == pytest.approx(63 / (2 * m + 63))  # so the idle share of the step is (p-1)/(v m + p-1)
+    one = plan("megatron-1t", "A100-80GB", ONE_T)
+    assert one.bubble == bubble_fraction(64, m) and p.step_s < one.step_s
 
 
 def test_weights_are_the_first_stage_share():

@@ -37,7 +37,8 @@ Time of one step (all on the busiest GPU; a ring all-reduce of N bytes over n GP
     pipeline  per micro-batch and virtual stage one send forward and one backward of b s h 2 / t
               bytes per GPU (the scatter/gather of Narayanan section 4.1), over InfiniBand when
               the stages sit on different nodes
-    bubble    bubble_fraction(p, m) / v of the pipeline's time is idle
+    bubble    (p-1) / (v m + p-1) of the pipeline's time is idle: Narayanan's bubble of (p-1)/(v m)
+              of the busy time (section 2.2.2); bubble_fraction(p, m) when v = 1
     data      2 (d-1)/d * 2 bytes * (parameters per GPU), after the pipeline flush, NOT
               overlapped with compute (as in Megatron-LM 2021); zero=1 replaces it with a
               reduce-scatter plus an all-gather, which move the same bytes
@@ -387,7 +388,7 @@ def plan(model: ModelSpec | str, gpu: GPUSpec | str, layout: Layout) -> Plan:
         pp_comm = m * v * 2 * act_bytes / gpu.intra_node_bandwidth
     else:  # each tensor-parallel rank sends 1/t of the tensor over its own NIC (scatter/gather)
         pp_comm = m * v * 2 * (act_bytes / t) / gpu.inter_node_bandwidth
-    bubble = bubble_fraction(p, m) / v
+    bubble = bubble_fraction(p, v * m)  # (p-1)/(v m + p-1): the idle time shrinks v-fold, as if v m micro-batches
     busy = compute + tp_comm + pp_comm
     bubble_s = busy * bubble / (1 - bubble)
     dp_bw = gpu.intra_node_bandwidth if lo.num_gpus <= gpu.gpus_per_node else gpu.inter_node_bandwidth
