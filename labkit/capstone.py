@@ -160,9 +160,12 @@ class Stack:
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, stop_token: int | None = None) -> torch.Tensor:
-        """Greedy decoding (B, T) → (B, T + new), with the KV cache, by whatever this stack serves with."""
+        """Greedy decoding (B, T) → (B, T + new), with the KV cache, by whatever this stack serves with; with
+        ``stop_token``, the output ends at the first one it writes (as ``LabGPT.generate``'s)."""
         if self.target is not None:  # the teacher's tokens, drafted by the compressed model
-            return serving.speculative_generate(self.target, self.decoder, idx, max_new_tokens, self.k)
+            out = serving.speculative_generate(self.target, self.decoder, idx, max_new_tokens, self.k)
+            stops = (out[0, idx.size(1):] == stop_token).nonzero() if stop_token is not None else []
+            return out[:, : idx.size(1) + int(stops[0, 0]) + 1] if len(stops) else out
         if self.heads is not None:
             return early_exit.generate(self.model, self.heads, idx, max_new_tokens, self.threshold, stop_token)[0]
         return self.model.generate(idx, max_new_tokens, temperature=0, stop_token=stop_token)

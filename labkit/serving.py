@@ -536,16 +536,19 @@ def speculative_generate(target: LabGPT, draft: LabGPT, idx: torch.Tensor, max_n
     bound. If ``stats`` is a dict, it receives the rounds, proposals and accepted proposals.
     """
     check_same_vocabulary(target, draft)
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k (draft tokens per round) must be an int >= 1, got {k!r}")
+    check_int("k (draft tokens per round)", k)
+    check_int("max_new_tokens", max_new_tokens, 0)
     if stop_below is not None and not 0.0 < stop_below < 1.0:
         raise ValueError(f"stop_below must be a probability in (0, 1) or None, got {stop_below!r}")
-    if idx.dim() != 2 or idx.size(0) != 1:
-        raise ValueError(f"idx must be one sequence, shape (1, T); got {tuple(idx.shape)}")
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(0) != 1 or idx.size(1) < 1:
+        raise ValueError(f"idx must be one sequence of token ids, a tensor of shape (1, T) with T >= 1; got "
+                         f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
+    # a round's guesses never run past max_new_tokens (kk = min(k, tokens still to make)), so at most
+    # prompt + max_new_tokens positions enter either cache, as in target.generate
     total = idx.size(1) + max_new_tokens
     limit = min(target.config.block_size, draft.config.block_size)
-    if max_new_tokens < 0 or total + k > limit:
-        raise ValueError(f"prompt ({idx.size(1)}) + max_new_tokens ({max_new_tokens}) + k ({k}) must fit the "
+    if total > limit:
+        raise ValueError(f"prompt ({idx.size(1)}) + max_new_tokens ({max_new_tokens}) = {total} must fit the "
                          f"context ({limit} tokens)")
     t_cache, d_cache = target.new_cache(1), draft.new_cache(1)
     t_next = target(idx, cache=t_cache)[:, -1].argmax(-1, keepdim=True)  # the target's first token

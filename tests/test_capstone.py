@@ -153,6 +153,9 @@ def test_the_speculating_stack_writes_the_teachers_greedy_tokens():
     for prompt in ("Once upon a time", "Compute each sum.\n12 + 30 =>"):
         idx = TOKENIZER.tensor(prompt)
         assert torch.equal(stacks[-1].generate(idx, 40), teacher.generate(idx, 40, temperature=0))
+        stop = int(teacher.generate(idx, 40, temperature=0)[0, idx.size(1) + 5])  # the 6th token it writes
+        expected = teacher.generate(idx, 40, temperature=0, stop_token=stop)
+        assert expected.size(1) < idx.size(1) + 40 and torch.equal(stacks[-1].generate(idx, 40, stop), expected)
 
 
 def test_quality_of_each_kind_of_stack_against_its_oracle():

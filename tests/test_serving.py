@@ -59,6 +59,26 @@ def test_speculative_bad_input():
         serving.speculative_generate(target, draft, idx, 200, 2)
     with pytest.raises(ValueError, match="stop_below"):
         serving.speculative_generate(target, draft, idx, 5, 2, stop_below=1.5)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        serving.speculative_generate(target, draft, idx, 2.5, 2)
+    with pytest.raises(ValueError, match="idx must be one sequence"):
+        serving.speculative_generate(target, draft, [[0, 1, 2]], 5, 2)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 100, 127])
+@pytest.mark.parametrize("k", [1, 8, 200])
+def test_speculative_fills_the_context_exactly_as_the_target_does(prompt_len, k):
+    # prompt + new tokens = the whole context (128): the target alone can, so speculation must too,
+    # whatever k (a round never guesses past the tokens still to make)
+    target, draft = _pair()
+    idx = torch.randint(0, 128, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    n = target.config.block_size - prompt_len
+    with torch.no_grad():
+        ref = target.generate(idx, n, temperature=0)
+    assert torch.equal(serving.speculative_generate(target, draft, idx, n, k), ref)
+    assert torch.equal(serving.speculative_generate(target, target, idx, n, k), ref)
+    with pytest.raises(ValueError, match="context"):
+        serving.speculative_generate(target, draft, idx, n + 1, k)
 
 
 def test_held_out_prompts_are_document_openings_of_growing_length():
