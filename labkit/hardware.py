@@ -338,8 +338,13 @@ def datasheet() -> list[dict]:
     return rows
 
 
+WHAT_IF_FORMATS = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8")
+
+
 def what_if(flops: float, n_bytes: float, fmt: str = "bf16", rows: list[dict] | None = None) -> list[dict]:
     """Roofline time of a workload (``flops``, ``n_bytes``) on every datasheet device that has ``fmt``."""
+    if fmt not in WHAT_IF_FORMATS:
+        raise ValueError(f"fmt must be one of {WHAT_IF_FORMATS} (the datasheet's columns), got {fmt!r}")
     key = "int8_tops" if fmt == "int8" else f"{fmt}_tflops"
     out = []
     for row in rows or datasheet():

@@ -98,3 +98,11 @@ def test_forward_bytes_are_weights_plus_activations():
     config = get_config("tiny")
     one, two = hardware.forward_bytes(config, 1, 100), hardware.forward_bytes(config, 2, 100)
     assert two - one == one - hardware.weight_bytes(config)  # activations scale with tokens
+
+
+def test_what_if_names_an_unknown_format():
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        hardware.what_if(1e12, 1e9, "foo")
+    assert {r["device"] for r in hardware.what_if(1e12, 1e9, "int8")}  # every format of the tuple has devices
+    for fmt in hardware.WHAT_IF_FORMATS:
+        assert hardware.what_if(1e12, 1e9, fmt), fmt

@@ -199,6 +199,14 @@ def test_search_layouts_fit_and_are_sorted():
     assert search_layouts("megatron-1t", "A100-80GB", 8, 8) == []  # a trillion parameters need more than a node
 
 
+@pytest.mark.parametrize("kwargs, name", [({"micro_batch": 0}, "micro_batch"), ({"global_batch": 2.5}, "global_batch"),
+                                          ({"memory_limit": "80e9"}, "memory_limit"), ({"memory_limit": 0}, "memory_limit")])
+def test_search_layouts_bad_input_names_the_argument(kwargs, name):
+    args = {"global_batch": 1536, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        search_layouts("gpt3-175b", "A100-80GB", 1536, **args)
+
+
 def test_interleaving_costs_activation_memory_and_pipeline_traffic():
     lo = Layout(dp=16, tp=8, pp=12, micro_batch=1, global_batch=1536, recompute="selective")
     one = plan("gpt3-175b", "A100-80GB", lo)

@@ -29,6 +29,7 @@ variables torchrun sets and calls ``fn`` in this process, with this process's ra
 from __future__ import annotations
 
 import inspect
+import math
 import multiprocessing as mp
 import os
 import pickle
@@ -183,9 +184,11 @@ def _is_echo(kind: str, text: str) -> bool:
     return kind == "DistBackendError" or "Connection closed by peer" in text or "Connection reset" in text
 
 
-def _first_cause(rank: int, payload, results, world_size: int, grace: float = 1.0) -> LaunchError:
+def _first_cause(rank: int, payload, results, world_size: int, procs=(), grace: float = 1.0) -> LaunchError:
     """When one rank fails the others soon fail too, in whatever collective they were waiting on.
-    Gather the errors that arrive within ``grace`` seconds and report the one that is not an echo."""
+    Gather the errors that arrive within ``grace`` seconds and report the one that is not an echo;
+    if all are echoes, the cause may be a rank killed from outside (out of memory, a signal), which
+    reports nothing: the one whose process died with a non-zero exit code."""
     errors = {rank: payload}
     deadline = time.monotonic() + grace
     while len(errors) < world_size and time.monotonic() < deadline:
@@ -196,6 +199,13 @@ def _first_cause(rank: int, payload, results, world_size: int, grace: float = 1.
         if status == "error":
             errors[r] = p
     causes = [r for r, (kind, text) in sorted(errors.items()) if not _is_echo(kind, text)]
+    if not causes:
+        for p in procs:
+            p.join(0.2)  # a killed process takes a moment to be reaped
+        killed = [r for r, p in enumerate(procs) if r not in errors and p.exitcode not in (None, 0)]
+        if killed:
+            note = f"\n(ranks {sorted(errors)} then failed too, waiting on rank {killed[0]})"
+            return LaunchError(f"rank {killed[0]} died with exit code {procs[killed[0]].exitcode}{note}", killed[0])
     cause = causes[0] if causes else min(errors)
     echoes = sorted(set(errors) - {cause})
     note = f"\n(ranks {echoes} then failed too, waiting on rank {cause})" if echoes else ""
@@ -213,8 +223,8 @@ def launch(fn: Callable, world_size: int, *args, backend: str | None = None, tim
     backend = backend or default_backend(world_size)
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
-    if not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
     _check_picklable(fn)
     ctx = _context()
     results = ctx.Queue()
@@ -245,7 +255,7 @@ def launch(fn: Callable, world_size: int, *args, backend: str | None = None, tim
                     raise LaunchError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}", dead[0]) from None
                 continue
             if status == "error":
-                raise _first_cause(rank, payload, results, world_size)
+                raise _first_cause(rank, payload, results, world_size, procs)
             values[rank] = pickle.loads(payload)  # noqa: S301 - bytes our own child pickled
         for p in procs:
             p.join(5.0)
@@ -294,6 +304,21 @@ def fail_on(rank: int, world_size: int, bad_rank: int) -> int:
     if rank == bad_rank:
         raise ZeroDivisionError(f"rank {rank} divided by zero on purpose")
     dist.all_reduce(torch.ones(1))  # hangs: bad_rank never joins; the launcher must end us
+    return rank
+
+
+def killed_on(rank: int, world_size: int, bad_rank: int) -> int:
+    """Rank ``bad_rank`` is killed (SIGKILL, as the out-of-memory killer does) after a barrier, while the
+    others wait for it in an all-reduce: their errors only echo its death, and it reports nothing."""
+    import signal
+
+    import torch
+    import torch.distributed as dist
+
+    dist.barrier()
+    if rank == bad_rank:
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.all_reduce(torch.ones(1))
     return rank
 
 

@@ -21,6 +21,7 @@ and every rank takes its AdamW step on its own slice.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 
 import torch
@@ -95,13 +96,22 @@ def check_mesh(config, dp: int, tp: int, pp: int, batch_size: int, micro_batches
         )
 
 
-def _adamw(params, lr: float):
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    """AdamW, as LLMs train; or plain SGD, whose step is proportional to the gradient: a gradient off by a
+    constant factor (a missing data-parallel average) shows in its losses, while AdamW's step hides it."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
 
 def train_3d(rank: int, world_size: int, dp: int, tp: int, pp: int, steps: int = 3, config: str = "nano",
              batch_size: int = 8, seq_len: int = 32, micro_batches: int = 2, lr: float = 1e-2,
-             seed: int = 0) -> dict:
+             seed: int = 0, optimizer: str = "adamw") -> dict:
     """Train LabGPT ``steps`` steps on the dp × tp × pp mesh; every rank also trains the
     same model alone on the whole batch (the oracle) and the last stage compares losses."""
     from ..model import LabGPT, get_config
@@ -120,7 +130,7 @@ def train_3d(rank: int, world_size: int, dp: int, tp: int, pp: int, steps: int =
     stage = PipelineStage(model, me.pp, pp)
     prev_rank = mesh.rank_of(me.dp, me.tp, me.pp - 1) if me.pp > 0 else None
     next_rank = mesh.rank_of(me.dp, me.tp, me.pp + 1) if me.pp < pp - 1 else None
-    opt, opt_oracle = _adamw(stage.parameters(), lr), _adamw(oracle.parameters(), lr)
+    opt, opt_oracle = _optimizer(optimizer, stage.parameters(), lr), _optimizer(optimizer, oracle.parameters(), lr)
     losses, oracle_losses = [], []
     for step in range(steps):
         x, y = (t.to(device) for t in global_batch(step, batch_size, seq_len, cfg.vocab_size, seed))
@@ -153,14 +163,18 @@ def train_3d(rank: int, world_size: int, dp: int, tp: int, pp: int, steps: int =
 
 
 def run_mesh(dp: int = 2, tp: int = 2, pp: int = 2, steps: int = 3, config: str = "nano", batch_size: int = 8,
-             seq_len: int = 32, micro_batches: int = 2, timeout: float = 300.0) -> dict:
+             seq_len: int = 32, micro_batches: int = 2, timeout: float = 300.0, optimizer: str = "adamw",
+             lr: float = 1e-2) -> dict:
     """Launch ``train_3d`` on dp·tp·pp processes; return the mesh's losses next to one process's."""
     from ..model import get_config
     from .launch import launch
 
     check_mesh(get_config(config), dp, tp, pp, batch_size, micro_batches)
-    results = launch(train_3d, dp * tp * pp, dp, tp, pp, steps, config, batch_size, seq_len, micro_batches,
-                     timeout=timeout)
+    _optimizer(optimizer, [torch.zeros(1, requires_grad=True)], 1.0)  # a bad name fails here, not in 8 processes
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise ValueError(f"lr must be a positive, finite number, got {lr!r}")
+    results = launch(train_3d, dp * tp * pp, dp, tp, pp, steps, config, batch_size, seq_len, micro_batches, lr, 0,
+                     optimizer, timeout=timeout)
     last = [r for r in results if r["coord"][2] == pp - 1]
     losses, oracle = last[0]["losses"], last[0]["oracle_losses"]
     return {

@@ -51,8 +51,8 @@ def schedule(kind: str, p: int, m: int, stage: int) -> list[tuple[str, int]]:
     bubble_fraction(p, m)  # validates p and m
     if kind not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
-    if not 0 <= stage < p:
-        raise ValueError(f"stage must be in 0..{p - 1}, got {stage!r}")
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < p:
+        raise ValueError(f"stage must be an int in 0..{p - 1}, got {stage!r}")
     if kind == "gpipe":
         return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
     warm = min(p - stage - 1, m)
@@ -292,6 +292,18 @@ def run_pipeline(stage: PipelineStage, kind: str, inputs: list, targets: list, p
     return {"loss": loss_total if stage.last else None, "events": events, "peak_activation_bytes": saved.peak}
 
 
+def _check_step(kind: str, p: int, micro_batches: int, config, batch_size: int) -> None:
+    """The ValueErrors of a pipeline step that cannot run, each naming its argument."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
+    check_int("p (pipeline stages)", p)
+    check_int("batch_size", batch_size)
+    stage_layers(config.n_layer, p)
+    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or not 1 <= micro_batches <= batch_size \
+            or batch_size % micro_batches:
+        raise ValueError(f"micro_batches must divide batch_size={batch_size} (1..{batch_size}), got {micro_batches!r}")
+
+
 def pipeline_step(rank: int, world_size: int, kind: str = "1f1b", micro_batches: int = 4, config: str = "nano",
                   batch_size: int = 8, seq_len: int = 32, seed: int = 0) -> dict:
     """One training step of LabGPT on ``world_size`` stages vs the same step in one process.
@@ -303,8 +315,7 @@ def pipeline_step(rank: int, world_size: int, kind: str = "1f1b", micro_batches:
     from .data import global_batch
     from .launch import rank_device
 
-    if not isinstance(micro_batches, int) or not 1 <= micro_batches <= batch_size or batch_size % micro_batches:
-        raise ValueError(f"micro_batches must divide batch_size={batch_size} (1..{batch_size}), got {micro_batches!r}")
+    _check_step(kind, world_size, micro_batches, get_config(config), batch_size)
     p, device = world_size, rank_device()
     torch.manual_seed(seed)
     oracle = LabGPT(get_config(config)).to(device)
@@ -336,8 +347,10 @@ def pipeline_step(rank: int, world_size: int, kind: str = "1f1b", micro_batches:
 def measured_run(kind: str, p: int, micro_batches: int, config: str = "tiny", batch_size: int = 8,
                  seq_len: int = 64, seed: int = 0) -> dict:
     """Launch ``pipeline_step`` on ``p`` processes; gather events, bubble, memory and the checks."""
+    from ..model import get_config
     from .launch import launch
 
+    _check_step(kind, p, micro_batches, get_config(config), batch_size)  # here, not in p processes
     results = launch(pipeline_step, p, kind, micro_batches, config, batch_size, seq_len, seed)
     events = [e for r in results for e in r["events"]]
     t_f = [statistics.median(e.end - e.start for e in events if e.stage == s and e.op == "F") for s in range(p)]

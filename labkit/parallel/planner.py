@@ -452,8 +452,8 @@ def validate(gpu: GPUSpec | str | None = None) -> list[dict]:
         175B on 1536 GPUs      234 / 216.6 PFLOP/s   1.08   (152 vs 141)
         175B on 384 GPUs        64 /  58.8 PFLOP/s   1.09   (167 vs 153)
 
-    Any efficiency from 0.46 to 0.70 keeps every row within +-25%, so the check is not a knife
-    edge; but the bare GEMM ceiling (0.859) would land 37-50% high: a big GEMM's speed is not a
+    Any efficiency from 0.46 to 0.69 keeps every row within +-25%, so the check is not a knife
+    edge; but the bare GEMM ceiling (0.859) would land 36-50% high: a big GEMM's speed is not a
     transformer layer's speed. The model also gets the trend of Table 2 right (fewer micro-batches
     per pipeline as GPUs are added: a bigger bubble, lower throughput), and slightly
     overestimates the smaller models, whose narrower GEMMs run further below peak than a single
@@ -501,9 +501,11 @@ def search_layouts(
     """
     model, gpu = _lookup(model, MODELS, "model"), _lookup(gpu, GPUS, "gpu")
     _positive_int("num_gpus", num_gpus)
+    _positive_int("global_batch", global_batch)
+    _positive_int("micro_batch", micro_batch)
     limit = gpu.memory_bytes if memory_limit is None else memory_limit
-    if not limit > 0:
-        raise ValueError(f"memory_limit must be > 0 bytes, got {memory_limit!r}")
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+        raise ValueError(f"memory_limit must be a number of bytes > 0 (or None: the GPU's memory), got {memory_limit!r}")
     plans = []
     tp = 1
     while tp <= min(gpu.gpus_per_node, num_gpus):
