@@ -247,14 +247,18 @@ class CheckpointFunction(torch.autograd.Function):
 
     Memory: only the segment's inputs are kept, instead of every intermediate tensor. Cost:
     one more forward of the segment during backward (about +33% compute for a whole model).
-    The RNG state is saved and restored so that dropout masks are the same both times.
+    The RNG state is saved and restored so that dropout masks are the same both times, and the
+    recompute runs under the autocast the forward ran under, so it computes the same numbers.
+    ``anchor`` is an empty tensor that requires grad: it puts the output in the autograd graph
+    even when no input requires grad (the segment's parameters still need their gradients).
     """
 
     @staticmethod
-    def forward(ctx, fn, *args):
+    def forward(ctx, fn, anchor, *args):
         ctx.fn = fn
         ctx.rng_state = torch.get_rng_state()
         ctx.cuda_rng_state = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        ctx.autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
         ctx.is_tensor = [isinstance(a, torch.Tensor) for a in args]
         ctx.save_for_backward(*[a for a in args if isinstance(a, torch.Tensor)])
         ctx.non_tensors = [None if t else a for a, t in zip(args, ctx.is_tensor)]
@@ -272,24 +276,27 @@ class CheckpointFunction(torch.autograd.Function):
             else:
                 inputs.append(value)
         devices = [torch.device("cuda", i) for i in range(len(ctx.cuda_rng_state))] if ctx.cuda_rng_state else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as autocast:
             torch.set_rng_state(ctx.rng_state)
             if ctx.cuda_rng_state:
                 torch.cuda.set_rng_state_all(ctx.cuda_rng_state)
+            for device_type, dtype in ctx.autocast:
+                autocast.enter_context(torch.autocast(device_type, dtype=dtype))
             with torch.enable_grad():
                 outputs = ctx.fn(*inputs)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad and g is not None]
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])  # fills parameter .grad too
         grads = tuple(x.grad if isinstance(x, torch.Tensor) and x.requires_grad else None for x in inputs)
-        return (None, *grads)
+        return (None, None, *grads)
 
 
 def checkpoint(fn, *args):
     """``fn(*args)`` that keeps only ``args`` for backward and recomputes the rest (like torch.utils.checkpoint)."""
     if not callable(fn):
         raise ValueError("fn must be callable")
-    return CheckpointFunction.apply(fn, *args)
+    anchor = torch.empty(0, requires_grad=torch.is_grad_enabled())
+    return CheckpointFunction.apply(fn, anchor, *args)
 
 
 def checkpoint_sequential(blocks, segments: int, x: torch.Tensor) -> torch.Tensor:
