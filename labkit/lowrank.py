@@ -123,7 +123,7 @@ def rank_for_compression(d_out: int, d_in: int, keep: float) -> int:
     _check_positive_int("d_out", d_out)
     _check_positive_int("d_in", d_in)
     _check_keep(keep)
-    budget = Fraction(keep) * d_out * d_in  # exact arithmetic: no rounding at the boundary
+    budget = Fraction(str(float(keep))) * d_out * d_in  # keep as the decimal it prints as (0.7 = 7/10), exactly
     rank = min(math.floor(budget / (d_in + d_out)), d_out, d_in)
     if rank < 1:
         raise ValueError(

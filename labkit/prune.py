@@ -41,6 +41,7 @@ import copy
 import math
 import warnings
 from collections.abc import Sequence
+from fractions import Fraction
 
 import torch
 import torch.nn as nn
@@ -72,9 +73,11 @@ def _check_choice(name: str, value, allowed: Sequence[str]) -> None:
 def count_to_prune(n: int, sparsity: float) -> int:
     """How many of ``n`` items a sparsity removes: round(s·n), halves rounded up.
 
-    The fraction is exact whenever s·n is an integer, and within 1/(2n) otherwise.
+    The fraction is exact whenever s·n is an integer, and within 1/(2n) otherwise. ``s`` counts as the
+    decimal it prints as (0.7 is 7/10, not the binary float just below it), in exact arithmetic:
+    45 items at 0.7 are 31.5, rounded up to 32 (in floats 0.7 · 45 + 0.5 = 31.999…, floored to 31).
     """
-    return min(n, math.floor(_check_sparsity(sparsity) * n + 0.5))
+    return min(n, math.floor(Fraction(str(_check_sparsity(sparsity))) * n + Fraction(1, 2)))
 
 
 # ---------------------------------------------------------------------------------------

@@ -99,6 +99,13 @@ def test_rank_for_compression_is_the_largest_rank_that_fits(d_out, d_in, keep):
     assert (k + 1) * (d_in + d_out) > keep * d_out * d_in
 
 
+@pytest.mark.parametrize("d_out, d_in, keep, rank", [(20, 20, 0.7, 7), (10, 10, 0.6, 3), (40, 24, 0.3, 4)])
+def test_rank_for_compression_fits_a_budget_met_exactly(d_out, d_in, keep, rank):
+    # 7 * 40 = 280 = 0.7 * 400: the factors fill the budget exactly; the float 0.7 (just below 7/10) would cut to 6
+    assert rank_for_compression(d_out, d_in, keep) == rank
+    assert rank * (d_in + d_out) * 10 <= round(keep * 10) * d_out * d_in  # in integers: tenths
+
+
 def test_compress_model_replaces_every_linear_but_the_head():
     torch.manual_seed(0)
     model = LabGPT(get_config("nano")).eval()

@@ -48,13 +48,23 @@ def tokens(batch=2, length=24, seed=0):
 # ---------------------------------------------------------------------------------------
 # Magnitude pruning of tensors
 # ---------------------------------------------------------------------------------------
+def test_count_to_prune_rounds_the_written_decimal_halves_up():
+    # an oracle in integers: sparsity = thousandths / 1000, round(s n) with halves up = floor((2 t n + 1000) / 2000)
+    for n in range(1, 300):
+        for thousandths in range(0, 1000, 7):
+            expected = min(n, (2 * thousandths * n + 1000) // 2000)
+            assert count_to_prune(n, thousandths / 1000) == expected, (n, thousandths)
+    assert count_to_prune(45, 0.7) == 32  # 31.5 up; floats make 0.7 * 45 + 0.5 = 31.999...
+    assert count_to_prune(10, 0.25) == 3 and count_to_prune(10, 0.15) == 2  # 2.5 up; 1.5 up
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.25, 0.5, 0.9, 0.99])
 @pytest.mark.parametrize("shape", [(1000,), (64, 48), (3, 5, 8)])
 def test_magnitude_prune_reaches_the_sparsity_exactly(shape, sparsity):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     pruned, mask = magnitude_prune(w, sparsity=sparsity)
     n = w.numel()
-    assert int((~mask).sum()) == count_to_prune(n, sparsity) == math.floor(sparsity * n + 0.5)
+    assert int((~mask).sum()) == count_to_prune(n, sparsity)
     assert int((pruned == 0).sum()) == count_to_prune(n, sparsity)
     assert torch.equal(pruned, w * mask)
     if 0 < sparsity:
