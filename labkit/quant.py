@@ -70,6 +70,8 @@ def _check_float(x, name: str = "x") -> None:
         raise ValueError(f"{name} is empty: there is nothing to quantize")
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or inf: no finite scale can represent it")
+    if x.dtype == torch.float64 and bool((x.abs() > torch.finfo(torch.float32).max).any()):
+        raise ValueError(f"{name} holds values beyond float32's range (±3.4e38): scales are float32")
 
 
 def _check_granularity(x: torch.Tensor, axis, group_size) -> None:
@@ -78,6 +80,8 @@ def _check_granularity(x: torch.Tensor, axis, group_size) -> None:
     if axis is not None and (not isinstance(axis, int) or isinstance(axis, bool) or not -x.dim() <= axis < x.dim()):
         raise ValueError(f"axis must be an int in {-x.dim()}..{x.dim() - 1} for a {x.dim()}-D tensor, got {axis!r}")
     if group_size is not None:
+        if x.dim() == 0:
+            raise ValueError("group_size needs a tensor of at least one dimension (groups run along the last one)")
         last = x.shape[-1]
         if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1 or last % group_size:
             divisors = [d for d in range(1, last + 1) if last % d == 0]
@@ -102,16 +106,37 @@ def _storage_dtype(symmetric: bool) -> torch.dtype:
 # ---------------------------------------------------------------------------------------
 # Granularity: view the tensor as rows, one quantization group per row.
 # ---------------------------------------------------------------------------------------
+def _param_shape(x: torch.Tensor, axis: int | None, group_size: int | None) -> tuple:
+    """The shape of x's scales (and zero points) at this granularity, as ``calibrate`` returns them."""
+    if group_size is not None:  # groups of consecutive elements along the last dimension, row by row
+        return (*x.shape[:-1], x.shape[-1] // group_size)
+    if axis is not None:  # one group per index along axis; params keep x's rank (broadcastable)
+        return tuple(n if d == axis % x.dim() else 1 for d, n in enumerate(x.shape))
+    return ()  # per tensor: a 0-d scale
+
+
 def _as_groups(x: torch.Tensor, axis: int | None, group_size: int | None) -> tuple[torch.Tensor, tuple]:
     """(G, E) rows (one group per row) and the shape the G scales take beside x."""
-    if group_size is not None:  # groups of consecutive elements along the last dimension, row by row
-        return x.reshape(-1, group_size), (*x.shape[:-1], x.shape[-1] // group_size)
-    if axis is not None:  # one group per index along axis; params keep x's rank (broadcastable)
-        axis = axis % x.dim()
-        shape = [1] * x.dim()
-        shape[axis] = x.shape[axis]
-        return x.movedim(axis, 0).reshape(x.shape[axis], -1), tuple(shape)
-    return x.reshape(1, -1), ()  # per tensor: a 0-d scale
+    if group_size is not None:
+        rows = x.reshape(-1, group_size)
+    elif axis is not None:
+        rows = x.movedim(axis, 0).reshape(x.shape[axis], -1)
+    else:
+        rows = x.reshape(1, -1)
+    return rows, _param_shape(x, axis, group_size)
+
+
+def _fit_param(name: str, value: torch.Tensor, x: torch.Tensor, axis: int | None, group_size: int | None):
+    """A given scale or zero point, checked (and a 1-D per-channel one reshaped) against the granularity."""
+    expected = _param_shape(x, axis, group_size)
+    if value.dim() == 0 or tuple(value.shape) == expected:
+        return value
+    if axis is not None and value.dim() == 1 and value.numel() == x.shape[axis]:  # as torch.quantize_per_channel
+        return value.reshape(expected)
+    what = ("per tensor" if axis is None and group_size is None
+            else f"per channel along axis {axis}" if axis is not None else f"per group of {group_size}")
+    raise ValueError(f"{name} has shape {tuple(value.shape)}; {what} a {tuple(x.shape)} tensor takes a single value "
+                     f"(0-d) or shape {expected}" + (f" (or ({x.shape[axis]},))" if axis is not None else ""))  # fmt: skip
 
 
 def _expand(param: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -255,6 +280,8 @@ def quantize(
         if given.is_floating_point() and not bool((given == given.round()).all()):
             raise ValueError(f"zero_point must be an integer, got {zero_point!r}")
         zero_point = given.to(device=x.device, dtype=torch.int32)
+        scale, zero_point = _fit_param("scale", scale, x, axis, group_size), _fit_param(
+            "zero_point", zero_point, x, axis, group_size)
         if not bool((scale > 0).all()) or not bool(torch.isfinite(scale).all()):
             raise ValueError("scale must be finite and > 0")
         qmin, qmax = integer_range(bits, symmetric)
@@ -272,10 +299,19 @@ def dequantize(
     q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | int = 0, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """x̂ = (q - z) · s, with per-tensor, per-channel or per-group parameters (shapes as ``calibrate`` returns)."""
-    if q.is_floating_point():
-        raise ValueError(f"q must be an integer tensor (what quantize returns), got {q.dtype}")
+    if not isinstance(q, torch.Tensor) or q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
+        raise ValueError(f"q must be an integer tensor (what quantize returns), got {getattr(q, 'dtype', type(q))}")
     scale = torch.as_tensor(scale, dtype=torch.float32, device=q.device)
     zero_point = torch.as_tensor(zero_point, device=q.device)
+    if zero_point.is_floating_point() and not bool((zero_point == zero_point.round()).all()):
+        raise ValueError(f"zero_point must hold integers, got {zero_point.tolist()}")
+    for name, param in (("scale", scale), ("zero_point", zero_point)):
+        fits = param.dim() == 0 or (param.dim() == q.dim() and all(
+            p in (1, n) or (p and n % p == 0) for p, n in zip(param.shape, q.shape)))
+        if not fits:
+            raise ValueError(f"{name} of shape {tuple(param.shape)} does not fit q of shape {tuple(q.shape)}: it must "
+                             "be 0-d, or have q's rank with each size 1, q's size, or a divisor of it (groups), as "
+                             "quantize returns it")  # fmt: skip
     return ((q.to(torch.int32) - _expand(zero_point, q.shape)).float() * _expand(scale, q.shape)).to(dtype)
 
 
@@ -289,8 +325,10 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one scale per row (token) of a 2-D x: (q (M, K) int8, scales (M,)).
 
     The dynamic activation quantization of W8A8: computed on the fly for every input. Equal to
-    ``quantize(x, 8, axis=0, symmetric=True)``, written for speed (no temporary |x|, in-place
-    rounding): on a CPU these passes over the activations are most of W8A8's overhead.
+    ``quantize(x, 8, axis=0, symmetric=True)`` for finite x, written for speed (no temporary |x|,
+    in-place rounding): on a CPU these passes over the activations are most of W8A8's overhead.
+    Unlike ``quantize`` it does not look for NaN or inf (that would cost a pass, and a device sync
+    on a GPU): a row holding one gets a non-finite scale, and its outputs in W8A8 are NaN.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2 or x.numel() == 0:
         raise ValueError(f"x must be a non-empty 2-D float tensor (tokens, features), got "
@@ -371,6 +409,15 @@ def _check_granularity_name(granularity) -> None:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
 
 
+def _check_int4_group(group_size, in_features: int) -> None:
+    """An int4 group: an even int >= 2 (two 4-bit weights share a byte) that divides ``in_features``."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2 \
+            or in_features % group_size:
+        allowed = [g for g in range(2, in_features + 1, 2) if in_features % g == 0]
+        raise ValueError(f"group_size must be an even int >= 2 that divides in_features ({in_features}); allowed: "
+                         f"{allowed if len(allowed) <= 12 else allowed[:6] + ['...'] + allowed[-3:]}; got {group_size!r}")
+
+
 def _int4_qparams(weight: torch.Tensor, group_size: int | None, granularity: str):
     """Asymmetric 4-bit min-max (scales fp16 (out, G), zeros int32 (out, G), the group length) of a (out, in) weight.
 
@@ -410,7 +457,7 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
         super().__init__(in_features, out_features, bias)
         if in_features % 2:
             raise ValueError(f"in_features must be even to pack two 4-bit weights per byte, got {in_features}")
-        _check_granularity(torch.empty(1, in_features, device="meta"), None, group_size)
+        _check_int4_group(group_size, in_features)
         self.group_size = group_size
         groups = in_features // group_size
         self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
@@ -502,6 +549,8 @@ class W8A8Linear(_Int8PerChannelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] == 0:  # no tokens: nothing to quantize (an empty batch, as nn.Linear takes it)
+            return x.new_zeros(*x.shape[:-1], self.out_features)
         x_int8, x_scales = quantize_per_token(x2)  # dynamic: a fresh scale for every token, every call
         bias = self.bias.detach() if self.bias is not None else None
         if self._use_onednn(x2):
@@ -552,7 +601,7 @@ def quantize_model(
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and name != "lm_head" and (only is None or only(name)):
                 try:
-                    _check_granularity(module.weight, None, group_size)
+                    _check_int4_group(group_size, module.in_features)
                 except ValueError as err:
                     raise ValueError(f"layer {name} (in_features {module.in_features}): {err}") from None
     factories: dict[str, Callable[[str, nn.Linear], nn.Module]] = {
@@ -601,7 +650,7 @@ class FakeQuantize(torch.autograd.Function):
         q = torch.round(x * torch.reciprocal(scale)) + zero_point  # scale, zero_point broadcast to x
         inside = (q >= qmin) & (q <= qmax)
         ctx.save_for_backward(inside)
-        return (torch.clamp(q, qmin, qmax) - zero_point) * scale
+        return ((torch.clamp(q, qmin, qmax) - zero_point) * scale).to(x.dtype)  # fp32 scales: back to x's dtype
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -632,6 +681,8 @@ class QATLinear(nn.Linear):
     ) -> None:
         super().__init__(in_features, out_features, bias)
         _check_granularity_name(granularity)
+        if granularity == "group":
+            _check_int4_group(group_size, in_features)
         self.group_size, self.granularity = group_size, granularity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -651,7 +702,10 @@ def prepare_qat(model: nn.Module, group_size: int = 32, granularity: str = "grou
 
     def factory(name: str, linear: nn.Linear) -> QATLinear:
         if granularity == "group":
-            _check_granularity(linear.weight, None, group_size)
+            try:
+                _check_int4_group(group_size, linear.in_features)
+            except ValueError as err:
+                raise ValueError(f"layer {name} (in_features {linear.in_features}): {err}") from None
         qat = QATLinear(linear.in_features, linear.out_features, linear.bias is not None, group_size, granularity)
         qat.weight, qat.bias = linear.weight, linear.bias  # the same Parameters: the optimizer sees the masters
         return qat.to(linear.weight.device)

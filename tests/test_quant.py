@@ -5,6 +5,7 @@ and the loss scaler against torch.amp.GradScaler."""
 import copy
 import inspect
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -177,11 +178,46 @@ def test_quantize_per_token_equals_per_channel_symmetric():
         (lambda: quant.quantize_model(nn.Sequential(nn.Linear(8, 4)), "int4_weight_only", granularity="row"), "granul"),
         (lambda: quant.dequantize(torch.randn(3), 1.0), "integer"),
         (lambda: quant.LossScaler(growth_interval=0), "growth_interval"),
+        (lambda: quant.quantize(torch.randn(8), scale=torch.ones(3)), r"scale has shape \(3,\); per tensor"),
+        (lambda: quant.quantize(torch.randn(4, 8), group_size=2, scale=torch.ones(4, 3)), r"shape \(4, 4\)"),
+        (lambda: quant.quantize(torch.randn(4, 4), axis=0, scale=torch.ones(4), zero_point=torch.zeros(3, 1)),
+         "zero_point has shape"),
+        (lambda: quant.dequantize(torch.zeros(4, 4, dtype=torch.uint8), torch.ones(3)), "does not fit q"),
+        (lambda: quant.dequantize(torch.zeros(4, dtype=torch.bool), 1.0), "integer"),
+        (lambda: quant.dequantize(torch.zeros(4, dtype=torch.uint8), 1.0, 0.5), "zero_point must hold integers"),
+        (lambda: quant.quantize(torch.tensor(3.0), group_size=1), "at least one dimension"),
+        (lambda: quant.quantize(torch.tensor([1e300, 0.0], dtype=torch.float64)), "float32's range"),
+        (lambda: quant.quantize_model(nn.Sequential(nn.Linear(6, 4)), "int4_weight_only", 3), r"even int .* allowed: \[2, 6\]"),
+        (lambda: quant.quantize_model(nn.Sequential(nn.Linear(8, 4)), "int4_weight_only", None), "group_size"),
+        (lambda: quant.Int4WeightOnlyLinear(8, 4, group_size=1), "group_size must be an even int"),
+        (lambda: quant.prepare_qat(nn.Sequential(nn.Linear(8, 4)), group_size=None), "group_size"),
+        (lambda: quant.QATLinear(8, 4, group_size=3), "group_size must be an even int"),
     ],
 )
 def test_bad_input_is_a_value_error_naming_it(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_a_given_per_channel_scale_follows_axis_as_torch_quantize_per_channel_does():
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    for axis in (0, 1):
+        s = torch.rand(x.shape[axis], generator=torch.Generator().manual_seed(axis)) + 0.05
+        z = torch.randint(-5, 6, (x.shape[axis],), generator=torch.Generator().manual_seed(9))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch announces the deprecation of its quantized tensors
+            ref = torch.quantize_per_channel(x, s.double(), z, axis, torch.qint8).int_repr()
+        q, _, _ = quant.quantize(x, 8, axis=axis, scale=s, zero_point=z + 128)  # uint8 grid: z shifted by 128
+        assert torch.equal(q.to(torch.int16) - 128, ref.to(torch.int16))
+
+
+def test_qat_keeps_a_bf16_model_in_bf16_and_w8a8_takes_an_empty_batch():
+    model = quant.prepare_qat(nn.Sequential(nn.Linear(64, 8)).to(torch.bfloat16))
+    y = model(torch.randn(2, 64, dtype=torch.bfloat16))
+    y.float().sum().backward()
+    assert y.dtype == model[0].weight.grad.dtype == torch.bfloat16
+    layer = quant.W8A8Linear.from_linear(nn.Linear(8, 4))
+    assert layer(torch.randn(0, 8)).shape == (0, 4) and layer(torch.randn(2, 0, 8)).shape == (2, 0, 4)
 
 
 # -- packing, layers, quantize_model ------------------------------------------------------------
@@ -234,12 +270,16 @@ def test_w8a8_packed_weights_on_cpu_equal_the_reference(monkeypatch):
     assert backend in ("onednn", "_int_mm")
     assert layer._use_onednn(x.reshape(-1, 1024)) == (backend == "onednn")
     assert not layer._use_onednn(x[:1, :1].reshape(-1, 1024))  # one row: _int_mm's path
+    def oracle():  # exact integer products in float64, then the scales: apart from both CPU paths
+        acc = x_q.double() @ layer.weight.double().t()
+        return (acc * x_s.double()[:, None] * layer.scales.double() + linear.bias.double()).float()
+
     with torch.no_grad():
         x_q, x_s = quant.quantize_per_token(x.reshape(-1, 1024))
-        expected = qk.int8_linear(x_q, layer.weight, x_s, layer.scales, linear.bias, backend="reference")
+        expected = oracle()
         torch.testing.assert_close(layer(x), expected.reshape(2, 12, 1024), rtol=1e-5, atol=1e-4)
         layer.weight.neg_()  # in place: the packed copy must follow
-        expected = qk.int8_linear(x_q, layer.weight, x_s, layer.scales, linear.bias, backend="reference")
+        expected = oracle()
         torch.testing.assert_close(layer(x), expected.reshape(2, 12, 1024), rtol=1e-5, atol=1e-4)
         twin = copy.deepcopy(layer)  # oneDNN's packed tensor cannot be copied: it is left behind
         torch.testing.assert_close(twin(x), layer(x), rtol=0, atol=0)
@@ -278,7 +318,7 @@ def test_weight_bytes_counts_the_int_storage():
     )
 
 
-def test_tiny_w8a8_perplexity_is_within_3_percent():
+def test_tiny_w8a8_perplexity_is_within_half_a_percent():
     import labkit
     from labkit.evaluation import perplexity
     from labkit.train import validation_text
@@ -287,7 +327,7 @@ def test_tiny_w8a8_perplexity_is_within_3_percent():
     text = validation_text(3_000)
     fp32 = perplexity(model, tokenizer, text)
     w8a8 = perplexity(quant.quantize_model(model, "w8a8"), tokenizer, text)
-    assert abs(w8a8 / fp32 - 1) < 0.03
+    assert abs(w8a8 / fp32 - 1) < 0.005  # the issue asks 3%; measured +0.03% to +0.06%, int4 per tensor +2.4%
 
 
 def test_quantized_weight_only_models_fine_tune_their_float_parameters(nano):
@@ -405,12 +445,15 @@ def test_int4_layer_stores_its_scales_group_by_group_through_moves_copies_and_lo
     with torch.inference_mode():
         made_in_inference = quant.Int4WeightOnlyLinear.from_linear(linear, group_size=32)
     x = torch.randn(3, 64)
-    for other in (layer, copy.deepcopy(layer), layer.to("cpu"), loaded, made_in_inference):
+    moved = copy.deepcopy(layer)._apply(lambda t: t.to(t.device, copy=True))  # what .to(another device) does to each
+    for other in (layer, copy.deepcopy(layer), moved, loaded, made_in_inference):
         assert other.scales.stride() == other.zeros.stride() == (1, 12)  # (12, 2) group by group: the kernels' layout
         assert torch.equal(other.scales, layer.scales) and torch.equal(other.zeros, layer.zeros)
         torch.testing.assert_close(other(x), layer(x), rtol=0, atol=0)
-    expected = qk.int4_weight_only_linear_reference(x, layer.weight, scales, zeros, 32)
-    torch.testing.assert_close(layer(x), expected + linear.bias.detach(), rtol=1e-5, atol=1e-5)
+    # an oracle apart from the kernels' reference: (q - z) s by hand in float64, from the unpacked nibbles
+    q = quant.unpack_int4(layer.weight).double().view(12, 2, 32)
+    w = ((q - zeros.double()[..., None]) * scales.double()[..., None]).view(12, 64)
+    torch.testing.assert_close(layer(x).double(), x.double() @ w.t() + linear.bias.detach().double(), rtol=1e-5, atol=1e-5)
 
 
 def test_derived_tensors_are_made_again_when_their_source_changes():
