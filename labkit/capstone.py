@@ -514,6 +514,10 @@ def decode_latency(config: GPTConfig, new_tokens: int = 32, repeat: int = 3) -> 
 
     The weights are random: the cost of a forward pass does not depend on their values.
     """
+    _check_int("new_tokens", new_tokens)
+    if 16 + new_tokens > config.block_size:
+        raise ValueError(f"a 16-token prompt + new_tokens ({new_tokens}) must fit the context (block_size "
+                         f"{config.block_size}): new_tokens <= {config.block_size - 16}")
     torch.manual_seed(0)
     return serving.generation_time(LabGPT(config).eval(), 16, new_tokens, True, repeat) / new_tokens
 
@@ -641,6 +645,15 @@ def export_decoder(model: LabGPT, example_len: int = 16) -> torch.export.Exporte
 
 
 @torch.no_grad()
+def _exported_context(program: torch.export.ExportedProgram) -> int | None:
+    """The longest sequence the exported forward accepts (its dynamic dimension's upper bound), if it says."""
+    for info in program.range_constraints.values():
+        upper = getattr(info, "upper", None)
+        if upper is not None and int(upper) < 2**62:  # "no bound" reads as a huge int
+            return int(upper)
+    return None
+
+
 def generate_exported(program: torch.export.ExportedProgram, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """Greedy decoding with an exported program: the whole sequence runs again for each token.
 
@@ -648,6 +661,12 @@ def generate_exported(program: torch.export.ExportedProgram, idx: torch.Tensor, 
     exported forward would have to take and return as tensors), so this is the O(n²) loop.
     """
     _check_int("max_new_tokens", max_new_tokens, 0)
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) < 1:
+        raise ValueError(f"idx must be a (batch, time) tensor of token ids, got {getattr(idx, 'shape', type(idx))}")
+    limit = _exported_context(program)
+    if limit is not None and idx.size(1) + max_new_tokens - 1 > limit:  # the last token is never fed back
+        raise ValueError(f"prompt ({idx.size(1)}) + max_new_tokens ({max_new_tokens}) - 1 must be at most the "
+                         f"program's context ({limit} tokens): the exported forward takes 1..{limit}")
     run = program.module()
     for _ in range(max_new_tokens):
         idx = torch.cat([idx, run(idx)[:, -1:].argmax(-1)], dim=1)

@@ -136,10 +136,12 @@ def _check_cache_fits(cache, config, batch: int, dtype: torch.dtype) -> None:
     k = getattr(cache, "all_k", None)
     if k is None:  # another cache class (serving's slot cache): it checks itself
         return
-    if tuple(k.shape[:2]) != (config.n_layer, batch) or k.shape[-1] != config.head_size or k.dtype != dtype:
-        raise ValueError(f"cache holds {k.shape[0]} layers x batch {k.shape[1]} x head size {k.shape[-1]} in {k.dtype}; "
-                         f"this call needs {config.n_layer} layers x batch {batch} x head size {config.head_size} "
-                         f"in {dtype}: make it with this model's new_cache({batch})")  # fmt: skip
+    want = (config.n_layer, batch, config.n_head, config.block_size, config.head_size)
+    if tuple(k.shape) != want or k.dtype != dtype:
+        raise ValueError(f"cache holds {k.shape[0]} layers x batch {k.shape[1]} x {k.shape[2]} heads x {k.shape[3]} "
+                         f"positions x head size {k.shape[4]} in {k.dtype}; this call needs {want[0]} x {want[1]} x "
+                         f"{want[2]} x {want[3]} x {want[4]} in {dtype}: make it with this model's "
+                         f"new_cache({batch})")  # fmt: skip
 
 
 class KVCache:

@@ -39,6 +39,8 @@ from .model import KVCache, LabGPT
 def generation_time(model: LabGPT, prompt_len: int, new_tokens: int, use_cache: bool, repeat: int = 3,
                     batch_size: int = 1) -> float:
     """Median seconds to greedily generate ``new_tokens`` after a ``prompt_len``-token prompt."""
+    check_int("prompt_len", prompt_len)
+    check_int("new_tokens", new_tokens, 0)
     if not 1 <= prompt_len + new_tokens <= model.config.block_size:
         raise ValueError(f"prompt_len + new_tokens must be in 1..{model.config.block_size} (the context), "
                          f"got {prompt_len} + {new_tokens}")
@@ -96,6 +98,10 @@ def make_workload(n_requests: int = 48, rate: float = 50.0, prompt_len=(8, 64), 
     lengths bimodal (most answers short, ``long_fraction`` of them long): the high variance that
     real chat traffic has and that static batching handles badly."""
     check_int("n_requests", n_requests)
+    check_int("vocab_size", vocab_size, 2)  # token 0 is left out of prompts: at least one other
+    for name, (lo, hi), low in (("prompt_len", prompt_len, 1), ("short", short, 1), ("long", long, 1)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)) or not low <= lo <= hi:
+            raise ValueError(f"{name} must be a (low, high) pair of ints with {low} <= low <= high, got {(lo, hi)!r}")
     if not rate > 0:
         raise ValueError(f"rate (offered load, requests per second) must be > 0, got {rate!r}")
     if not 0 <= long_fraction <= 1:
@@ -604,10 +610,12 @@ def held_out_prompts(n: int = 6) -> list[torch.Tensor]:
     from .tokenizer import CharTokenizer
     from .train import validation_text
 
-    if not isinstance(n, int) or not 1 <= n <= 100:
-        raise ValueError(f"n must be an int in 1..100, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 50:
+        raise ValueError(f"n must be an int in 1..50 (longer openings outgrow most documents), got {n!r}")
     tokenizer = CharTokenizer()
     docs = [d for d in validation_text(40_000 + 2_000 * n).split("\n\n") if len(d) > 24 + 4 * n]
+    if len(docs) < n:  # not with the shipped generator (checked up to 58); a guard should the corpus change
+        raise ValueError(f"only {len(docs)} held-out documents are longer than {24 + 4 * n} characters; ask for fewer")
     return [tokenizer.tensor(d[: 24 + 4 * i]).view(1, -1) for i, d in enumerate(docs[:n])]
 
 
@@ -636,6 +644,12 @@ def expected_speedup(acceptance: float, k: int, cost_ratio: float, verify_cost: 
     k·c + v in units of one target step (c: draft step / target step; v: the verify pass)."""
     if not 0 <= acceptance <= 1:
         raise ValueError(f"acceptance must be in [0, 1], got {acceptance!r}")
+    check_int("k (draft tokens per round)", k)
+    for name, value in (("cost_ratio", cost_ratio), ("verify_cost", verify_cost)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f"{name} must be a finite number >= 0 (in target steps), got {value!r}")
+    if k * cost_ratio + verify_cost == 0:
+        raise ValueError("cost_ratio and verify_cost are both 0: a round would cost nothing")
     tokens = k + 1 if acceptance == 1 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
     return tokens / (k * cost_ratio + verify_cost)
 
@@ -666,6 +680,7 @@ def power_source() -> str:
 
 def measure_energy(fn, repeat: int = 3) -> dict:
     """Run ``fn`` ``repeat`` times; joules from NVML or RAPL when available, else None."""
+    check_int("repeat", repeat)
     source = power_source()
     if source == "nvml":
         import pynvml

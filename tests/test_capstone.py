@@ -302,8 +302,14 @@ def test_evolution_mutates_the_best_and_never_repeats_a_shape():
     assert sorted({r["generation"] for r in history}) == [0, 1, 2]
     accepted = [r for r in history if r["accepted"]]
     assert result["best"] == min(accepted, key=lambda r: r["perplexity"])
-    first_best = min((r for r in accepted if r["generation"] == 0), key=lambda r: r["perplexity"])
-    assert result["best"]["perplexity"] <= first_best["perplexity"]
+    fields = ("n_layer", "n_head", "n_embd")
+    for generation in (1, 2):  # every child is one field away from a parent: the better half so far
+        earlier = sorted((r for r in accepted if r["generation"] < generation), key=lambda r: r["perplexity"])
+        parents = [tuple(r[f] for f in fields) for r in earlier[:2]]  # population // 2
+        assert parents
+        for child in (r for r in history if r["generation"] == generation):
+            shape = tuple(child[f] for f in fields)
+            assert any(sum(a != b for a, b in zip(shape, parent)) == 1 for parent in parents), (shape, parents)
 
 
 def test_search_with_nothing_in_budget_returns_no_best():
@@ -335,6 +341,9 @@ def test_the_real_latency_and_score_functions_run():
     config = capstone.candidate_config({"n_layer": 1, "n_head": 2, "n_embd": 32}, block_size=32)
     assert config.block_size == 32 and config.vocab_size == 128
     assert capstone.decode_latency(config, new_tokens=4, repeat=1) > 0
+    for bad, match in ((0, "new_tokens must be an int"), (17, "block_size 32")):  # 16 prompt tokens + 17 > 32
+        with pytest.raises(ValueError, match=match):
+            capstone.decode_latency(config, new_tokens=bad, repeat=1)
     assert capstone.train_and_score(config, steps=2, batch_size=2, text=labkit.data.corpus(600)) > 1
 
 
@@ -355,6 +364,10 @@ def test_exported_compressed_model_computes_the_eager_logits(nano_pair, tmp_path
     loaded = torch.export.load(path)
     idx = torch.randint(0, 128, (1, 6))
     assert torch.equal(capstone.generate_exported(loaded, idx, 10), model.generate(idx, 10, temperature=0))
+    block = model.config.block_size  # to the end of the context, and not a token past it
+    assert capstone.generate_exported(loaded, idx, block - 6 + 1).shape == (1, block + 1)
+    with pytest.raises(ValueError, match="program's context"):
+        capstone.generate_exported(loaded, idx, block - 6 + 2)
     with pytest.raises(ValueError, match="example_len"):
         capstone.export_decoder(model, example_len=1)
     with pytest.raises(ValueError, match="LabGPT"):

@@ -201,6 +201,30 @@ def test_workload_and_serve_bad_input(nano):
         serving.serve(nano, too_long, "continuous")
 
 
+@pytest.mark.parametrize("call, match", [
+    (lambda m: serving.make_workload(vocab_size=1), "vocab_size"),
+    (lambda m: serving.make_workload(prompt_len=(5, 3)), "prompt_len must be a"),
+    (lambda m: serving.make_workload(short=(0, 0)), "short must be a"),
+    (lambda m: serving.generation_time(m, -1, 5, True), "prompt_len"),
+    (lambda m: serving.generation_time(m, 4, 2.5, True), "new_tokens"),
+    (lambda m: serving.expected_speedup(0.5, 0, 0.3), "k"),
+    (lambda m: serving.expected_speedup(0.5, 4, -1.0), "cost_ratio"),
+    (lambda m: serving.expected_speedup(0.5, 4, 0.0, 0.0), "both 0"),
+    (lambda m: serving.measure_energy(lambda: None, repeat=0), "repeat"),
+    (lambda m: serving.held_out_prompts(51), r"1\.\.50"),
+    (lambda m: m(torch.zeros(1, 3, dtype=torch.long), cache=LabGPT(get_config("nano", n_head=4)).new_cache(1)), "heads"),
+    (lambda m: m(torch.zeros(1, 3, dtype=torch.long), cache=LabGPT(get_config("nano", block_size=64)).new_cache(1)),
+     "positions"),
+])
+def test_serving_bad_input_names_the_argument(nano, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(nano)
+
+
+def test_held_out_prompts_gives_as_many_as_asked_up_to_its_limit():
+    assert len(serving.held_out_prompts(50)) == 50
+
+
 def test_percentile_matches_torch_quantile():
     values = sorted(torch.rand(37, generator=torch.Generator().manual_seed(0)).tolist())
     for q in (50, 95, 99):

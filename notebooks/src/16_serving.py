@@ -63,8 +63,9 @@ print(f"512-token context (16 prompt + 496 new): the cache is {rows[-1]['speedup
 #
 # At batch 1 a step reads every weight once and does 2 FLOPs with each, so a GPU should
 # decode at its memory bandwidth: GPT-2-small in bf16 reads about 255 MB a token, 85 µs at an
-# H100's 3 TB/s. The kit measured 12% of that bound with the step replayed from a CUDA graph,
-# and 16.5% with it compiled by `torch.compile` first. Count what one step runs:
+# H100's 3 TB/s. The kit measured 11.8% of that bound with the step replayed from a CUDA graph,
+# and 16.2% with it compiled by `torch.compile` first (the recorded run printed below).
+# Count what one step runs:
 
 # %%
 prompt = tok.encode("Q: 12 + 30 = ")
