@@ -57,6 +57,8 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str,
     """
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise ValueError("tensors must be a dict mapping names (str) to torch.Tensor")
+    if not all(isinstance(name, str) for name in tensors) or "__metadata__" in tensors:
+        raise ValueError("tensor names must be str, and not '__metadata__' (the format keeps that key for metadata)")
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise ValueError("metadata must be a dict of str -> str (the format stores only strings)")
     header: dict = {}

@@ -138,10 +138,11 @@ def _check_cache_fits(cache, config, batch: int, dtype: torch.dtype) -> None:
         return
     want = (config.n_layer, batch, config.n_head, config.block_size, config.head_size)
     if tuple(k.shape) != want or k.dtype != dtype:
-        raise ValueError(f"cache holds {k.shape[0]} layers x batch {k.shape[1]} x {k.shape[2]} heads x {k.shape[3]} "
-                         f"positions x head size {k.shape[4]} in {k.dtype}; this call needs {want[0]} x {want[1]} x "
-                         f"{want[2]} x {want[3]} x {want[4]} in {dtype}: make it with this model's "
-                         f"new_cache({batch})")  # fmt: skip
+        def says(shape) -> str:
+            return f"{shape[0]} layers x batch {shape[1]} x {shape[2]} heads x {shape[3]} positions x head size {shape[4]}"
+
+        raise ValueError(f"cache holds {says(k.shape)} in {k.dtype}; this call needs {says(want)} in {dtype}: make it "
+                         f"with this model's new_cache({batch})")  # fmt: skip
 
 
 class KVCache:

@@ -180,6 +180,8 @@ class SoftPrompt(torch.nn.Module):
     the learned prompt embeddings to the input's token embeddings (``inputs_embeds``). Only P
     trains: n_tokens x n_embd numbers. P starts as the embeddings of random vocabulary
     characters (better than noise) or, with ``init_text``, of a real prompt's characters.
+    The model is frozen in place (``model.requires_grad_(False)``), not copied: to train it
+    afterwards, ``model.requires_grad_(True)``.
     """
 
     def __init__(self, model, n_tokens: int | None = None, seed: int = 0, init_text: str | None = None) -> None:
@@ -297,13 +299,25 @@ def pet_classify(model, tokenizer: CharTokenizer, texts: list[str], pattern, ver
     return [labels[i] for i in best.tolist()]
 
 
+def _label_ids(gold: list, labels: list, name: str) -> list[int]:
+    """Each gold label's index in ``labels``; a ValueError naming the labels that are not there."""
+    missing = sorted({str(g) for g in gold if g not in labels})
+    if missing:
+        raise ValueError(f"gold labels {missing} are not among the {name}'s labels {list(labels)}")
+    return [labels.index(g) for g in gold]
+
+
 def pet_finetune(
     model, tokenizer, texts, gold, pattern, verbalizer: dict, steps: int = 30, lr: float = 1e-4
 ) -> list[float]:
-    """PET training: cross-entropy over the verbalizer words' scores, on a few labelled examples (all weights train)."""
+    """PET training: cross-entropy over the verbalizer words' scores, on a few labelled examples (every weight that
+    requires grad trains: all of them, unless some were frozen)."""
     labels = list(verbalizer)
-    target = torch.tensor([labels.index(g) for g in gold], device=next(model.parameters()).device)
+    target = torch.tensor(_label_ids(gold, labels, "verbalizer"), device=next(model.parameters()).device)
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("every weight of model is frozen: nothing to train (a SoftPrompt freezes the model it wraps; "
+                         "model.requires_grad_(True) undoes it)")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     losses = []
@@ -332,7 +346,7 @@ def last_token_features(model, tokenizer: CharTokenizer, prompts: list[str]) -> 
 
 def train_classifier_head(features: torch.Tensor, gold: list, labels: list, steps: int = 200, lr: float = 1e-2):
     """A linear classifier (logistic regression) on frozen features: the fine-tuning baseline PET is compared to."""
-    target = torch.tensor([labels.index(g) for g in gold], device=features.device)
+    target = torch.tensor(_label_ids(gold, labels, "labels"), device=features.device)
     head = torch.nn.Linear(features.size(1), len(labels)).to(features.device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-2)
     for _ in range(steps):

@@ -157,10 +157,12 @@ def semi_structured_mask(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tenso
     Groups run along the last (input) dimension, as NVIDIA's sparse tensor cores need; ties
     are broken by position (the earlier weight is kept).
     """
-    if w.dim() != 2 or w.shape[1] % m:
-        raise ValueError(f"w must be 2-D with a number of columns divisible by {m}, got shape {tuple(w.shape)}")
-    if not 0 < n <= m:
-        raise ValueError(f"n must be in 1..{m} (weights kept per group of {m}), got {n}")
+    check_int("m (group size)", m)
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= m:
+        raise ValueError(f"n must be an int in 1..{m} (weights kept per group of {m}), got {n!r}")
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[1] % m:
+        raise ValueError(f"w must be 2-D with a number of columns divisible by {m}, got shape "
+                         f"{tuple(getattr(w, 'shape', ()))}")  # fmt: skip
     groups = w.detach().abs().reshape(-1, m)  # (rows * cols / m, m)
     order = torch.sort(-groups, dim=1, stable=True).indices  # largest first, ties in index order
     keep = torch.zeros_like(groups, dtype=torch.bool)

@@ -255,3 +255,27 @@ def test_finetune_defaults_to_a_sequence_the_model_can_hold():
     assert len(losses) == 1
     with pytest.raises(ValueError, match=r"seq_len must be an int in 1..32"):
         finetune(model, steps=1, seq_len=64, progress=False)
+
+
+def test_compression_and_prompting_inputs_found_by_a_second_audit(tmp_path):
+    from labkit import memory, prompting
+
+    w = torch.randn(4, 8)
+    for kwargs, match in (({"m": 0}, "m \\(group size\\)"), ({"n": 2.5}, "n must be an int"), ({"n": 0}, "n must")):
+        with pytest.raises(ValueError, match=match):
+            prune.semi_structured_mask(w, **kwargs)
+    with pytest.raises(ValueError, match="__metadata__"):
+        memory.save_safetensors({"__metadata__": torch.zeros(1)}, tmp_path / "x.safetensors")
+    logits = torch.randn(2, 5, 16)
+    for targets in (torch.full((2, 5), -1), torch.full((2, 5), -100), torch.full((2, 5), 16), torch.zeros(2, 4)):
+        with pytest.raises(ValueError, match="targets must be token ids in 0..15"):
+            distill.distillation_loss(logits, logits, targets.long())
+    model, tok = LabGPT(get_config("nano")), CharTokenizer()
+    verbalizer = {"pos": "good", "neg": "bad"}
+    with pytest.raises(ValueError, match=r"gold labels \['positive'\] are not among"):
+        prompting.pet_finetune(model, tok, ["nice"], ["positive"], lambda t: t + " It was", verbalizer, steps=1)
+    prompting.SoftPrompt(model, 4)  # freezes the model it wraps, in place
+    with pytest.raises(ValueError, match="every weight of model is frozen"):
+        prompting.pet_finetune(model, tok, ["nice"], ["pos"], lambda t: t + " It was", verbalizer, steps=1)
+    model.requires_grad_(True)
+    assert len(prompting.pet_finetune(model, tok, ["nice"], ["pos"], lambda t: t + " It was", verbalizer, steps=1)) == 1

@@ -37,8 +37,8 @@ def test_score_on_the_teacher_and_its_interval():
     model, tok = labkit.load_model("tiny")
     s = prompting.score(model, tok, "capital", "specific", 0, n=40, latency_prompts=2)
     assert s.accuracy >= 0.9 and s.low <= s.accuracy <= s.high and s.tokens > 10 and s.ttft_s > 0
-    vague = prompting.score(model, tok, "string", "vague", 0, n=40)
-    assert vague.tokens < s.tokens + 40
+    vague = prompting.score(model, tok, "capital", "vague", 0, n=40)
+    assert vague.tokens < s.tokens / 2  # the vague prompt is a bare question (about 10 tokens against 46)
 
 
 def test_too_many_demonstrations_say_how_many_fit():

@@ -188,10 +188,16 @@ def test_head_scores_rank_the_head_that_matters(small):
     w = torch.randn(6, 16)
     w[:, :8] *= 10  # head 0's projection is ten times larger
     assert head_output_norms(y, w, 2).argmax() == 0
-    empty = prune_model(small, 0.75, "heads", scope="global", calibration=tokens(4, 32, seed=9))
-    assert min(b.attn.n_head for b in empty.transformer.h) >= 0
+    pruned = prune_model(small, 0.75, "heads", scope="global", calibration=tokens(4, 32, seed=9))
+    assert sum(b.attn.n_head for b in pruned.transformer.h) == 3  # 9 of the 12 heads gone, across layers
+    emptied = copy.deepcopy(small)  # a whole model with a layer of no heads at all: it still runs, with a cache too
+    emptied.transformer.h[1].attn = PrunedSelfAttention.from_attention(emptied.transformer.h[1].attn,
+                                                                       torch.tensor([], dtype=torch.long))  # fmt: skip
+    assert [b.attn.n_head for b in emptied.transformer.h] == [4, 0, 4]
     with torch.no_grad():
-        assert torch.isfinite(empty(tokens())).all()
+        assert torch.isfinite(pruned(tokens())).all() and torch.isfinite(emptied(tokens())).all()
+        x = tokens()[:1, :5]
+        assert torch.equal(emptied.generate(x, 12, temperature=0), emptied.generate(x, 12, temperature=0, use_cache=False))
 
 
 def test_heads_pruned_to_zero_leave_only_the_bias(small):
