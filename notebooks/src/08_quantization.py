@@ -142,9 +142,10 @@ plt.show()
 
 # %% [markdown]
 # At 8 bits min-max is already good and a fixed 99.9th-percentile clip *hurts* (the values it
-# clips are far out, and an 8-bit grid had steps to spare); MSE still finds a slightly better
-# clip. At 4 bits the grid's 16 levels are precious: clipping the long tail halves the error
-# and more, and MSE beats the fixed percentile.
+# clips are far out, and an 8-bit grid had steps to spare); MSE still finds a better clip,
+# with about 40% less error than min-max. At 4 bits the grid's 16 levels are precious: clipping
+# the long tail cuts the error by about half (the percentile clip) to 60% (MSE's), and MSE beats
+# the fixed percentile.
 #
 # ## 4. Post-training quantization of LabGPT
 #
@@ -329,7 +330,10 @@ print(f"with linears that cost only their int8 GEMM (quantizing and dequantizing
 # this lab was 2× on `tiny`'s prefill; on a 2-core CPU quantizing the linear layers cannot
 # reach it: even infinitely fast linears give at most 2.4–2.7×, linears that cost nothing
 # but their int8 GEMM (nothing quantized, nothing dequantized) 1.75–1.9×, and the whole W8A8
-# model 1.3–1.65× (ranges across runs on the kit's test CPU; this run's are printed above). Amdahl's
+# model 1.3–1.65× (ranges across runs on the kit's first test CPU; this run's are printed
+# above). How much W8A8 gains depends on the CPU: on later test VMs, Xeons with AMX, the three
+# measured 2.1–2.3×, 1.46–1.59× and 1.03–1.19× (`benchmarks/cpu/`), quantizing and
+# dequantizing there costing as much time as the int8 GEMMs themselves. Amdahl's
 # prediction, built from the linears timed alone, comes out above that measurement: alone, a
 # linear runs with its weights and input hot in cache, while inside the model every other
 # operator competes for it. Wider models (GPT-2's 768) put more of their time in the matmuls,
