@@ -7,6 +7,8 @@ Reference solutions live in ``labkit/solutions/`` -- look after you have tried.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import traceback
 from collections.abc import Callable
 
@@ -775,3 +777,27 @@ def dominates(fn: Callable[[tuple, tuple], bool]) -> bool:
             failures.append(f"a={a}, b={b}: you said {bool(got)}, expected {expected}")
     hint = "a dominates b when a <= b in every coordinate AND a < b in at least one (equal points do not dominate)"
     return _report("dominates", failures, len(cases), hint)
+
+
+def _guarded(check: Callable) -> Callable:
+    """A checker that reports, instead of crashing the notebook, when the learner's result cannot even be compared
+    (None from a forgotten ``return``, a string, a tensor where a bool was asked, a wrong shape...)."""
+
+    @functools.wraps(check)
+    def run(*args, **kwargs) -> bool:
+        try:
+            return check(*args, **kwargs)
+        except Exception as err:  # raised while comparing what the learner's function returned
+            print(f"NOT YET {check.__name__}: your function's result could not be checked "
+                  f"({type(err).__name__}: {err}).")  # fmt: skip
+            print("  hint: compare what it returns (type, shape, length) with what the exercise asks for; "
+                  "did it forget a return?")  # fmt: skip
+            print("  (a reference solution: labkit/solutions/, once you have tried)")
+            return False
+
+    return run
+
+
+for _name, _check in list(globals().items()):  # every public checker of this module
+    if inspect.isfunction(_check) and not _name.startswith("_") and _check.__module__ == __name__:
+        globals()[_name] = _guarded(_check)

@@ -9,14 +9,15 @@ import matplotlib.pyplot as plt
 
 
 def pareto_front(points: list[dict], x: str, y: str, higher_y_is_better: bool = True) -> list[dict]:
-    """The points no other point beats on both axes (lower x and better y)."""
+    """The points no other point beats on both axes (lower x and better y); equal points are all kept."""
     sign = 1 if higher_y_is_better else -1
     ordered = sorted(points, key=lambda p: (p[x], -sign * p[y]))
     front, best = [], float("-inf")
     for p in ordered:
-        if sign * p[y] > best:
+        tie = bool(front) and (p[x], p[y]) == (front[-1][x], front[-1][y])  # the same point again: not beaten
+        if sign * p[y] > best or tie:
             front.append(p)
-            best = sign * p[y]
+            best = max(best, sign * p[y])
     return front
 
 

@@ -14,6 +14,7 @@ its output says which values it used. Set ``LABKIT_STATIC=1`` to force that mode
 
 from __future__ import annotations
 
+import decimal
 import os
 from collections.abc import Callable
 
@@ -59,7 +60,9 @@ def _widget(name: str, spec):
         return w.IntSlider(
             min=lo, max=hi, step=step, value=value, description=name, continuous_update=False, style=style
         )
-    return w.FloatSlider(min=lo, max=hi, step=step, value=value, description=name, continuous_update=False, style=style)
+    decimals = max(2, -decimal.Decimal(str(step)).normalize().as_tuple().exponent)  # show every step: 0.995, 0.625
+    return w.FloatSlider(min=lo, max=hi, step=step, value=value, description=name, continuous_update=False, style=style,
+                         readout_format=f".{decimals}f")  # fmt: skip
 
 
 def _run(experiment: Callable, figsize, values: dict) -> None:

@@ -24,6 +24,18 @@ def test_a_crashing_answer_is_reported_not_raised(capsys):
     assert "ZeroDivisionError" in capsys.readouterr().out
 
 
+def test_a_result_that_cannot_be_compared_is_reported_not_raised(capsys):
+    # what learners return by mistake: nothing (a forgotten return), a string, a tensor where a bool was asked
+    assert not check.accept_draft(lambda guesses, target: None)
+    assert not check.count_parameters(lambda cfg: "12,345")
+    assert not check.percentile(lambda values, p: "fast")
+    assert not check.exit_rule(lambda probs, threshold: probs >= threshold)
+    assert not check.pick_scale(lambda x, bits: {"scale": 1.0, "zero_point": 0})
+    out = capsys.readouterr().out
+    assert out.count("NOT YET") == 5 and out.count("could not be checked") == 5
+    assert check.accept_draft.__name__ == "accept_draft" and "speculative" in check.accept_draft.__doc__
+
+
 def test_hardware_checkers(capsys):
     from labkit.solutions import hardware
 

@@ -238,7 +238,8 @@ explore(latency_vs_length, max_len=(64, 512, 64, 256), batch=[1, 4, 16])
 # **Exercise 1.** Count LabGPT's parameters from its config alone. Read
 # `labkit/model.py` (`Block`, `CausalSelfAttention`, `MLP`): every `nn.Linear(a, b)` has
 # `a*b` weights plus `b` biases, every `LayerNorm(C)` has `2C`, and the head shares its
-# weights with the token embedding.
+# weights with the token embedding. With `config.bias=False` there are no biases at all:
+# each linear has only its `a*b` weights and each LayerNorm only its `C` weights.
 
 # %%
 def count_parameters(config):
