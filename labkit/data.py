@@ -9,8 +9,11 @@ example is one line ``<input> <sep> <answer>``, and a prompt is an optional head
 ``shots`` demonstration lines, and the query line. Three formats:
 
 - ``vague``: no header, a bare ``->``. Zero-shot this is truly ambiguous: ``cat ->`` could
-  ask for French, capitals or backwards; ``12 7 ->`` hides the operation; a review could
-  be labelled positive/negative or good/bad. Demonstrations resolve it.
+  ask for French, capitals or backwards; ``12 7 ->`` does not name the operation (though the
+  operands hint at it: products use factors up to 12, differences are never negative, so a
+  fixed guess from the operands is right about 80% of the time, about what ``tiny`` scores
+  zero-shot); a review could be labelled positive/negative or good/bad. Demonstrations
+  resolve it.
 - ``specific``: a clear instruction header (``Translate each English word into French.``).
 - ``contextual``: a scenario that implies the task (``At the market in Lyon, ...``).
 

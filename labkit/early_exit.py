@@ -39,7 +39,7 @@ class ExitHeads(nn.Module):
     def __init__(self, model) -> None:
         super().__init__()
         C, L = model.config.n_embd, model.config.n_layer
-        self.norms = nn.ModuleList([nn.LayerNorm(C) for _ in range(L - 1)])
+        self.norms = nn.ModuleList([nn.LayerNorm(C, bias=model.config.bias) for _ in range(L - 1)])
         self.maps = nn.ModuleList([nn.Linear(C, C) for _ in range(L - 1)])
         with torch.no_grad():
             for norm, lin in zip(self.norms, self.maps):
@@ -168,6 +168,12 @@ def load_exit_heads(model, path) -> ExitHeads:
     if meta.get("format") != "labkit-exit-heads":
         raise ValueError(f"{path} is not a labkit exit-heads file (metadata lacks format=labkit-exit-heads)")
     heads = ExitHeads(model)
+    expected = {name: tuple(t.shape) for name, t in heads.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in tensors.items()}
+    if found != expected:
+        raise ValueError(f"{path} holds exit heads for another model ({len(found)} tensors, e.g. "
+                         f"{next(iter(found.items()), None)}); this model's ({model.config.n_layer} layers, width "
+                         f"{model.config.n_embd}) need {len(expected)} tensors, e.g. {next(iter(expected.items()))}")
     heads.load_state_dict(tensors)
     return heads.to(next(model.parameters()).device).eval()
 
@@ -266,8 +272,10 @@ def _affine(norm: nn.LayerNorm, C: int, device) -> tuple[torch.Tensor, torch.Ten
     return gamma, beta
 
 
-def _check_generate_args(model, heads, idx, max_new_tokens) -> None:
-    from .model import _check_token_ids
+def _check_generate_args(model, heads, idx, max_new_tokens, stop_token=None) -> None:
+    from .model import _check_token_ids, check_stop_token
+
+    check_stop_token(stop_token, model.config.vocab_size)
 
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(0) != 1 or idx.size(1) < 1:
         raise ValueError(f"early-exit generation takes one non-empty sequence, shape (1, T); got "
@@ -301,7 +309,7 @@ def generate(model, heads: ExitHeads, idx: torch.Tensor, max_new_tokens: int, th
 
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold τ must be in (0, 1], got {threshold}")
-    _check_generate_args(model, heads, idx, max_new_tokens)
+    _check_generate_args(model, heads, idx, max_new_tokens, stop_token)
     L = model.config.n_layer
     if folded is None:
         folded = threshold < 1.0 and FoldedExits.applies(model, heads)

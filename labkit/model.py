@@ -44,6 +44,8 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.attention, str):
+            raise ValueError(f"GPTConfig.attention must be the name of a backend (a str), got {self.attention!r}")
 
     @property
     def head_size(self) -> int:
@@ -105,7 +107,7 @@ def sdpa_attention(q, k, v, q_offset: int = 0):
     T, S = q.size(-2), k.size(-2)
     if q_offset == 0 and T == S:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if T == 1:  # one new token sees every cached key: no mask needed
+    if T == 1 and S == q_offset + 1:  # one new token after the cache sees every key: no mask needed
         return F.scaled_dot_product_attention(q, k, v)
     # several new tokens after a cache (speculative decoding's verify pass): every layer needs the same
     # mask, so it is built once per shape rather than once per layer
@@ -130,6 +132,14 @@ def _check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"{name} must be token ids in 0..{vocab_size - 1} (this model's vocabulary), got values in "
                          f"{lo}..{hi}: was the text encoded with this model's tokenizer?")  # fmt: skip
+
+
+def check_stop_token(stop_token, vocab_size: int) -> None:
+    """None, or a token id of this vocabulary (not a character: ``tokenizer.encode(ch)[0]`` gives its id)."""
+    if stop_token is not None and (isinstance(stop_token, bool) or not isinstance(stop_token, int)
+                                   or not 0 <= stop_token < vocab_size):  # fmt: skip
+        raise ValueError(f"stop_token must be None or a token id in 0..{vocab_size - 1} (e.g. tokenizer.newline_id), "
+                         f"got {stop_token!r}")
 
 
 def _check_cache_fits(cache, config, batch: int, dtype: torch.dtype) -> None:
@@ -381,6 +391,7 @@ class LabGPT(nn.Module):
         if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)
                                   or not 1 <= top_k <= self.config.vocab_size):  # fmt: skip
             raise ValueError(f"top_k must be an int in 1..{self.config.vocab_size} or None, got {top_k!r}")
+        check_stop_token(stop_token, self.config.vocab_size)
         total = idx.size(1) + max_new_tokens
         if idx.size(1) < 1 or total > self.config.block_size:
             raise ValueError(
@@ -483,7 +494,20 @@ def load_hf_gpt2(folder, device=None) -> LabGPT:
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
         raise ValueError(f"{folder} must contain config.json and model.safetensors (a Hugging Face GPT-2 folder)")
-    hf = json.loads(config_path.read_text())
+    try:
+        hf = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err})") from None
+    missing = [k for k in ("vocab_size", "n_layer", "n_head", "n_embd") if not isinstance(hf.get(k), int)]
+    if missing:
+        raise ValueError(f"{config_path} lacks GPT-2's {missing} (ints); is this a GPT-2 folder?")
+    # what LabGPT builds exactly as GPT-2 does; anything else would load and compute something else, silently
+    same = {"activation_function": "gelu_new", "n_inner": None, "layer_norm_epsilon": 1e-5,
+            "scale_attn_by_inverse_layer_idx": False, "scale_attn_weights": True}
+    differs = {k: hf[k] for k, v in same.items()
+               if k in hf and hf[k] != v and not (k == "n_inner" and hf[k] == 4 * hf["n_embd"])}
+    if differs:
+        raise ValueError(f"{config_path} sets {differs}; LabGPT implements GPT-2's defaults {same} only")
     config = GPTConfig(
         vocab_size=hf["vocab_size"],
         block_size=hf.get("n_positions", 1024),
@@ -502,6 +526,11 @@ def load_hf_gpt2(folder, device=None) -> LabGPT:
         if key not in sd:
             raise ValueError(f"{weights_path.name} lacks {key!r}; is this a GPT-2 checkpoint?")
         w = sd[key]
-        new_state[name] = w.t() if name.endswith(transposed) else w
+        w = w.t() if name.endswith(transposed) else w
+        if tuple(w.shape) != tuple(model.state_dict()[name].shape):
+            raise ValueError(f"{weights_path.name}: {key!r} has shape {tuple(sd[key].shape)}, but config.json's GPT-2 "
+                             f"needs {tuple(model.state_dict()[name].shape)}" + (" (transposed, Conv1D's (in, out))"
+                             if name.endswith(transposed) else "") + ": the weights and the config disagree")  # fmt: skip
+        new_state[name] = w
     model.load_state_dict(new_state, strict=False)
     return model.to(device).eval() if device is not None else model.eval()

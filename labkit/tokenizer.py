@@ -43,8 +43,14 @@ class CharTokenizer:
     def decode(self, ids) -> str:
         """List (or 1-D tensor) of ids -> text."""
         if isinstance(ids, torch.Tensor):
+            if ids.dim() > 1 or ids.is_floating_point() or ids.dtype == torch.bool:
+                raise ValueError(f"decode takes one sequence of integer ids (a list or a 1-D tensor), got a "
+                                 f"{ids.dtype} tensor of shape {tuple(ids.shape)}: for a batch, decode each row "
+                                 "(e.g. out[0])")  # fmt: skip
             ids = ids.tolist()
         n = len(self.alphabet)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError(f"decode takes integer token ids, got {[i for i in ids if not isinstance(i, int) or isinstance(i, bool)][:3]}")
         bad = [i for i in ids if not 0 <= i < n]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the alphabet (allowed 0..{n - 1})")

@@ -77,6 +77,9 @@ class Batches:
 
     def __init__(self, text: str, tokenizer: CharTokenizer, block_size: int, seed: int) -> None:
         ids = np.frombuffer(bytes(tokenizer.encode(text)), dtype=np.uint8)  # the alphabet fits a byte
+        if len(ids) < block_size + 1:
+            raise ValueError(f"the text ({len(ids)} characters) is shorter than one window of block_size + 1 = "
+                             f"{block_size + 1}: give more text (corpus_chars) or a shorter block_size/seq_len")
         self.ids = torch.from_numpy(ids.copy())
         nl = np.flatnonzero(ids == tokenizer.newline_id)
         starts = nl[1:][np.diff(nl) == 1] + 1  # just after a blank line

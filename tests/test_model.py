@@ -6,10 +6,14 @@ import torch
 import labkit
 from labkit.model import (
     KVCache,
+    LabGPT,
     get_config,
     load_checkpoint,
+    manual_attention,
     replace_linears,
+    sample,
     save_checkpoint,
+    sdpa_attention,
 )
 
 
@@ -69,6 +73,43 @@ def test_sampling_is_seeded_and_top_k_respected(nano):
     a = nano.generate(idx, 20, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(0))
     b = nano.generate(idx, 20, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
+    # hot sampling from fixed logits: with top_k=3 only the three largest ever come out; without, many more
+    logits = torch.randn(1, 128, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+    drawn = {int(sample(logits, 5.0, 3, g)) for _ in range(300)}
+    assert drawn == set(torch.topk(logits, 3).indices[0].tolist())
+    assert len({int(sample(logits, 5.0, None, g)) for _ in range(300)}) > 20
+
+
+def test_sdpa_backend_keeps_the_causal_offset_for_one_query():
+    # one query at position q_offset sees keys 0..q_offset only, even when more keys are passed (backend contract)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64) for n in (1, 9, 9))
+    for offset in (3, 8):
+        torch.testing.assert_close(sdpa_attention(q, k, v, offset), manual_attention(q, k, v, offset))
+
+
+def test_model_level_bad_input_found_by_a_review(nano, tmp_path):
+    from labkit.early_exit import ExitHeads, load_exit_heads, save_exit_heads
+    from labkit.tokenizer import CharTokenizer
+    from labkit.train import Batches
+
+    with pytest.raises(ValueError, match="GPTConfig.attention must be"):
+        get_config("nano", attention=["sdpa"])
+    for bad in ("\n", 128, True):
+        with pytest.raises(ValueError, match="stop_token must be None or a token id"):
+            nano.generate(torch.zeros(1, 2, dtype=torch.long), 3, temperature=0, stop_token=bad)
+    tok = CharTokenizer()
+    with pytest.raises(ValueError, match="one sequence of integer ids"):
+        tok.decode(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer token ids"):
+        tok.decode([True])
+    with pytest.raises(ValueError, match="shorter than one window"):
+        Batches("hello", tok, 128, 0)
+    ExitHeads(LabGPT(get_config("nano", bias=False)))  # a bias-free model gets bias-free exit norms
+    save_exit_heads(ExitHeads(LabGPT(get_config("nano", n_layer=3))), tmp_path / "three.safetensors")
+    with pytest.raises(ValueError, match="exit heads for another model"):
+        load_exit_heads(nano, tmp_path / "three.safetensors")
 
 
 def test_hidden_states_and_inputs_embeds(nano):

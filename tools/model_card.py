@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import labkit
+import labkit.data
 from labkit.bench import device_label, measure
 from labkit.evaluation import accuracy_grid, perplexity
 from labkit.memory import load_safetensors
@@ -96,7 +97,7 @@ def render(card: dict) -> str:
         "reviews are composed from a lexicon, so their prompts are new combinations.",
         "",
         "**Vague zero-shot is ambiguous on purpose**: `cat ->` may ask for French or for a string operation,",
-        "`12 7 ->` hides the operation, and vague reviews were labelled positive/negative or good/bad in",
+        "`12 7 ->` does not name the operation (its operands hint at it), and vague reviews were labelled positive/negative or good/bad in",
         "training. Demonstrations resolve it; that gap is what the prompting lab measures.",
         "",
     ]
@@ -146,7 +147,8 @@ def render(card: dict) -> str:
         "## Limits",
         "",
         "- A character-level model of ~2.7M parameters trained on a synthetic world: it knows only what",
-        "  `labkit.data` teaches (107 French words, 60 capitals, +/-/* on small numbers, three string operations).",
+        f"  `labkit.data` teaches ({len(labkit.data.words()['en_fr'])} French words, "
+        f"{len(labkit.data.words()['countries'])} capitals, +/-/* on small numbers, three string operations).",
         "- The checkpoints were trained on a GPU for minutes; the same command reproduces them on any device",
         "  (slowly on a CPU: about 2 s per step of 64K tokens on 2 cores). Bit-exact reproduction needs the",
         "  same hardware and torch version.",

@@ -2,8 +2,8 @@
 
 python tools/train_exit_heads.py --steps 1500                              # tiny: about 3 minutes on a 2-core CPU
 python tools/train_exit_heads.py --model student-distilled --steps 1500    # the capstone's student: about 2 minutes
-python tools/train_exit_heads.py --tune --steps 900 --lr 3e-4             # tiny and its heads tuned together (LayerSkip-style):
-                                                                          # data/exit_heads/tiny-tuned{,.model}.safetensors, ~8 minutes
+python tools/train_exit_heads.py --tune --steps 1500 --lr 3e-4            # tiny and its heads tuned together (LayerSkip-style):
+                                                                          # data/exit_heads/tiny-tuned{,.model}.safetensors, ~10 minutes
 """
 
 import argparse
