@@ -146,7 +146,7 @@ def render(card: dict) -> str:
     lines += [
         "## Limits",
         "",
-        "- A character-level model of ~2.7M parameters trained on a synthetic world: it knows only what",
+        "- A character-level model of ~2.8M parameters trained on a synthetic world: it knows only what",
         f"  `labkit.data` teaches ({len(labkit.data.words()['en_fr'])} French words, "
         f"{len(labkit.data.words()['countries'])} capitals, +/-/* on small numbers, three string operations).",
         "- The checkpoints were trained on a GPU for minutes; the same command reproduces them on any device",

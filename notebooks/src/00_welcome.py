@@ -4,7 +4,7 @@
 # **Goals.** Meet the kit and the model every lab studies, LabGPT; learn to measure speed
 # honestly; try the first slider; solve three warm-up exercises.
 #
-# **Expected run time.** About 30 seconds on a 2-core laptop CPU; under 10 seconds on a GPU.
+# **Expected run time.** About 15 seconds on the kit's 2-core test CPU (a laptop may take twice as long); under 10 seconds on a GPU.
 #
 # ## The map
 #

@@ -6,7 +6,7 @@
 # place every computation on the roofline; see what number formats and data layout do;
 # read and run the kit's first GPU kernel.
 #
-# **Expected run time.** About 1 minute on a 2-core laptop CPU; under 30 seconds on a GPU.
+# **Expected run time.** About 15 seconds on the kit's 2-core test CPU (a laptop may take twice as long); under 30 seconds on a GPU.
 #
 # **The survey's claims, tested here.** "Modern GPUs can deliver up to 10 TFLOPS, while TPUs
 # can exceed 100 TFLOPS", and "deploying an LLM on an FPGA-based accelerator demonstrated a

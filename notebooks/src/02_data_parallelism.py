@@ -6,7 +6,7 @@
 # send/recv, buckets all-reduced while the backward pass runs); check each against
 # PyTorch's `DistributedDataParallel`; measure bytes moved and step time.
 #
-# **Expected run time.** About 1 minute on a 2-core laptop CPU. The processes use gloo on
+# **Expected run time.** About 25 seconds on the kit's 2-core test CPU (a laptop may take twice as long). The processes use gloo on
 # CPUs; on a machine with a GPU per process the same code uses NCCL.
 #
 # The survey's update rule: each of `n` processors computes the gradient `g_i` of its

@@ -6,7 +6,7 @@
 # split LabGPT across 2 processes and check its logits and gradients against one process;
 # count and time the communication it costs.
 #
-# **Expected run time.** About 40 seconds on a 2-core laptop CPU.
+# **Expected run time.** About 15 seconds on the kit's 2-core test CPU (a laptop may take twice as long).
 #
 # The survey: the model's layers are partitioned across devices, each computing
 #

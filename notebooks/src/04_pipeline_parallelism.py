@@ -7,7 +7,7 @@
 # set it beside the bubble measured on real processes; see what each schedule holds in
 # memory.
 #
-# **Expected run time.** About 30 seconds on a 2-core laptop CPU.
+# **Expected run time.** About 15 seconds on the kit's 2-core test CPU (a laptop may take twice as long).
 #
 # The survey: the model is divided into stages on different processors, "data flows
 # through the pipeline, and different stages can process different batches concurrently";

@@ -6,7 +6,7 @@
 # GPT-3-class training on thousands of GPUs on paper with an analytic planner (memory per
 # GPU, compute, communication, bubble, utilisation), checked against published runs.
 #
-# **Expected run time.** About 30 seconds on a 2-core laptop CPU.
+# **Expected run time.** About 20 seconds on the kit's 2-core test CPU (a laptop may take twice as long).
 #
 # The survey's mixed parallelism: each pipeline stage `i`, tensor-parallel segment `j` and
 # data-parallel instance `d` is one process, and the model is

@@ -8,7 +8,7 @@
 # measure what it costs in perplexity and task accuracy, before and after a short fine-tune;
 # read the FlashAttention-2 kernel in Triton that does the same on a GPU.
 #
-# **Expected run time.** About 2 minutes on a 2-core laptop CPU.
+# **Expected run time.** About 1.5 minutes on the kit's 2-core test CPU (a laptop may take twice as long).
 #
 # **The survey's claim, tested here.** "Sparse attention mechanisms reduce the quadratic
 # complexity of self-attention to linear or sublinear scales, significantly enhancing

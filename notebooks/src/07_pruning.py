@@ -6,7 +6,7 @@
 # the matrices really shrink; try NVIDIA's 2:4 pattern; measure what each costs in perplexity
 # and task accuracy (with and without fine-tuning) and what it buys in time and bytes, honestly.
 #
-# **Expected run time.** About 2 minutes on a 2-core laptop CPU. The long sweep (32 pruned
+# **Expected run time.** About 1 to 2.5 minutes on the kit's 2-core test CPU (a laptop may take twice as long). The long sweep (32 pruned
 # models, 12 of them fine-tuned, and a fine-tuned dense control) ran offline with `python tools/prune_sweep.py`; the notebook
 # loads its results and runs a short live version.
 #

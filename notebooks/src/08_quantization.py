@@ -8,7 +8,7 @@
 # memory and time; see why batch size decides between weight-only and W8A8; read the Triton
 # kernels that make them fast on a GPU.
 #
-# **Expected run time.** About 1 minute on a 2-core laptop CPU (more if other programs keep its cores busy).
+# **Expected run time.** About 1 minute on the kit's 2-core test CPU (a laptop may take twice as long; more if other programs keep its cores busy).
 #
 # **The survey's claims, tested here.** "Reducing the precision of model weights and
 # activations from 32-bit floating point to 8-bit integers can significantly lower the

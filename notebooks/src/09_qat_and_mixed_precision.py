@@ -7,7 +7,7 @@
 # fp32, and a dynamic loss scaler written from scratch that makes exactly the decisions of
 # `torch.amp.GradScaler`; finally, time and memory of a training step in fp32 vs bf16.
 #
-# **Expected run time.** About 1 minute on a 2-core laptop CPU (more if other programs keep its cores busy).
+# **Expected run time.** About 1 minute on the kit's 2-core test CPU (a laptop may take twice as long; more if other programs keep its cores busy).
 #
 # **The survey's claims, tested here.** QAT "typically achieves higher accuracy compared to
 # post-training quantization"; mixed precision "significantly speeds up computation and

@@ -6,7 +6,7 @@
 # distribution, softened by a temperature T); compare the distilled student with the same
 # student trained the plain way, in quality and in speed; see how α and T move the result.
 #
-# **Expected run time.** About 1 minute on a 2-core laptop CPU. The long training runs happened
+# **Expected run time.** About 40 seconds on the kit's 2-core test CPU (a laptop may take twice as long). The long training runs happened
 # offline (their commands are recorded); the notebook loads their results and runs short
 # live ones.
 

@@ -7,7 +7,7 @@
 # measure accuracy, layers used and latency as τ moves; then tune the model itself, lightly,
 # so that its early layers become confident sooner.
 #
-# **Expected run time.** About 1 to 2 minutes on a 2-core laptop CPU. The exit heads were trained
+# **Expected run time.** About 1 to 2 minutes on the kit's 2-core test CPU (a laptop may take twice as long). The exit heads were trained
 # offline (`python tools/train_exit_heads.py --steps 1500`, about 3 minutes on this kind of
 # CPU) and ship in `data/exit_heads/`, as does the tuned model of section 4
 # (`python tools/train_exit_heads.py --tune --steps 1500 --lr 3e-4`, about 10 minutes).

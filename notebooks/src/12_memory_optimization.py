@@ -6,7 +6,7 @@
 # checkpointing; get a big batch's gradient from small micro-batches (`g_acc = Σ g_i`),
 # alone and under data parallelism; count the page faults the allocator costs.
 #
-# **Expected run time.** About 1.5 minutes on a 2-core laptop CPU (it writes a 256 MB file
+# **Expected run time.** About 35 seconds on the kit's 2-core test CPU (a laptop may take twice as long; it writes a 256 MB file
 # to a temporary folder and deletes it); under a minute on a GPU machine.
 #
 # The survey lists memory optimisation and these formulas; each one is implemented below

@@ -8,7 +8,7 @@
 # decompositions written from scratch, CP (by alternating least squares) and Tucker (HOSVD,
 # refined by HOOI).
 #
-# **Expected run time.** About 1.5 minutes on a 2-core laptop CPU.
+# **Expected run time.** About 1.5 minutes on the kit's 2-core test CPU (a laptop may take twice as long).
 #
 # **The survey's claim, tested here.** Low-rank approximation can make a model ~30% smaller
 # "with minimal impact" on accuracy.
@@ -76,7 +76,7 @@ ax.legend(fontsize=7)
 plt.show()
 
 # %% [markdown]
-# 90% of the energy sits in a quarter to a third of the directions (printed above). That
+# 90% of the energy sits in a quarter to just over a third of the directions (printed above). That
 # sounds low-rank, but the last 10% is spread thin over everything else, and a factorisation
 # saves parameters only below `d_in·d_out / (d_in + d_out)` directions (96 for a 192 × 192
 # matrix): keeping half a square matrix's parameters keeps 48 directions, fewer than 90% of
@@ -346,8 +346,9 @@ passed = check.rank_for_compression(solutions.rank_for_compression)
 # - On LabGPT, ~30% fewer parameters cost almost nothing (the survey's claim holds); beyond
 #   ~45% the damage grows quickly, and a short fine-tune recovers much of it.
 # - Fewer FLOPs are faster only for matrices wide enough to be compute-bound.
-# - CP and Tucker generalise SVD to tensors; on attention projections stacked across layers
-#   they compress worse than per-matrix SVD.
+# - CP and Tucker generalise SVD to tensors; on attention projections stacked across layers,
+#   Tucker compresses worse than per-matrix SVD (CP was tried only at a budget far too small
+#   to compare).
 #
 # ## References
 #

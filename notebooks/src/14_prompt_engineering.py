@@ -6,7 +6,7 @@
 # interval) *and* its cost in tokens and time to the first answer token; then reuse the
 # work of a shared few-shot prefix across queries (prefix caching).
 #
-# **Expected run time.** About 1 minute on a 2-core laptop CPU.
+# **Expected run time.** About 30 seconds on the kit's 2-core test CPU (a laptop may take twice as long).
 #
 # **The survey's claims, tested here.**
 # 1. "Clear and specific prompts ... yield better results", "reducing the need for multiple

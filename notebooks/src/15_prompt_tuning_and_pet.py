@@ -6,7 +6,7 @@
 # prompting; then classify with the language model itself, `Verbalizer(Pattern(x))`, zero-shot
 # and with 16 or 32 labelled examples, against a classifier head trained on the same data.
 #
-# **Expected run time.** About 1.5 minutes on a 2-core laptop CPU (the training runs are short
+# **Expected run time.** About 2 minutes on the kit's 2-core test CPU (a laptop may take twice as long; the training runs are short
 # and live).
 #
 # **The survey's claims, tested here.** Prompt tuning "learns soft prompts that are added to

@@ -6,7 +6,7 @@
 # throughput and tail latency; make greedy decoding faster with a draft model without
 # changing a single output token; and count joules per token.
 #
-# **Expected run time.** About 1.5 to 2 minutes on a 2-core laptop CPU.
+# **Expected run time.** About 2 minutes on the kit's 2-core test CPU (a laptop may take twice as long).
 #
 # The survey stops at the model; this lab is what serving it takes. Everything runs LabGPT
 # `tiny` (the target) and `student-distilled` (the draft, notebook 10), then `student-draft`,

@@ -8,7 +8,7 @@
 # a latency budget measured here; export the compressed model with `torch.export` and run it
 # without the Python model code.
 #
-# **Expected run time.** About 1 minute on a 2-core laptop CPU. Two things ran offline
+# **Expected run time.** About 1 minute on the kit's 2-core test CPU (a laptop may take twice as long). Two things ran offline
 # and ship in `data/`: the student's exit heads (`python tools/train_exit_heads.py --model
 # student-distilled`, about 2 minutes) and the long architecture search (`python
 # tools/nas_search.py`, about 11 minutes); the notebook runs a short live version of the search.
@@ -195,7 +195,7 @@ plt.show()
 # Python interpreter walking the modules, argument checks, building the cache views. The
 # profiler costs time of its own at every operator, so a profiled run is slower than the
 # timings above and part of the "outside" share is the profiler itself: compare shares
-# between stacks, not the profiled milliseconds with section 3's.
+# between stacks, not the profiled milliseconds with section 2's.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
