@@ -102,7 +102,9 @@ def measure(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, device=
             synchronize(device)
             times.append(time.perf_counter() - t0)
         peak = peak_rss_bytes()
-    quartiles = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    # "inclusive": quartiles within the measured times (the default "exclusive" method extrapolates past them
+    # at few repeats: at 3 the IQR was the whole range, at 2 more than it)
+    quartiles = statistics.quantiles(times, n=4, method="inclusive") if len(times) >= 2 else [times[0]] * 3
     return Measurement(
         median_s=statistics.median(times),
         min_s=min(times),
@@ -435,6 +437,15 @@ def labgpt_suite(quick: bool = False) -> list[dict]:
     return rows
 
 
+def _plain(value) -> bool:
+    """A value JSON writes as it is: a number, a string, a bool, None, or a list/dict of those."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a benchmark suite; print a table, optionally write JSON.")
     parser.add_argument("suite", nargs="?", help="suite name (see --list)")
@@ -451,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown suite {args.suite!r}; allowed: {sorted(suites)}")
     rows = suites[args.suite](quick=args.quick)
     keys = ("suite", "name", "baseline", "variant", "baseline_s", "variant_s", "speedup", "device")
-    rows = [{k: r[k] for k in keys} for r in rows]
+    # the keys every table has first, then whatever else a suite measured (spread, TFLOP/s, GB/s, sizes, errors)
+    rows = [{**{k: r[k] for k in keys}, **{k: v for k, v in r.items() if k not in keys and _plain(v)}} for r in rows]
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(rows, f, indent=1)

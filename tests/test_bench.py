@@ -13,6 +13,14 @@ def test_measure_reports_median_and_spread():
     assert len(calls) == 7 and m.repeat == 5 and len(m.times_s) == 5
     assert m.min_s <= m.median_s <= m.max_s and m.median_s >= 0.002
     assert m.iqr_s >= 0 and m.peak_memory_bytes > 0 and m.device.startswith("cpu")
+    assert m.iqr_s <= m.max_s - m.min_s  # the middle half lies inside the range
+
+
+def test_the_spread_ignores_a_one_off_outlier(monkeypatch):
+    times = iter([0.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0, 14.0])  # perf_counter pairs: 1, 1, 1, 1, 10 s
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(times))
+    m = bench.measure(lambda: None, warmup=0, repeat=5, device="cpu")
+    assert m.times_s == [1.0, 1.0, 1.0, 1.0, 10.0] and m.median_s == 1.0 and m.iqr_s == 0.0
 
 
 def test_bad_arguments_are_value_errors():
@@ -64,7 +72,8 @@ def test_command_line_writes_json_rows(tmp_path, capsys):
     assert bench.main(["unit-test", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert len(rows) == 2
-    assert set(rows[0]) == {"suite", "name", "baseline", "variant", "baseline_s", "variant_s", "speedup", "device"}
+    assert {"suite", "name", "baseline", "variant", "baseline_s", "variant_s", "speedup", "device"} <= set(rows[0])
+    assert "spread" in rows[0] and "peak_memory_bytes" in rows[0]  # what else the table measured is kept
     assert rows[0]["suite"] == "unit-test"
     bench.main(["--list"])
     assert "labgpt" in capsys.readouterr().out

@@ -379,7 +379,47 @@ def test_decode_linear_autotunes_without_adding_into_out_twice(monkeypatch):
     assert len(dk.autotune_log[key]) == 2  # both configs timed
     y = dk.decode_linear(x, w, b, backend="triton")  # without out: split-K configs are not candidates
     torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
-    assert all(c.split_k == 1 for c in dk._tuned.values() if c is not dk._tuned[key])
+    (second,) = set(dk._tuned) - {key}
+    assert [c.split_k for c in dk.candidates(second)] == [1] and len(dk.autotune_log[second]) == 1
+
+
+def test_decode_linear_never_splits_k_when_it_writes_the_cache():
+    # each K-slice would store its own partial sum into the KV cache: such configs are refused, and not candidates
+    g = _gen(8)
+    B, H, hs = 1, 2, 4
+    C = H * hs
+    x, w = torch.randn(B, 32, generator=g), torch.randn(3 * C, 32, generator=g)
+    k_cache, v_cache = torch.zeros(B, H, 8, hs), torch.zeros(B, H, 8, hs)
+    pos = torch.tensor([3])
+    with pytest.raises(ValueError, match="cannot write the cache"):
+        dk.decode_linear(x, w, out=torch.zeros(B, 3 * C), kv=(k_cache, v_cache, pos), backend="triton",
+                         config=GemvConfig(8, 32, 2, 1, 1))  # fmt: skip
+    out = torch.zeros(B, 3 * C)
+    dk.decode_linear(x, w, out=out, kv=(k_cache, v_cache, pos), backend="triton")
+    y = F.linear(x, w)
+    torch.testing.assert_close(out, y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_cache[0, :, 3], y[0, C:2 * C].view(H, hs), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v_cache[0, :, 3], y[0, 2 * C:].view(H, hs), rtol=1e-5, atol=1e-5)
+    key = next(k for k in dk._candidates if k[0] == "decode_linear" and k[9] and k[8])  # out and kv
+    assert all(c.split_k == 1 for c in dk.candidates(key))
+
+
+def test_decode_kernels_read_strided_bias_and_norm_vectors():
+    g = _gen(9)
+    x, w = torch.randn(2, 32, generator=g), torch.randn(12, 32, generator=g)
+    b, lnw, lnb = (torch.randn(2 * n, generator=g)[::2] for n in (12, 32, 32))  # stride 2: views of longer tensors
+    for backend in ("triton", "reference"):
+        y = dk.decode_linear(x, w, b, ln=(lnw, lnb, 1e-5), backend=backend)
+        torch.testing.assert_close(y, F.linear(F.layer_norm(x, (32,), lnw, lnb, 1e-5), w, b), rtol=1e-4, atol=1e-4)
+
+
+def test_embed_names_tokens_and_lengths_outside_the_tables():
+    wte, wpe = torch.randn(50, 8), torch.randn(16, 8)
+    for backend in ("triton", "reference"):
+        with pytest.raises(ValueError, match="tokens must be ids in 0..49"):
+            dk.embed(torch.tensor([60]), torch.tensor([0]), wte, wpe, backend=backend)
+        with pytest.raises(ValueError, match="length must be >= 0"):
+            dk.embed(torch.tensor([1]), torch.tensor([-1]), wte, wpe, backend=backend)
 
 
 # ------------------------------------------------------------------ compiled for a Hopper GPU, here

@@ -148,3 +148,29 @@ def test_a_triton_too_old_for_the_kernels_is_left_unused(monkeypatch):
         kernels.triton_usable.cache_clear()
     monkeypatch.setattr(kernels, "triton_version", lambda: (3, 5))
     assert kernels.triton_at_least(kernels.MIN_TRITON_PDL) and not kernels.triton_at_least(kernels.MIN_TRITON_TMA_INTERPRETER)
+
+
+def test_flash_attention_masks_with_a_floor_not_an_offset():
+    # a masked key with a huge score must not come back: masked scores are set to -1e6, not shifted by it (shifted,
+    # key 1's 1.4e6 in log2 units would still be +4e5 and beat the visible key 0's -5.4e4)
+    from labkit.kernels.flash_attention import flash_attention_reference, flash_attention_triton
+
+    q = torch.zeros(1, 1, 2, 16)
+    k = torch.zeros(1, 1, 2, 16)
+    q[0, 0, 0, 0], k[0, 0, 0, 0], k[0, 0, 1, 0] = 100.0, -1500.0, 40000.0  # query 0 sees key 0 only
+    v = torch.randn(1, 1, 2, 16, generator=torch.Generator().manual_seed(0))
+    expected = flash_attention_reference(q, k, v, causal=True)
+    torch.testing.assert_close(flash_attention_triton(q, k, v, causal=True), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_launch_configs_and_head_dim_are_checked_by_name():
+    from labkit.kernels.flash_attention import AttentionConfig, flash_attention
+
+    for bad, match in ((dict(block_m=24), "block_m must be a power of two"), (dict(block_m=0), "block_m"),
+                       (dict(num_warps=3), "num_warps"), (dict(num_stages=0), "num_stages")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            AttentionConfig(**{**dict(block_m=64, block_n=64, num_stages=2, num_warps=4), **bad})
+        with pytest.raises(ValueError, match=match.replace("block_m", "block_m")):
+            TileConfig(**{**dict(block_m=64, block_n=64, block_k=32, num_stages=2, num_warps=4), **bad})
+    with pytest.raises(ValueError, match="head_dim must be >= 1"):
+        flash_attention(*(torch.zeros(1, 1, 4, 0) for _ in range(3)), backend="triton")

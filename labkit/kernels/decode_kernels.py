@@ -203,6 +203,14 @@ def embed(tokens: torch.Tensor, length: torch.Tensor, wte: torch.Tensor, wpe: to
     _check_2d("wpe", wpe, wte.shape[1])
     if not length.is_contiguous():
         raise ValueError("length must be contiguous (the kernel moves each row's length on in place)")
+    if tokens.dtype not in (torch.int32, torch.int64) or length.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"tokens and length must be integer tensors, got {tokens.dtype} and {length.dtype}")
+    # their values are checked where that costs nothing (as _check_cache does): off a GPU. On one, the tokens come
+    # from the model's own greedy choice and the lengths from this kernel, which keeps them inside wpe
+    if not tokens.is_cuda and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= wte.shape[0]):
+        raise ValueError(f"tokens must be ids in 0..{wte.shape[0] - 1} (wte's rows), got {tokens.tolist()}")
+    if not length.is_cuda and length.numel() and int(length.min()) < 0:
+        raise ValueError(f"length must be >= 0 (positions already in each row's cache), got {length.tolist()}")
     if _choose(backend, tokens, wte) == "reference":
         return embed_reference(tokens, length, wte, wpe)
     tokens = tokens.contiguous()
@@ -427,9 +435,11 @@ def decode_linear(
     y = out if out is not None else torch.empty(B, N, device=weight.device, dtype=torch.float32)
     if config is not None and config.split_k > 1 and out is None:
         raise ValueError("split_k > 1 needs out (the K-slices add into it)")
+    if config is not None and config.split_k > 1 and kv is not None:
+        raise ValueError("split_k > 1 cannot write the cache (kv): each K-slice would store its own partial sum")
     key = ("decode_linear", B, N, K, weight.dtype, parts, ln is not None, gelu, out is not None, kv is not None,
            weight.device, pdl)  # fmt: skip
-    candidates = [c for c in DECODE_GEMV_CONFIGS if out is not None or c.split_k == 1]
+    candidates = [c for c in DECODE_GEMV_CONFIGS if c.split_k == 1 or (out is not None and kv is None)]
     config = _config(key, config, candidates, INTERPRETER_DECODE_GEMV, weight, y, out is not None,
                      lambda c, y: _launch_linear(x, weight, bias, ln, gelu, y, out is not None, kv, zero, c, pdl))  # fmt: skip
     _launch_linear(x, weight, bias, ln, gelu, y, out is not None, kv, zero, config, pdl, argmax)
@@ -474,9 +484,16 @@ def candidates(key: tuple) -> list:
     return list(_candidates[key])
 
 
+def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A bias or LayerNorm vector as the kernels index it (ptr + offsets): stride 1. A no-op when it already is."""
+    return None if t is None else t.contiguous()
+
+
 def _launch_linear(x, weight, bias, ln, gelu, y, accumulate, kv, zero, cfg: GemvConfig, pdl: bool = False,
                    argmax: torch.Tensor | None = None) -> None:  # fmt: skip
     triton, _, kernel, *_ = _kernels()
+    bias = _vector(bias)
+    ln = (_vector(ln[0]), _vector(ln[1]), ln[2]) if ln is not None else None
     parts = isinstance(x, AttentionParts)
     w = weight if weight.stride(1) == 1 else weight.contiguous()
     N, K = w.shape
@@ -664,6 +681,7 @@ def _launch_attention_proj(qkv, k_cache, v_cache, pos, n_head, weight, bias, out
     B, N = out.shape
     hs = qkv.shape[1] // 3 // n_head
     w = weight if weight.stride(1) == 1 else weight.contiguous()
+    bias = _vector(bias)
     kernel[(B * n_head, triton.cdiv(N, cfg.block_n))](
         qkv, k_cache, v_cache, pos, w, bias if bias is not None else out, out, LOG2E / math.sqrt(hs), N,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), w.stride(0), out.stride(0),
@@ -740,11 +758,11 @@ def _launch_mlp(x, ln, fc_weight, fc_bias, proj_weight_t, proj_bias, out, cfg: M
     wfc = fc_weight if fc_weight.stride(1) == 1 else fc_weight.contiguous()
     wpt = proj_weight_t if proj_weight_t.stride(1) == 1 else proj_weight_t.contiguous()
     xs = x if x.stride(1) == 1 else x.contiguous()
-    lnb = ln[1] if ln[1] is not None else torch.zeros_like(ln[0])
-    fc_bias = fc_bias if fc_bias is not None else torch.zeros(hidden, device=x.device)  # a model without biases
-    proj_bias = proj_bias if proj_bias is not None else torch.zeros(C, device=x.device)
+    lnw, lnb = _vector(ln[0]), _vector(ln[1]) if ln[1] is not None else torch.zeros_like(ln[0])
+    fc_bias = _vector(fc_bias) if fc_bias is not None else torch.zeros(hidden, device=x.device)  # no biases
+    proj_bias = _vector(proj_bias) if proj_bias is not None else torch.zeros(C, device=x.device)
     kernel[(B, programs)](
-        xs, ln[0], lnb, wfc, fc_bias, wpt, proj_bias, out, float(ln[2]), C, hidden,
+        xs, lnw, lnb, wfc, fc_bias, wpt, proj_bias, out, float(ln[2]), C, hidden,
         xs.stride(0), wfc.stride(0), wpt.stride(0), out.stride(0), num_warps=cfg.num_warps, **constexprs,
         **_pdl_args(pdl),
     )  # fmt: skip

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from . import choose_backend, fastest, interpreting, tma_supported
+from .matmul_kernel import check_launch_sizes
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x · log2(e))
@@ -81,10 +82,9 @@ def _kernels():
                     keep = keep & (k_pos[None, :] <= q_pos[:, None])
                 if WINDOWED:
                     keep = keep & (k_pos[None, :] > q_pos[:, None] - window)
-                if USE_TMA:  # rows past S came from the next head (any value): replace, not add
-                    s = tl.where(keep, s * qk_scale, -1.0e6)
-                else:
-                    s = s * qk_scale + tl.where(keep, 0.0, -1.0e6)
+                # a floor, not an offset: masked scores become -1e6 whatever they were (rows past S with TMA come
+                # from the next head, any value; and a visible score below -1e6 must still beat every masked one)
+                s = tl.where(keep, s * qk_scale, -1.0e6)
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 s = s - m_new[:, None]
             else:
@@ -189,6 +189,9 @@ class AttentionConfig:
     num_warps: int
     tma: bool = False  # K and V tiles fed by the Tensor Memory Accelerator (sm_90+)
 
+    def __post_init__(self) -> None:
+        check_launch_sizes(self, ("block_m", "block_n"))
+
 
 # FlashAttention-2 tiles known to do well on Ampere/Hopper at head dim 64-128: 128 queries x 64
 # keys with 8 warps is the usual winner, 64 x 64 with 4 warps for short or windowed rows.
@@ -229,6 +232,8 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qu
             f"k and v must share a shape (B, H, S, D) and q have the same B, H, D: got q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
+    if q.size(-1) < 1:
+        raise ValueError(f"head_dim must be >= 1, got q {tuple(q.shape)}")
     if q.size(2) < 1 or k.size(2) < 1 or (queries_last and q.size(2) > k.size(2)):
         raise ValueError(
             f"sequence lengths must be >= 1 and, when causal, q's ({q.size(2)}) <= the keys' ({k.size(2)}): the "

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._args import check_int
 from . import choose_backend, fastest, interpreting, tma_supported
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -143,6 +144,25 @@ class TileConfig:
     persistent: bool = False  # matmul_tma_kernel (Hopper: persistent programs fed by TMA)
     epilogue_split: bool = False  # persistent only: store C in two halves
     warp_specialize: bool = False  # persistent only: producer/consumer warps (Triton >= 3.4 decides per GPU)
+
+    def __post_init__(self) -> None:
+        check_launch_sizes(self, ("block_m", "block_n", "block_k"))
+        check_int("group_m", self.group_m)
+
+
+def check_launch_sizes(config, blocks: tuple[str, ...]) -> None:
+    """A launch configuration Triton can compile: power-of-two blocks (tl.arange needs them), at least one
+    pipeline stage, a power of two of warps up to 32. A ValueError naming the field otherwise."""
+    name = type(config).__name__
+    for field in blocks:
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
+            raise ValueError(f"{name}.{field} must be a power of two >= 1 (tl.arange needs one), got {value!r}")
+    if isinstance(config.num_stages, bool) or not isinstance(config.num_stages, int) or config.num_stages < 1:
+        raise ValueError(f"{name}.num_stages must be an int >= 1, got {config.num_stages!r}")
+    warps = config.num_warps
+    if isinstance(warps, bool) or not isinstance(warps, int) or warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"{name}.num_warps must be one of 1, 2, 4, 8, 16, 32, got {warps!r}")
 
 
 # Candidates for Ampere and Hopper tensor cores. On an H200 at 4096^3 bf16 the first one ran
@@ -253,7 +273,10 @@ def autotune(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, configs=None) ->
     Autotuning is nothing more than measuring: each config is a different program, and the
     only way to know which one this GPU runs fastest for this shape is to run them.
     """
-    key = (a.shape[0], b.shape[1], a.shape[1], a.dtype, a.stride(1) == 1, b.stride(1) == 1, a.device)
+    # whether TMA can feed these operands is part of the key: a misaligned view of a tuned shape must not be given
+    # the persistent TMA config its aligned twin won
+    key = (a.shape[0], b.shape[1], a.shape[1], a.dtype, a.stride(1) == 1, b.stride(1) == 1, a.device,
+           tma_possible(a, b))  # fmt: skip
     if key not in _tuned:
         if configs is None:
             configs = CONFIGS + (TMA_CONFIGS if tma_possible(a, b) else [])
