@@ -47,7 +47,7 @@ def distillation_loss(
     t = teacher_logits.reshape(-1, vocab).float()
     y = targets.reshape(-1)
     keep = y != -1
-    if y.numel() != s.size(0) or bool(((y < -1) | (y >= vocab)).any()) or not bool(keep.any()):
+    if y.numel() != s.size(0) or bool(((y < -1) | (y >= vocab)).any() | ~keep.any()):  # one sync, not two
         raise ValueError(f"targets must be token ids in 0..{vocab - 1} (or -1 to ignore a position), one per position "
                          f"of the logits ({s.size(0)}), at least one not ignored; got shape {tuple(targets.shape)} with "
                          f"values in {int(y.min()) if y.numel() else None}..{int(y.max()) if y.numel() else None}")
