@@ -158,8 +158,7 @@ def semi_structured_mask(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tenso
     are broken by position (the earlier weight is kept).
     """
     check_int("m (group size)", m)
-    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= m:
-        raise ValueError(f"n must be an int in 1..{m} (weights kept per group of {m}), got {n!r}")
+    check_int("n", n, 1, m)  # weights kept per group of m
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[1] % m:
         raise ValueError(f"w must be 2-D with a number of columns divisible by {m}, got shape "
                          f"{tuple(getattr(w, 'shape', ()))}")  # fmt: skip

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ._args import check_int
+from ._args import check_int, check_number
 from .model import KVCache, LabGPT
 
 # -- 1. the KV cache ----------------------------------------------------------------
@@ -610,8 +610,7 @@ def held_out_prompts(n: int = 6) -> list[torch.Tensor]:
     from .tokenizer import CharTokenizer
     from .train import validation_text
 
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 50:
-        raise ValueError(f"n must be an int in 1..50 (longer openings outgrow most documents), got {n!r}")
+    check_int("n", n, 1, 50)  # longer openings outgrow most documents
     tokenizer = CharTokenizer()
     docs = [d for d in validation_text(40_000 + 2_000 * n).split("\n\n") if len(d) > 24 + 4 * n]
     if len(docs) < n:  # not with the shipped generator (checked up to 58); a guard should the corpus change
@@ -646,8 +645,7 @@ def expected_speedup(acceptance: float, k: int, cost_ratio: float, verify_cost: 
         raise ValueError(f"acceptance must be in [0, 1], got {acceptance!r}")
     check_int("k (draft tokens per round)", k)
     for name, value in (("cost_ratio", cost_ratio), ("verify_cost", verify_cost)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-            raise ValueError(f"{name} must be a finite number >= 0 (in target steps), got {value!r}")
+        check_number(name, value, strict=False, note=" (in target steps)")
     if k * cost_ratio + verify_cost == 0:
         raise ValueError("cost_ratio and verify_cost are both 0: a round would cost nothing")
     tokens = k + 1 if acceptance == 1 else (1 - acceptance ** (k + 1)) / (1 - acceptance)

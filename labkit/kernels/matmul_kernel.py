@@ -158,8 +158,7 @@ def check_launch_sizes(config, blocks: tuple[str, ...]) -> None:
         value = getattr(config, field)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
             raise ValueError(f"{name}.{field} must be a power of two >= 1 (tl.arange needs one), got {value!r}")
-    if isinstance(config.num_stages, bool) or not isinstance(config.num_stages, int) or config.num_stages < 1:
-        raise ValueError(f"{name}.num_stages must be an int >= 1, got {config.num_stages!r}")
+    check_int(f"{name}.num_stages", config.num_stages)
     warps = config.num_warps
     if isinstance(warps, bool) or not isinstance(warps, int) or warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"{name}.num_warps must be one of 1, 2, 4, 8, 16, 32, got {warps!r}")

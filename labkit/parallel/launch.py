@@ -29,7 +29,6 @@ variables torchrun sets and calls ``fn`` in this process, with this process's ra
 from __future__ import annotations
 
 import inspect
-import math
 import multiprocessing as mp
 import os
 import pickle
@@ -41,6 +40,8 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
+
+from .._args import check_number
 
 # A laptop can hold many more gloo processes than cores, but each costs ~150 MB and they
 # share the cores; beyond this, a "world" is more likely a typo than an experiment.
@@ -223,8 +224,7 @@ def launch(fn: Callable, world_size: int, *args, backend: str | None = None, tim
     backend = backend or default_backend(world_size)
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
-        raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
+    check_number("timeout", timeout, note=" of seconds")
     _check_picklable(fn)
     ctx = _context()
     results = ctx.Queue()

@@ -21,13 +21,12 @@ and every rank takes its AdamW step on its own slice.
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .._args import check_int
+from .._args import check_int, check_number
 from .data import global_batch, shard
 from .launch import rank_device
 from .pipeline import PipelineStage, run_pipeline, stage_layers, sync_tied_gradients
@@ -171,8 +170,7 @@ def run_mesh(dp: int = 2, tp: int = 2, pp: int = 2, steps: int = 3, config: str 
 
     check_mesh(get_config(config), dp, tp, pp, batch_size, micro_batches)
     _optimizer(optimizer, [torch.zeros(1, requires_grad=True)], 1.0)  # a bad name fails here, not in 8 processes
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
-        raise ValueError(f"lr must be a positive, finite number, got {lr!r}")
+    check_number("lr", lr)
     results = launch(train_3d, dp * tp * pp, dp, tp, pp, steps, config, batch_size, seq_len, micro_batches, lr, 0,
                      optimizer, timeout=timeout)
     last = [r for r in results if r["coord"][2] == pp - 1]

@@ -51,8 +51,7 @@ def schedule(kind: str, p: int, m: int, stage: int) -> list[tuple[str, int]]:
     bubble_fraction(p, m)  # validates p and m
     if kind not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
-    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < p:
-        raise ValueError(f"stage must be an int in 0..{p - 1}, got {stage!r}")
+    check_int("stage", stage, 0, p - 1)
     if kind == "gpipe":
         return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
     warm = min(p - stage - 1, m)

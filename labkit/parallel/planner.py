@@ -60,7 +60,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .._args import check_int
+from .._args import check_int, check_number
 from .pipeline import bubble_fraction
 
 RECOMPUTE = ("none", "selective", "full")
@@ -504,8 +504,7 @@ def search_layouts(
     _positive_int("global_batch", global_batch)
     _positive_int("micro_batch", micro_batch)
     limit = gpu.memory_bytes if memory_limit is None else memory_limit
-    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
-        raise ValueError(f"memory_limit must be a number of bytes > 0 (or None: the GPU's memory), got {memory_limit!r}")
+    check_number("memory_limit", limit, note=" of bytes (or None: the GPU's memory)")
     plans = []
     tp = 1
     while tp <= min(gpu.gpus_per_node, num_gpus):
